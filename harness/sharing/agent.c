@@ -1,0 +1,1001 @@
+/*
+ * satori merge agent: a shared library preloaded (LD_PRELOAD) into a stock qemu-system-x86_64.
+ *
+ * It replaces guest RAM pages by copy-on-write mappings of identical pages of a content store
+ * (a /dev/shm file), see ARCHITECTURE.md "Why this merge mechanism".
+ *
+ * Environment (read once by the constructor, then removed from the environment so that helper
+ * programs QEMU may start do not load or start a second agent):
+ *   SATORI_AGENT_SOCKET   path of the UNIX stream socket to serve (required; unset = agent off)
+ *   SATORI_AGENT_MEMPATH  mem-path= of the guest RAM backend
+ *                         (-object memory-backend-file,share=on,mem-path=...)
+ * The guest RAM mapping is looked up lazily in /proc/self/smaps by that path (QEMU maps it
+ * after the constructor ran) at the first request that needs it; once found it is cached.
+ * "Guest offset" everywhere below means the byte offset in the RAM backend file (= RAM block
+ * offset; equals the guest-physical address below the PCI hole).
+ *
+ * Threading: the constructor binds the socket and starts ONE thread (all signals blocked) that
+ * serves every client with poll(); requests are handled one at a time, to completion.
+ * The caller must hold the vCPUs (QMP stop/cont) around merge and unmerge requests: a guest
+ * write between the memcmp and the mmap would be lost.
+ *
+ * ---------------------------------------------------------------------------------------------
+ * PROTOCOL (binary, little-endian, version 1). Every request and every reply is a 16-byte
+ * header followed by `len` bytes of payload. A client may send any number of requests on one
+ * connection, one at a time (send request, read reply).
+ *
+ *   request header:  u32 magic = 0x52544153 ("SATR")  u16 op  u16 version = 1  u32 flags  u32 len
+ *   reply header:    u32 magic = 0x52544153           u16 op  u16 version = 1  i32 status u32 len
+ *
+ * status 0 = success, payload as listed below; status > 0 = an errno value, payload = a UTF-8
+ * error message. An error never changes any page. After a bad magic or a len above 64 MiB the
+ * agent replies with an error and closes that connection (it cannot resynchronise); after every
+ * other error the connection stays usable. Whatever happens, the agent keeps serving.
+ *
+ *   op 1 PING        payload: none.   reply: text "key=value\n" lines (version, pid, ...)
+ *   op 2 OPEN_STORE  payload: the store file path (1..4095 bytes, no NUL). Opened O_RDONLY
+ *                    (MAP_PRIVATE mappings may still be written: copy-on-write). Re-opening the
+ *                    same file is fine; switching to another file while pages are merged from
+ *                    the current one is EBUSY.   reply: u64 store size in bytes
+ *   op 3 MERGE       payload: n x (u64 guest_off, u64 store_off), n >= 0, both 4096-aligned,
+ *                    inside the RAM file / the store file (checked for the whole batch first:
+ *                    any bad pair -> EINVAL/ERANGE and nothing is done).
+ *                    Pairs are handled in order; consecutive pairs whose guest and store offsets
+ *                    both advance by one page form a run; a run is memcmp'ed page by page and
+ *                    split at mismatches; each matching sub-run is mapped with ONE mmap.
+ *                    reply: u64 merged, u64 mismatched, u64 failed, u64 elapsed_ns,
+ *                           u64 mmap_calls, u64 last_errno (of a failed page, 0 if none)
+ *                    "failed" pages (e.g. ENOMEM from vm.max_map_count) are left as they were.
+ *   op 4 UNMERGE     payload: u64 guest_off, u64 npages (aligned, inside RAM). Pages of the
+ *                    range that this agent merged are copied out, the RAM file is mapped back
+ *                    MAP_SHARED and the bytes written back (the guest sees no change).
+ *                    reply: u64 restored, u64 failed
+ *   op 5 STATS       payload: none.   reply: text "key=value\n" lines (see do_stats)
+ *   op 6 LIST        payload: none, or u32 flags; flags bit 0 = leave out pages the guest has
+ *                    faulted private since (copy-on-write broken, seen in /proc/self/pagemap as
+ *                    present-or-swapped and not file-backed).
+ *                    reply: m x (u64 guest_off, u64 store_off, u64 npages): the ranges mapped
+ *                    from the store by this agent, coalesced where both offsets advance together.
+ * ---------------------------------------------------------------------------------------------
+ *
+ * Limits: the store must only grow (append-only) while any page maps it; if it shrinks under a
+ * mapping or under a memcmp, the access raises SIGBUS in QEMU. Pages are 4 KiB.
+ *
+ * Build: cc -O2 -Wall -Werror -fPIC -shared -pthread -o satori_agent.so agent.c
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#define AGENT_MAGIC 0x52544153u
+#define AGENT_VERSION 1
+#define PG 4096ULL
+#define MAX_PAYLOAD (64u << 20)
+#define MAX_CLIENTS 16
+#define IO_TIMEOUT_S 30
+#define UNMERGE_CHUNK_PAGES 512
+
+enum { OP_PING = 1, OP_OPEN_STORE = 2, OP_MERGE = 3, OP_UNMERGE = 4, OP_STATS = 5, OP_LIST = 6 };
+
+struct req_hdr {
+    uint32_t magic;
+    uint16_t op;
+    uint16_t version;
+    uint32_t flags;
+    uint32_t len;
+} __attribute__((packed));
+
+struct rep_hdr {
+    uint32_t magic;
+    uint16_t op;
+    uint16_t version;
+    int32_t status;
+    uint32_t len;
+} __attribute__((packed));
+
+/* ---- state: written by the constructor, then only by the agent thread ---- */
+static char *g_sock_path;
+static char *g_mem_path;
+static dev_t g_sock_dev;
+static ino_t g_sock_ino;
+static int g_listen_fd = -1;
+
+static int g_ram_fd = -1;           /* the RAM backend file, O_RDWR, for fallocate/remap */
+static uint8_t *g_ram_base;         /* hva of guest offset 0 */
+static uint64_t g_ram_size;         /* bytes */
+static uint64_t *g_track;           /* per guest page: 0, or (store_off | 1) if mapped from store */
+static int g_ram_dontfork, g_ram_hugepage, g_ram_dontdump;  /* QEMU's madvise flags on RAM */
+
+static int g_store_fd = -1;
+static char *g_store_path;
+static dev_t g_store_dev;
+static ino_t g_store_ino;
+static const uint8_t *g_store_view;  /* PROT_READ MAP_SHARED view of the store for memcmp */
+static uint64_t g_store_view_size;
+
+static int g_pagemap_fd = -1;
+
+static struct {
+    uint64_t merged, mismatched, failed, mmap_calls, merge_ns, merge_requests;
+    uint64_t unmerged, unmerge_failed, punch_errors, madvise_errors, repaired;
+    uint64_t requests, bad_requests, last_errno;
+} st;
+
+static void logmsg(const char *fmt, ...)
+{
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if ((size_t)n >= sizeof buf)
+        n = sizeof buf - 1;
+    /* write(2): to QEMU's stderr (its log); best effort, never blocks long */
+    ssize_t r = write(2, buf, (size_t)n);
+    (void)r;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    /* clock_gettime(2): monotonic clock for elapsed times */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* ---------------------------------- socket I/O ---------------------------------- */
+
+static int read_full(int fd, void *buf, size_t n)
+{
+    uint8_t *p = buf;
+    while (n) {
+        /* recv(2): the rest of a request; SO_RCVTIMEO bounds a stalled client */
+        ssize_t r = recv(fd, p, n, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int write_full(int fd, const void *buf, size_t n)
+{
+    const uint8_t *p = buf;
+    while (n) {
+        /* send(2) with MSG_NOSIGNAL: a client gone away must not SIGPIPE QEMU */
+        ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+static int reply(int fd, uint16_t op, int32_t status, const void *payload, size_t len)
+{
+    struct rep_hdr h = {AGENT_MAGIC, op, AGENT_VERSION, status, (uint32_t)len};
+    if (write_full(fd, &h, sizeof h) < 0)
+        return -1;
+    if (len && write_full(fd, payload, len) < 0)
+        return -1;
+    return 0;
+}
+
+static int reply_err(int fd, uint16_t op, int err, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n >= sizeof msg)
+        n = sizeof msg - 1;
+    st.bad_requests++;
+    return reply(fd, op, err ? err : EIO, msg, (size_t)n);
+}
+
+/* growable text buffer for key=value replies */
+struct tbuf {
+    char *p;
+    size_t len, cap;
+};
+
+static void tb_printf(struct tbuf *b, const char *fmt, ...)
+{
+    for (;;) {
+        va_list ap;
+        va_start(ap, fmt);
+        int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
+        va_end(ap);
+        if (n < 0)
+            return;
+        if (b->p && b->len + (size_t)n < b->cap) {
+            b->len += (size_t)n;
+            return;
+        }
+        size_t ncap = (b->cap ? b->cap * 2 : 1024) + (size_t)n;
+        char *np = realloc(b->p, ncap);
+        if (!np)
+            return;
+        b->p = np;
+        b->cap = ncap;
+    }
+}
+
+/* ------------------------------- guest RAM lookup ------------------------------- */
+
+static int same_path(const char *a, const char *b, const char *b_real)
+{
+    return strcmp(a, b) == 0 || (b_real && strcmp(a, b_real) == 0);
+}
+
+/* Find the guest RAM mapping in /proc/self/smaps. Returns 0, or an errno with *why set. */
+static int find_ram(const char **why)
+{
+    if (g_ram_base)
+        return 0;
+    if (!g_mem_path) {
+        *why = "SATORI_AGENT_MEMPATH was not set when QEMU started";
+        return ENODEV;
+    }
+    char *real = realpath(g_mem_path, NULL);
+    /* fopen(3) of /proc/self/smaps: mapping list with VmFlags (QEMU's madvise flags) */
+    FILE *f = fopen("/proc/self/smaps", "re");
+    if (!f) {
+        *why = "cannot read /proc/self/smaps";
+        free(real);
+        return errno ? errno : EIO;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    uint64_t start = 0, ext_end = 0;
+    unsigned long found_ino = 0;
+    int in_ram = 0, got = 0, flags_done = 0;
+    while (getline(&line, &cap, f) > 0) {
+        unsigned long s, e, off, maj, min, inode;
+        char perms[8];
+        int pos = 0;
+        if (sscanf(line, "%lx-%lx %7s %lx %lx:%lx %lu %n", &s, &e, perms, &off, &maj, &min,
+                   &inode, &pos) == 7) {
+            char *path = line + pos;
+            path[strcspn(path, "\n")] = 0;
+            in_ram = 0;
+            if (!same_path(path, g_mem_path, real))
+                continue;
+            if (!got && off == 0 && perms[3] == 's') {
+                start = s;
+                ext_end = e;
+                found_ino = inode;
+                got = 1;
+                in_ram = 1;
+            } else if (got && s == ext_end && inode == found_ino && off == s - start) {
+                ext_end = e; /* the RAM mapping may already be split into several VMAs */
+            }
+            continue;
+        }
+        if (in_ram && !flags_done && strncmp(line, "VmFlags:", 8) == 0) {
+            g_ram_dontfork = strstr(line, " dc") != NULL;
+            g_ram_hugepage = strstr(line, " hg") != NULL;
+            g_ram_dontdump = strstr(line, " dd") != NULL;
+            flags_done = 1;
+        }
+    }
+    free(line);
+    fclose(f);
+    if (!got) {
+        free(real);
+        *why = "guest RAM mapping not found in /proc/self/smaps (QEMU not started yet, or "
+               "mem-path differs)";
+        return ENOENT;
+    }
+    /* open(2): the RAM backend file, O_RDWR for fallocate(PUNCH_HOLE) and the MAP_SHARED
+     * remap on unmerge; O_CLOEXEC so QEMU's helpers do not inherit it */
+    int fd = open(real ? real : g_mem_path, O_RDWR | O_CLOEXEC);
+    free(real);
+    if (fd < 0) {
+        *why = "cannot open the guest RAM file";
+        return errno;
+    }
+    struct stat sb;
+    /* fstat(2): check it is the mapped file (same inode) and take its size */
+    if (fstat(fd, &sb) < 0 || (unsigned long)sb.st_ino != found_ino) {
+        close(fd);
+        *why = "guest RAM file was replaced since QEMU mapped it";
+        return ESTALE;
+    }
+    uint64_t size = ext_end - start;
+    if ((uint64_t)sb.st_size < size)
+        size = (uint64_t)sb.st_size;
+    size &= ~(PG - 1);
+    uint64_t *track = calloc(size / PG ? size / PG : 1, sizeof *track);
+    if (!track) {
+        close(fd);
+        *why = "out of memory for the merge table";
+        return ENOMEM;
+    }
+    g_ram_fd = fd;
+    g_ram_size = size;
+    g_track = track;
+    g_ram_base = (uint8_t *)(uintptr_t)start;
+    return 0;
+}
+
+/* -------------------------------- content store -------------------------------- */
+
+/* Make g_store_view cover the whole store file. Returns 0 or an errno. */
+static int refresh_store_view(const char **why)
+{
+    struct stat sb;
+    /* fstat(2): the store's current size (it grows while the engine appends) */
+    if (fstat(g_store_fd, &sb) < 0) {
+        *why = "fstat of the store failed";
+        return errno;
+    }
+    uint64_t size = (uint64_t)sb.st_size & ~(PG - 1);
+    if (size == g_store_view_size)
+        return 0;
+    if (size < g_store_view_size) {
+        *why = "the store file shrank (it must be append-only while mapped)";
+        return EIO;
+    }
+    /* mmap(2): read-only shared view of the whole store, only used for memcmp */
+    void *v = mmap(NULL, size, PROT_READ, MAP_SHARED, g_store_fd, 0);
+    if (v == MAP_FAILED) {
+        *why = "mmap of the store for reading failed";
+        return errno;
+    }
+    if (g_store_view)
+        /* munmap(2): drop the older, shorter view */
+        munmap((void *)g_store_view, g_store_view_size);
+    g_store_view = v;
+    g_store_view_size = size;
+    return 0;
+}
+
+static uint64_t merged_pages_now(uint64_t *ranges)
+{
+    uint64_t pages = 0, nr = 0, prev_g = 0, prev_s = 0;
+    int have_prev = 0;
+    uint64_t n = g_ram_size / PG;
+    for (uint64_t i = 0; g_track && i < n; i++) {
+        if (!g_track[i]) {
+            have_prev = 0;
+            continue;
+        }
+        uint64_t s = g_track[i] & ~1ULL;
+        if (!(have_prev && prev_g + 1 == i && prev_s + PG == s))
+            nr++;
+        pages++;
+        have_prev = 1;
+        prev_g = i;
+        prev_s = s;
+    }
+    if (ranges)
+        *ranges = nr;
+    return pages;
+}
+
+static int do_open_store(int fd, const uint8_t *p, uint32_t len)
+{
+    if (len == 0 || len >= 4096 || memchr(p, 0, len))
+        return reply_err(fd, OP_OPEN_STORE, EINVAL, "store path must be 1..4095 bytes, no NUL");
+    char *path = strndup((const char *)p, len);
+    if (!path)
+        return reply_err(fd, OP_OPEN_STORE, ENOMEM, "out of memory");
+    /* open(2): O_RDONLY is enough for MAP_PRIVATE|PROT_WRITE (writes are private copies) and
+     * guarantees the agent never modifies the store; O_CLOEXEC keeps it from QEMU's children */
+    int sfd = open(path, O_RDONLY | O_CLOEXEC);
+    if (sfd < 0) {
+        int e = errno;
+        reply_err(fd, OP_OPEN_STORE, e, "cannot open store %s: %s", path, strerror(e));
+        free(path);
+        return 0;
+    }
+    struct stat sb;
+    /* fstat(2): must be a regular file; identity (dev, inode) decides "same store" */
+    if (fstat(sfd, &sb) < 0 || !S_ISREG(sb.st_mode)) {
+        close(sfd);
+        reply_err(fd, OP_OPEN_STORE, EINVAL, "store %s is not a regular file", path);
+        free(path);
+        return 0;
+    }
+    if (g_store_fd >= 0) {
+        int same = sb.st_dev == g_store_dev && sb.st_ino == g_store_ino;
+        if (!same && merged_pages_now(NULL) > 0) {
+            close(sfd);
+            reply_err(fd, OP_OPEN_STORE, EBUSY,
+                      "pages are still merged from store %s; unmerge them first", g_store_path);
+            free(path);
+            return 0;
+        }
+        if (g_store_view)
+            /* munmap(2): the view of the previous store (merged mappings hold their own ref) */
+            munmap((void *)g_store_view, g_store_view_size);
+        g_store_view = NULL;
+        g_store_view_size = 0;
+        /* close(2): the previous store fd; existing MAP_PRIVATE mappings keep the file alive */
+        close(g_store_fd);
+        free(g_store_path);
+    }
+    g_store_fd = sfd;
+    g_store_path = path;
+    g_store_dev = sb.st_dev;
+    g_store_ino = sb.st_ino;
+    const char *why = "";
+    int e = refresh_store_view(&why);
+    if (e)
+        return reply_err(fd, OP_OPEN_STORE, e, "%s: %s", why, strerror(e));
+    uint64_t size = g_store_view_size;
+    return reply(fd, OP_OPEN_STORE, 0, &size, sizeof size);
+}
+
+/* ------------------------------------ merge ------------------------------------ */
+
+static void apply_madvise(uint8_t *hva, uint64_t len, int shared_ram)
+{
+    /* madvise(2) MADV_DONTFORK: QEMU marks guest RAM so a fork (helpers) does not copy it;
+     * a new mapping over it lost that mark */
+    if (g_ram_dontfork && madvise(hva, len, MADV_DONTFORK) < 0)
+        st.madvise_errors++;
+    /* madvise(2) MADV_DONTDUMP: keep core dumps as QEMU configured them */
+    if (g_ram_dontdump && madvise(hva, len, MADV_DONTDUMP) < 0)
+        st.madvise_errors++;
+    /* madvise(2) MADV_HUGEPAGE: only when mapping the RAM file back, so the VMA merges with its
+     * neighbours again. Never on store mappings: khugepaged could collapse a private range into
+     * one anonymous huge page and silently un-share all its pages. */
+    if (shared_ram && g_ram_hugepage && madvise(hva, len, MADV_HUGEPAGE) < 0)
+        st.madvise_errors++;
+}
+
+/* After a failed MAP_FIXED: make sure the old mapping is still there (Linux >= 6.12 keeps it;
+ * older kernels could leave a hole). The RAM file was not punched yet, so mapping it back
+ * restores the page exactly. */
+static void ensure_mapped(uint8_t *hva, uint64_t len, uint64_t goff)
+{
+    /* msync(2) MS_ASYNC: a cheap probe, fails with ENOMEM if part of the range is unmapped */
+    if (msync(hva, len, MS_ASYNC) == 0 || errno != ENOMEM)
+        return;
+    /* mmap(2): map the RAM file back over the hole, as QEMU had it */
+    void *p = mmap(hva, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g_ram_fd, (off_t)goff);
+    if (p != MAP_FAILED) {
+        apply_madvise(hva, len, 1);
+        st.repaired++;
+    } else {
+        logmsg("satori-agent: FATAL-ish: guest range %#" PRIx64 "+%#" PRIx64
+               " unmapped and could not be restored: %s\n", goff, len, strerror(errno));
+    }
+}
+
+struct merge_acc {
+    uint64_t merged, mismatched, failed, mmap_calls, last_errno;
+};
+
+static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_acc *a)
+{
+    uint8_t *hva = g_ram_base + goff;
+    uint64_t len = npages * PG;
+    a->mmap_calls++;
+    /* mmap(2) MAP_PRIVATE|MAP_FIXED of the store over the guest pages: the guest now reads the
+     * store's page cache frames; a write makes a private anonymous copy (copy-on-write).
+     * ENOMEM here (vm.max_map_count) leaves the old mapping as it was. */
+    void *p = mmap(hva, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, g_store_fd,
+                   (off_t)soff);
+    if (p == MAP_FAILED) {
+        a->failed += npages;
+        a->last_errno = (uint64_t)errno;
+        ensure_mapped(hva, len, goff);
+        return;
+    }
+    apply_madvise(hva, len, 0);
+    /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the guest's own copy in the RAM file (tmpfs);
+     * nothing maps those file pages any more, the file keeps its size */
+    if (fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)goff, (off_t)len) < 0)
+        st.punch_errors++;
+    for (uint64_t i = 0; i < npages; i++)
+        g_track[goff / PG + i] = (soff + i * PG) | 1;
+    a->merged += npages;
+}
+
+static int do_merge(int fd, const uint8_t *p, uint32_t len)
+{
+    if (len % 16)
+        return reply_err(fd, OP_MERGE, EINVAL, "merge payload of %u bytes is not n x 16", len);
+    const char *why = "";
+    int e = find_ram(&why);
+    if (e)
+        return reply_err(fd, OP_MERGE, e, "%s", why);
+    if (g_store_fd < 0)
+        return reply_err(fd, OP_MERGE, EBADF, "no store open (send OPEN_STORE first)");
+    e = refresh_store_view(&why);
+    if (e)
+        return reply_err(fd, OP_MERGE, e, "%s: %s", why, strerror(e));
+    uint64_t n = len / 16;
+    uint64_t *pairs = malloc(len ? len : 1);
+    if (!pairs)
+        return reply_err(fd, OP_MERGE, ENOMEM, "out of memory");
+    memcpy(pairs, p, len);
+    for (uint64_t i = 0; i < n; i++) {
+        uint64_t g = pairs[2 * i], s = pairs[2 * i + 1];
+        if ((g | s) & (PG - 1)) {
+            free(pairs);
+            return reply_err(fd, OP_MERGE, EINVAL,
+                             "pair %" PRIu64 ": offsets %#" PRIx64 ", %#" PRIx64
+                             " not 4096-aligned", i, g, s);
+        }
+        if (g >= g_ram_size) {
+            free(pairs);
+            return reply_err(fd, OP_MERGE, ERANGE,
+                             "pair %" PRIu64 ": guest offset %#" PRIx64
+                             " outside guest RAM (%#" PRIx64 " bytes)", i, g, g_ram_size);
+        }
+        if (s >= g_store_view_size) {
+            free(pairs);
+            return reply_err(fd, OP_MERGE, ERANGE,
+                             "pair %" PRIu64 ": store offset %#" PRIx64
+                             " beyond the store's end (%#" PRIx64 " bytes)", i, s,
+                             g_store_view_size);
+        }
+    }
+    uint64_t t0 = now_ns();
+    struct merge_acc a = {0};
+    uint64_t i = 0;
+    while (i < n) {
+        uint64_t j = i + 1;
+        while (j < n && pairs[2 * j] == pairs[2 * (j - 1)] + PG &&
+               pairs[2 * j + 1] == pairs[2 * (j - 1) + 1] + PG)
+            j++;
+        /* [i, j) is a run: memcmp it whole, then map each matching sub-run with one mmap */
+        uint64_t k = i;
+        while (k < j) {
+            uint64_t g = pairs[2 * k], s = pairs[2 * k + 1];
+            if (memcmp(g_ram_base + g, g_store_view + s, PG) != 0) {
+                a.mismatched++;
+                k++;
+                continue;
+            }
+            uint64_t m = k + 1;
+            while (m < j && memcmp(g_ram_base + pairs[2 * m], g_store_view + pairs[2 * m + 1],
+                                   PG) == 0)
+                m++;
+            map_run(g, s, m - k, &a);
+            k = m;
+        }
+        i = j;
+    }
+    uint64_t dt = now_ns() - t0;
+    free(pairs);
+    st.merged += a.merged;
+    st.mismatched += a.mismatched;
+    st.failed += a.failed;
+    st.mmap_calls += a.mmap_calls;
+    st.merge_ns += dt;
+    st.merge_requests++;
+    if (a.last_errno)
+        st.last_errno = a.last_errno;
+    uint64_t out[6] = {a.merged, a.mismatched, a.failed, dt, a.mmap_calls, a.last_errno};
+    return reply(fd, OP_MERGE, 0, out, sizeof out);
+}
+
+/* ----------------------------------- unmerge ----------------------------------- */
+
+static int do_unmerge(int fd, const uint8_t *p, uint32_t len)
+{
+    if (len != 16)
+        return reply_err(fd, OP_UNMERGE, EINVAL, "unmerge payload must be 16 bytes, got %u", len);
+    const char *why = "";
+    int e = find_ram(&why);
+    if (e)
+        return reply_err(fd, OP_UNMERGE, e, "%s", why);
+    uint64_t goff, npages;
+    memcpy(&goff, p, 8);
+    memcpy(&npages, p + 8, 8);
+    if (goff & (PG - 1))
+        return reply_err(fd, OP_UNMERGE, EINVAL, "guest offset %#" PRIx64 " not aligned", goff);
+    if (goff > g_ram_size || npages > (g_ram_size - goff) / PG)
+        return reply_err(fd, OP_UNMERGE, ERANGE,
+                         "range %#" PRIx64 " + %" PRIu64 " pages outside guest RAM", goff,
+                         npages);
+    uint8_t *buf = malloc(UNMERGE_CHUNK_PAGES * PG);
+    if (!buf)
+        return reply_err(fd, OP_UNMERGE, ENOMEM, "out of memory");
+    uint64_t restored = 0, failed = 0;
+    uint64_t first = goff / PG, last = first + npages;
+    uint64_t i = first;
+    while (i < last) {
+        if (!g_track[i]) {
+            i++;
+            continue;
+        }
+        uint64_t j = i + 1;
+        while (j < last && g_track[j] && j - i < UNMERGE_CHUNK_PAGES)
+            j++;
+        uint8_t *hva = g_ram_base + i * PG;
+        uint64_t l = (j - i) * PG;
+        memcpy(buf, hva, l); /* the guest's current bytes (store page or its private copy) */
+        /* mmap(2) MAP_SHARED|MAP_FIXED: the RAM file back where QEMU had it (the punched hole
+         * reads as zeros until the bytes are written back below) */
+        void *m = mmap(hva, l, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g_ram_fd,
+                       (off_t)(i * PG));
+        if (m == MAP_FAILED) {
+            failed += j - i;
+            st.last_errno = (uint64_t)errno;
+            i = j;
+            continue;
+        }
+        memcpy(hva, buf, l); /* allocates the RAM file pages again */
+        apply_madvise(hva, l, 1);
+        for (uint64_t k = i; k < j; k++)
+            g_track[k] = 0;
+        restored += j - i;
+        i = j;
+    }
+    free(buf);
+    st.unmerged += restored;
+    st.unmerge_failed += failed;
+    uint64_t out[2] = {restored, failed};
+    return reply(fd, OP_UNMERGE, 0, out, sizeof out);
+}
+
+/* ------------------------------------ list ------------------------------------- */
+
+/* 1 if the page at hva is now private (copy-on-write broken): pagemap says present or swapped
+ * and not a file page. Not-present pages are still backed by the store. */
+static int page_private(uint64_t pme)
+{
+    int present = (pme >> 63) & 1, swapped = (pme >> 62) & 1, file = (pme >> 61) & 1;
+    return (present || swapped) && !file;
+}
+
+static int do_list(int fd, const uint8_t *p, uint32_t len)
+{
+    uint32_t flags = 0;
+    if (len == 4)
+        memcpy(&flags, p, 4);
+    else if (len != 0)
+        return reply_err(fd, OP_LIST, EINVAL, "list payload must be empty or u32 flags");
+    if (flags & ~1u)
+        return reply_err(fd, OP_LIST, EINVAL, "unknown list flags %#x", flags);
+    const char *why = "";
+    int e = find_ram(&why);
+    if (e)
+        return reply_err(fd, OP_LIST, e, "%s", why);
+    if ((flags & 1) && g_pagemap_fd < 0) {
+        /* open(2) /proc/self/pagemap: per-page present/file bits of QEMU's own mappings */
+        g_pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        if (g_pagemap_fd < 0)
+            return reply_err(fd, OP_LIST, errno, "cannot open /proc/self/pagemap");
+    }
+    uint64_t n = g_ram_size / PG, cap = 1024, cnt = 0;
+    uint64_t *out = malloc(cap * 24);
+    uint64_t pm[512];
+    uint64_t pm_first = UINT64_MAX;
+    if (!out)
+        return reply_err(fd, OP_LIST, ENOMEM, "out of memory");
+    int have_prev = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        int keep = g_track[i] != 0;
+        if (keep && (flags & 1)) {
+            if (pm_first == UINT64_MAX || i < pm_first || i >= pm_first + 512) {
+                pm_first = i;
+                uint64_t vpn = ((uintptr_t)g_ram_base) / PG + i;
+                /* pread(2): 512 pagemap entries (8 bytes each) from this page on */
+                ssize_t r = pread(g_pagemap_fd, pm, sizeof pm, (off_t)(vpn * 8));
+                if (r != (ssize_t)sizeof pm) {
+                    free(out);
+                    return reply_err(fd, OP_LIST, r < 0 ? errno : EIO,
+                                     "short read of /proc/self/pagemap");
+                }
+            }
+            keep = !page_private(pm[i - pm_first]);
+        }
+        if (!keep) {
+            have_prev = 0;
+            continue;
+        }
+        uint64_t s = g_track[i] & ~1ULL;
+        if (have_prev && out[3 * (cnt - 1)] + out[3 * (cnt - 1) + 2] * PG == i * PG &&
+            out[3 * (cnt - 1) + 1] + out[3 * (cnt - 1) + 2] * PG == s) {
+            out[3 * (cnt - 1) + 2]++;
+            continue;
+        }
+        if (cnt == cap) {
+            if (cap * 24 * 2 > MAX_PAYLOAD * 4ULL) {
+                free(out);
+                return reply_err(fd, OP_LIST, E2BIG, "too many ranges");
+            }
+            uint64_t *no = realloc(out, cap * 2 * 24);
+            if (!no) {
+                free(out);
+                return reply_err(fd, OP_LIST, ENOMEM, "out of memory");
+            }
+            out = no;
+            cap *= 2;
+        }
+        out[3 * cnt] = i * PG;
+        out[3 * cnt + 1] = s;
+        out[3 * cnt + 2] = 1;
+        cnt++;
+        have_prev = 1;
+    }
+    int r = reply(fd, OP_LIST, 0, out, cnt * 24);
+    free(out);
+    return r;
+}
+
+/* ------------------------------------ stats ------------------------------------ */
+
+static int do_stats(int fd, uint16_t op)
+{
+    struct tbuf b = {0};
+    tb_printf(&b, "version=%d\npid=%d\n", AGENT_VERSION, (int)getpid());
+    tb_printf(&b, "mem_path=%s\n", g_mem_path ? g_mem_path : "");
+    if (op == OP_STATS) {
+        const char *why = "";
+        find_ram(&why); /* best effort: stats work before QEMU mapped RAM */
+        uint64_t ranges = 0, pages = merged_pages_now(&ranges);
+        tb_printf(&b, "ram_found=%d\nram_base=%" PRIu64 "\nram_size=%" PRIu64 "\n",
+                  g_ram_base != NULL, (uint64_t)(uintptr_t)g_ram_base, g_ram_size);
+        tb_printf(&b, "store_path=%s\nstore_size=%" PRIu64 "\n",
+                  g_store_path ? g_store_path : "", g_store_view_size);
+        tb_printf(&b,
+                  "merged_total=%" PRIu64 "\nmismatched_total=%" PRIu64
+                  "\nfailed_total=%" PRIu64 "\nmmap_calls=%" PRIu64 "\nmerge_ns=%" PRIu64
+                  "\nmerge_requests=%" PRIu64 "\n",
+                  st.merged, st.mismatched, st.failed, st.mmap_calls, st.merge_ns,
+                  st.merge_requests);
+        tb_printf(&b,
+                  "unmerged_total=%" PRIu64 "\nunmerge_failed_total=%" PRIu64
+                  "\nmerged_pages=%" PRIu64 "\nmerged_ranges=%" PRIu64 "\n",
+                  st.unmerged, st.unmerge_failed, pages, ranges);
+        tb_printf(&b,
+                  "punch_errors=%" PRIu64 "\nmadvise_errors=%" PRIu64 "\nrepaired=%" PRIu64
+                  "\nlast_errno=%" PRIu64 "\nrequests=%" PRIu64 "\nbad_requests=%" PRIu64 "\n",
+                  st.punch_errors, st.madvise_errors, st.repaired, st.last_errno, st.requests,
+                  st.bad_requests);
+    }
+    int r = b.p ? reply(fd, op, 0, b.p, b.len) : reply_err(fd, op, ENOMEM, "out of memory");
+    free(b.p);
+    return r;
+}
+
+/* ------------------------------------ server ----------------------------------- */
+
+/* Serve one request. Returns 0 to keep the connection, -1 to close it. */
+static int serve_one(int fd)
+{
+    struct req_hdr h;
+    if (read_full(fd, &h, sizeof h) < 0)
+        return -1; /* EOF, timeout or error: drop the client */
+    st.requests++;
+    if (h.magic != AGENT_MAGIC) {
+        reply_err(fd, 0, EPROTO, "bad magic %#x (not a satori agent request)", h.magic);
+        return -1;
+    }
+    if (h.len > MAX_PAYLOAD) {
+        reply_err(fd, h.op, E2BIG, "payload of %u bytes exceeds %u", h.len, MAX_PAYLOAD);
+        return -1;
+    }
+    uint8_t *p = malloc(h.len ? h.len : 1);
+    if (!p) {
+        reply_err(fd, h.op, ENOMEM, "out of memory for a %u-byte request", h.len);
+        return -1;
+    }
+    if (h.len && read_full(fd, p, h.len) < 0) {
+        free(p);
+        return -1;
+    }
+    int r;
+    if (h.version != AGENT_VERSION) {
+        r = reply_err(fd, h.op, EPROTONOSUPPORT, "protocol version %u, agent speaks %u",
+                      h.version, AGENT_VERSION);
+    } else {
+        switch (h.op) {
+        case OP_PING:
+            r = do_stats(fd, OP_PING);
+            break;
+        case OP_OPEN_STORE:
+            r = do_open_store(fd, p, h.len);
+            break;
+        case OP_MERGE:
+            r = do_merge(fd, p, h.len);
+            break;
+        case OP_UNMERGE:
+            r = do_unmerge(fd, p, h.len);
+            break;
+        case OP_STATS:
+            r = h.len ? reply_err(fd, h.op, EINVAL, "stats takes no payload")
+                      : do_stats(fd, OP_STATS);
+            break;
+        case OP_LIST:
+            r = do_list(fd, p, h.len);
+            break;
+        default:
+            r = reply_err(fd, h.op, EOPNOTSUPP, "unknown op %u", h.op);
+        }
+    }
+    free(p);
+    return r;
+}
+
+static void *agent_main(void *arg)
+{
+    (void)arg;
+    struct pollfd pf[1 + MAX_CLIENTS];
+    int nclients = 0;
+    pf[0].fd = g_listen_fd;
+    pf[0].events = POLLIN;
+    for (;;) {
+        /* poll(2): wait for a new client or a request on any connected one */
+        int r = poll(pf, 1 + (nfds_t)nclients, -1);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            logmsg("satori-agent: poll: %s\n", strerror(errno));
+            sleep(1);
+            continue;
+        }
+        for (int i = 1; i <= nclients; i++) {
+            if (!(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            if (serve_one(pf[i].fd) < 0) {
+                /* close(2): the client went away or broke the protocol */
+                close(pf[i].fd);
+                pf[i] = pf[nclients];
+                nclients--;
+                i--;
+            }
+        }
+        if (pf[0].revents & POLLIN) {
+            /* accept4(2): a new client; CLOEXEC so QEMU's children do not inherit it */
+            int c = accept4(g_listen_fd, NULL, NULL, SOCK_CLOEXEC);
+            if (c < 0)
+                continue;
+            if (nclients == MAX_CLIENTS) {
+                reply_err(c, 0, EMFILE, "too many agent clients (%d)", MAX_CLIENTS);
+                close(c);
+                continue;
+            }
+            struct timeval tv = {IO_TIMEOUT_S, 0};
+            /* setsockopt(2) SO_RCVTIMEO/SO_SNDTIMEO: a stalled client cannot wedge the agent */
+            setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+            setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+            nclients++;
+            pf[nclients].fd = c;
+            pf[nclients].events = POLLIN;
+            pf[nclients].revents = 0;
+        }
+    }
+    return NULL;
+}
+
+/* Remove our own library from LD_PRELOAD so programs QEMU starts do not load it. */
+static void scrub_ld_preload(void)
+{
+    const char *v = getenv("LD_PRELOAD");
+    if (!v)
+        return;
+    char *copy = strdup(v), *out = calloc(1, strlen(v) + 1), *save = NULL;
+    if (!copy || !out) {
+        free(copy);
+        free(out);
+        return;
+    }
+    for (char *t = strtok_r(copy, " :", &save); t; t = strtok_r(NULL, " :", &save)) {
+        if (strstr(t, "satori_agent"))
+            continue;
+        if (*out)
+            strcat(out, ":");
+        strcat(out, t);
+    }
+    if (*out)
+        setenv("LD_PRELOAD", out, 1);
+    else
+        unsetenv("LD_PRELOAD");
+    free(copy);
+    free(out);
+}
+
+__attribute__((constructor)) static void satori_agent_init(void)
+{
+    const char *sock = getenv("SATORI_AGENT_SOCKET");
+    if (!sock || !*sock)
+        return; /* preloaded without a socket: stay inert */
+    const char *mem = getenv("SATORI_AGENT_MEMPATH");
+    g_sock_path = strdup(sock);
+    g_mem_path = mem && *mem ? strdup(mem) : NULL;
+    unsetenv("SATORI_AGENT_SOCKET");
+    unsetenv("SATORI_AGENT_MEMPATH");
+    scrub_ld_preload();
+    if (!g_sock_path)
+        return;
+    if (sysconf(_SC_PAGESIZE) != (long)PG) {
+        logmsg("satori-agent: host page size is not 4096; agent disabled\n");
+        return;
+    }
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    if (strlen(g_sock_path) >= sizeof sa.sun_path) {
+        logmsg("satori-agent: socket path too long: %s\n", g_sock_path);
+        return;
+    }
+    strcpy(sa.sun_path, g_sock_path);
+    struct stat sb;
+    /* lstat(2)+unlink(2): remove a stale socket left by a killed QEMU (never another file) */
+    if (lstat(g_sock_path, &sb) == 0 && S_ISSOCK(sb.st_mode))
+        unlink(g_sock_path);
+    /* socket(2): the agent's listening UNIX stream socket, CLOEXEC */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        logmsg("satori-agent: socket: %s\n", strerror(errno));
+        return;
+    }
+    /* bind(2)+listen(2): bound here, before QEMU's main, so the socket exists as soon as the
+     * process does (the harness waits for it) */
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 8) < 0) {
+        logmsg("satori-agent: bind/listen %s: %s\n", g_sock_path, strerror(errno));
+        close(fd);
+        return;
+    }
+    /* chmod(2): only the owner (root) may drive the agent */
+    chmod(g_sock_path, 0600);
+    if (stat(g_sock_path, &sb) == 0) {
+        g_sock_dev = sb.st_dev;
+        g_sock_ino = sb.st_ino;
+    }
+    g_listen_fd = fd;
+    sigset_t all, old;
+    sigfillset(&all);
+    /* pthread_sigmask(3): the thread inherits a full mask, so QEMU's signals (SIGIO, SIGALRM,
+     * SIG_IPI, SIGTERM...) are always delivered to QEMU's own threads */
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    /* pthread_create(3): the one agent thread */
+    int e = pthread_create(&t, &attr, agent_main, NULL);
+    pthread_attr_destroy(&attr);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (e) {
+        logmsg("satori-agent: pthread_create: %s\n", strerror(e));
+        close(fd);
+        g_listen_fd = -1;
+        unlink(g_sock_path);
+        return;
+    }
+    pthread_setname_np(t, "satori-agent");
+}
+
+__attribute__((destructor)) static void satori_agent_fini(void)
+{
+    struct stat sb;
+    if (g_listen_fd < 0 || !g_sock_path)
+        return;
+    /* stat(2)+unlink(2): remove our socket at QEMU's normal exit, only if it is still ours */
+    if (stat(g_sock_path, &sb) == 0 && sb.st_dev == g_sock_dev && sb.st_ino == g_sock_ino)
+        unlink(g_sock_path);
+}

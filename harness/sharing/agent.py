@@ -1,0 +1,342 @@
+"""Build the merge agent (``agent.c``, preloaded into QEMU) and talk to it over its UNIX socket.
+
+Typical use::
+
+    env = {**os.environ, **agent_env(sock, mem_path)}     # start QEMU with this env
+    with AgentClient(sock) as agent:
+        agent.open_store("/dev/shm/satori-run-store")
+        res = agent.merge([(guest_off, store_off), ...])  # vCPUs held (QMP stop) around this
+        res.merged, res.mismatched, res.failed
+
+The wire protocol is described in the header comment of ``agent.c``.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import hashlib
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+
+from harness.errors import AgentError, ToolMissing
+from harness.paths import cache_dir
+
+MAGIC = 0x52544153  # "SATR" little-endian
+VERSION = 1
+PAGE = 4096
+MAX_PAYLOAD = 64 << 20
+MAX_PAIRS_PER_REQUEST = MAX_PAYLOAD // 16
+CFLAGS = ("-O2", "-Wall", "-Werror", "-fPIC", "-shared", "-pthread")
+LIB_NAME = "satori_agent.so"
+
+_REQ = struct.Struct("<IHHII")  # magic, op, version, flags, len
+_REP = struct.Struct("<IHHiI")  # magic, op, version, status, len
+
+
+class Op(IntEnum):
+    PING = 1
+    OPEN_STORE = 2
+    MERGE = 3
+    UNMERGE = 4
+    STATS = 5
+    LIST = 6
+
+
+LIST_EXCLUDE_PRIVATE = 1
+
+
+class AgentRequestError(AgentError):
+    """The agent answered a request with an error; ``errno`` is its errno value."""
+
+    def __init__(self, message: str, errno: int, context: str | None = None) -> None:
+        super().__init__(message, context)
+        self.errno = errno
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+def agent_source() -> Path:
+    return Path(__file__).with_name("agent.c")
+
+
+def _find_compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def agent_library_path() -> Path:
+    """Where the agent built from the current source lives (it may not exist yet)."""
+    digest = hashlib.sha256(agent_source().read_bytes()).hexdigest()[:16]
+    return cache_dir() / "agent" / digest / LIB_NAME
+
+
+def ensure_agent() -> Path:
+    """Compile ``agent.c`` once per source hash into the cache; return the library path."""
+    out = agent_library_path()
+    if out.is_file():
+        return out
+    cc = _find_compiler()
+    if cc is None:
+        raise ToolMissing(
+            "no C compiler (cc or gcc) found to build the merge agent: install the package gcc"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{LIB_NAME}.tmp.{os.getpid()}")
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(agent_source())]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        tmp.unlink(missing_ok=True)
+        raise AgentError("compiling the merge agent failed", f"{' '.join(cmd)}\n{e}") from e
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise AgentError(
+            "compiling the merge agent failed",
+            f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}".rstrip(),
+        )
+    os.replace(tmp, out)  # atomic: a concurrent build of the same source is harmless
+    return out
+
+
+def agent_env(socket_path: str | os.PathLike, mem_path: str | os.PathLike) -> dict[str, str]:
+    """Environment entries for a QEMU process that should run the agent.
+
+    Merge them into the full environment (``{**os.environ, **agent_env(...)}``). An
+    ``LD_PRELOAD`` already in ``os.environ`` is kept after the agent.
+    """
+    lib = str(ensure_agent())
+    prev = os.environ.get("LD_PRELOAD", "")
+    preload = lib if not prev else f"{lib}:{prev}"
+    return {
+        "LD_PRELOAD": preload,
+        "SATORI_AGENT_SOCKET": str(socket_path),
+        "SATORI_AGENT_MEMPATH": str(mem_path),
+    }
+
+
+# ----------------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    merged: int
+    mismatched: int
+    failed: int
+    elapsed_ns: int
+    mmap_calls: int = 0
+    last_errno: int = 0  # errno of the last failed page (ENOMEM: vm.max_map_count), 0 if none
+
+    @property
+    def pages(self) -> int:
+        return self.merged + self.mismatched + self.failed
+
+    def __add__(self, other: MergeResult) -> MergeResult:
+        return MergeResult(
+            self.merged + other.merged,
+            self.mismatched + other.mismatched,
+            self.failed + other.failed,
+            self.elapsed_ns + other.elapsed_ns,
+            self.mmap_calls + other.mmap_calls,
+            other.last_errno or self.last_errno,
+        )
+
+
+@dataclass(frozen=True)
+class UnmergeResult:
+    restored: int
+    failed: int
+
+
+def _as_pairs(pairs: np.ndarray | Iterable[Sequence[int]]) -> np.ndarray:
+    if isinstance(pairs, np.ndarray):
+        arr = pairs
+    else:
+        arr = np.array(list(pairs), dtype=np.uint64)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype="<u8")
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise AgentError(f"merge pairs must have shape (n, 2), got {arr.shape}")
+    if arr.dtype.kind == "i" and (arr < 0).any():
+        raise AgentError("merge pairs must not be negative")
+    return np.ascontiguousarray(arr, dtype="<u8")
+
+
+def _parse_kv(payload: bytes) -> dict[str, int | str]:
+    out: dict[str, int | str] = {}
+    for line in payload.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        try:
+            out[key] = int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+class AgentClient:
+    """One connection to the merge agent of one QEMU process.
+
+    Connects lazily (waiting up to ``connect_timeout`` for the socket to appear: QEMU may just
+    be starting) and reconnects after a broken connection. Every failure raises ``AgentError``;
+    an error answered by the agent raises ``AgentRequestError`` (with ``.errno``).
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+
+    # -- connection
+    def connect(self) -> None:
+        if self._sock is not None:
+            return
+        deadline = time.monotonic() + self.connect_timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(self.timeout)
+            try:
+                s.connect(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise AgentError(
+                        f"cannot connect to the merge agent at {self.socket_path}: {e}"
+                    ) from e
+                time.sleep(0.02)
+                continue
+            except OSError as e:
+                s.close()
+                raise AgentError(
+                    f"cannot connect to the merge agent at {self.socket_path}: {e}"
+                ) from e
+            self._sock = s
+            return
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def __enter__(self) -> AgentClient:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _recv_exact(self, n: int) -> bytes:
+        assert self._sock is not None
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ConnectionError("the agent closed the connection")
+            buf += chunk
+        return bytes(buf)
+
+    def call(
+        self,
+        op: int,
+        payload: bytes | memoryview = b"",
+        flags: int = 0,
+        timeout: float | None = None,
+        version: int = VERSION,
+        magic: int = MAGIC,
+    ) -> bytes:
+        """Send one raw request and return the reply payload (for tests: any op/version)."""
+        self.connect()
+        assert self._sock is not None
+        name = Op(op).name if op in Op._value2member_map_ else f"op {op}"
+        try:
+            self._sock.settimeout(timeout if timeout is not None else self.timeout)
+            self._sock.sendall(_REQ.pack(magic, op, version, flags, len(payload)))
+            if len(payload):
+                self._sock.sendall(payload)
+            rmagic, _rop, _rver, status, rlen = _REP.unpack(self._recv_exact(_REP.size))
+            if rmagic != MAGIC:
+                raise ConnectionError(f"bad reply magic {rmagic:#x}")
+            body = self._recv_exact(rlen) if rlen else b""
+        except (OSError, ConnectionError) as e:
+            self.close()  # the stream is out of step now: start afresh next time
+            what = "timed out" if isinstance(e, TimeoutError) else str(e)
+            raise AgentError(f"merge agent {name} at {self.socket_path}: {what}") from e
+        if status != 0:
+            msg = body.decode("utf-8", "replace")
+            code = errno_mod.errorcode.get(status, str(status))
+            raise AgentRequestError(f"merge agent {name}: {msg} ({code})", status)
+        return body
+
+    # -- typed requests
+    def ping(self) -> dict[str, int | str]:
+        return _parse_kv(self.call(Op.PING))
+
+    def open_store(self, path: str | os.PathLike) -> int:
+        """Open (or re-open) the content store; returns its size in bytes."""
+        body = self.call(Op.OPEN_STORE, os.fsencode(os.fspath(path)))
+        return struct.unpack("<Q", body)[0]
+
+    def merge(
+        self, pairs: np.ndarray | Iterable[Sequence[int]], timeout: float | None = None
+    ) -> MergeResult:
+        """Merge (guest_off, store_off) pairs, byte offsets, 4096-aligned.
+
+        Hold the VM's vCPUs around this call. Batches above the agent's request limit are
+        split; the results are summed.
+        """
+        arr = _as_pairs(pairs)
+        total = MergeResult(0, 0, 0, 0)
+        for start in range(0, max(len(arr), 1), MAX_PAIRS_PER_REQUEST):
+            chunk = arr[start : start + MAX_PAIRS_PER_REQUEST]
+            t = timeout if timeout is not None else self.timeout + len(chunk) * 50e-6
+            body = self.call(Op.MERGE, memoryview(chunk).cast("B"), timeout=t)
+            total = total + MergeResult(*struct.unpack("<6Q", body))
+        return total
+
+    def unmerge(self, guest_off: int, npages: int) -> UnmergeResult:
+        """Give back the RAM file pages of a range this agent merged (bytes unchanged)."""
+        body = self.call(
+            Op.UNMERGE, struct.pack("<QQ", guest_off, npages), timeout=self.timeout + npages * 50e-6
+        )
+        return UnmergeResult(*struct.unpack("<2Q", body))
+
+    def unmerge_all(self) -> UnmergeResult:
+        size = int(self.stats()["ram_size"])
+        return self.unmerge(0, size // PAGE)
+
+    def stats(self) -> dict[str, int | str]:
+        """Counters: merged_total, mismatched_total, failed_total, mmap_calls, merge_ns,
+        merged_pages and merged_ranges (now), ram_size, store_size, ... (see agent.c)."""
+        return _parse_kv(self.call(Op.STATS))
+
+    def merged_ranges(self, exclude_private: bool = False) -> np.ndarray:
+        """Ranges still mapped from the store: array (m, 3) of guest_off, store_off, npages.
+
+        With ``exclude_private`` pages the guest has since written (copy-on-write broken, seen
+        by the agent in its own pagemap) are left out.
+        """
+        payload = struct.pack("<I", LIST_EXCLUDE_PRIVATE if exclude_private else 0)
+        body = self.call(Op.LIST, payload)
+        return np.frombuffer(body, dtype="<u8").reshape(-1, 3).astype(np.uint64)
