@@ -599,5 +599,10 @@ def _build_patched(abi: str, work: Path, log: Log) -> dict[str, Path] | None:
 
 
 def ensure_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print) -> Image:
-    """The cached image, building it first if needed."""
+    """The cached image, building it first if needed; ``$SATORI_IMAGE`` names a built image folder."""
+    pinned = os.environ.get("SATORI_IMAGE")
+    if pinned:
+        if not (Path(pinned) / "manifest.json").exists():
+            raise ImageError(f"SATORI_IMAGE={pinned} is not a built image folder (no manifest.json)")
+        return Image.load(Path(pinned))
     return build_image(recipe_path, log=log)

@@ -262,6 +262,11 @@ class VM:
 
     def start(self) -> None:
         """Launch QEMU and wait until the guest's sshd answers."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Create the VM's files and start QEMU (detached in its own session); do not wait."""
         self._check_inputs()
         if self.accel is None:
             self.accel = choose_accel(self.image.kernel, self.image.initrd)
@@ -283,31 +288,34 @@ class VM:
         for attempt in range(3):
             self.ssh_port = free_port()
             self.cmdline = build_cmdline(self.spec, self.image, self.paths, self.accel.accel, self.ssh_port)
-            qemu_log = open(self.paths.work / "qemu.log", "wb")
-            t0 = time.monotonic()
-            self.proc = subprocess.Popen(
-                self.cmdline,
-                stdin=subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # Ctrl-C at the terminal reaches the harness, not QEMU
-                preexec_fn=None if self.detach else _pdeathsig,
-                cwd=self.paths.work,
-            )
-            qemu_log.close()
+            with open(self.paths.work / "qemu.log", "wb") as qemu_log:
+                self._t_launch = time.monotonic()
+                self.proc = subprocess.Popen(
+                    self.cmdline,
+                    stdin=subprocess.DEVNULL,
+                    stdout=qemu_log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,  # Ctrl-C at the terminal reaches the harness, not QEMU
+                    preexec_fn=None if self.detach else _pdeathsig,
+                    cwd=self.paths.work,
+                )
             self.pid = self.proc.pid
             self._save_state()
             time.sleep(0.3)
             if self.proc.poll() is not None and "hostfwd" in self._qemu_log() and attempt < 2:
                 continue  # the free port was taken meanwhile: try another
             break
+
+    def wait_ready(self) -> None:
+        """Wait for the SSH banner, then log in; a dead or silent VM raises :class:`BootError`."""
+        assert self.proc is not None and self.ssh_port is not None, "launch() first"
         try:
             wait_banner(self.ssh_port, self.spec.boot_timeout_s, alive=lambda: self.proc.poll() is None)
             self.ssh.connect()
         except SSHError as e:
             raise self._boot_error(str(e)) from None
-        self.boot_seconds = time.monotonic() - t0
+        self.boot_seconds = time.monotonic() - self._t_launch
         self._save_state()
 
     def _qemu_log(self) -> str:
@@ -402,6 +410,21 @@ def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def start_all(vms: list[VM]) -> None:
+    """Boot several VMs at once (launch all, then wait for each); on failure stop them all."""
+    try:
+        for vm in vms:
+            if vm.accel is None and vms[0].accel is not None:
+                vm.accel = vms[0].accel
+            vm.launch()
+        for vm in vms:
+            vm.wait_ready()
+    except BaseException:
+        for vm in vms:
+            vm.shutdown()
+        raise
 
 
 def remove_vm_files(paths: VMPaths) -> None:

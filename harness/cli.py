@@ -1,0 +1,301 @@
+"""The ``satori`` command line: image build, VMs by hand, the demo/main job.
+
+Every :class:`HarnessError` is printed with its context (console tail, command line, QMP
+reply) and no traceback, exit status 1. Ctrl-C and SIGTERM unwind through the context
+managers, so QEMU processes and their files are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import mmap
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+# ---------------------------------------------------------------- helpers
+
+
+def _err(msg: str) -> None:
+    print(f"satori: error: {msg}", file=sys.stderr)
+
+
+def _sigterm_to_interrupt() -> None:
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def find_in_ram(ram_path: Path, needle: bytes) -> list[int]:
+    """Page-aligned offsets in a guest RAM file whose page starts with ``needle``."""
+    hits = []
+    with open(ram_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+        pos = m.find(needle)
+        while pos != -1:
+            if pos % 4096 == 0:
+                hits.append(pos)
+            pos = m.find(needle, pos + 1)
+    return hits
+
+
+# ---------------------------------------------------------------- image
+
+
+def cmd_image_build(args: argparse.Namespace) -> int:
+    from harness.image import DEFAULT_RECIPE, build_image
+
+    img = build_image(Path(args.recipe) if args.recipe else DEFAULT_RECIPE, force=args.force)
+    m = img.manifest
+    print(f"image: {img.root}")
+    print(f"  kernel {m['abi']} ({m['kernel_version']}), hints {'on' if img.hints else 'off'}, "
+          f"built in {m['build_seconds']} s")
+    return 0
+
+
+# ---------------------------------------------------------------- vm
+
+
+def cmd_vm_up(args: argparse.Namespace) -> int:
+    from harness.image import ensure_image
+    from harness.vm import VM, VMSpec, load_states
+
+    if any(s["name"] == args.name and s["alive"] for s in load_states()):
+        raise HarnessError(f"a VM named {args.name!r} is already running (satori vm down {args.name})")
+    img = ensure_image()
+    spec = VMSpec(
+        name=args.name, memory_mb=args.memory, vcpus=args.vcpus,
+        hints=args.hints if args.hints is not None else True,
+        sharing=args.sharing,
+    )
+    vm = VM(spec, img, detach=True)
+    try:
+        vm.start()
+    except BaseException:
+        vm.shutdown()
+        raise
+    print(vm.accel.line())
+    print(f"VM {vm.name} is up in {vm.boot_seconds:.1f} s (pid {vm.pid})")
+    print(f"  ssh:        satori vm ssh {vm.name}    (127.0.0.1:{vm.ssh_port}, key {img.key})")
+    print(f"  qmp:        {vm.paths.qmp_manual}")
+    print(f"  console:    {vm.paths.console}")
+    print(f"  guest RAM:  {vm.ram_path}")
+    if vm.ring_path:
+        print(f"  hint ring:  {vm.ring_path}")
+    if vm.agent_socket:
+        print(f"  agent:      {vm.agent_socket}")
+    # release our connections; QEMU keeps running in its own session
+    if vm._ssh:
+        vm._ssh.close()
+    if vm._qmp:
+        vm._qmp.close()
+    return 0
+
+
+def cmd_vm_ls(args: argparse.Namespace) -> int:
+    from harness.vm import load_states
+
+    states = load_states()
+    if args.json:
+        print(json.dumps(states, indent=2))
+        return 0
+    if not states:
+        print("no VMs")
+        return 0
+    print(f"{'NAME':12} {'STATE':8} {'PID':>8} {'SSH':>6} {'MEM':>6} {'ACCEL':5} QMP")
+    for s in states:
+        print(f"{s['name']:12} {'running' if s['alive'] else 'dead':8} {s['pid'] or '-':>8} "
+              f"{s['ssh_port'] or '-':>6} {s['spec']['memory_mb']:>5}M {s['accel'] or '-':5} {s['qmp_manual']}")
+    return 0
+
+
+def cmd_vm_ssh(args: argparse.Namespace) -> int:
+    from harness.vm import find_state
+
+    s = find_state(args.name)
+    if not s["alive"]:
+        raise HarnessError(f"VM {args.name} is not running")
+    cmd = [a for a in args.command if a != "--"]
+    ssh = shutil.which("ssh")
+    if ssh:
+        argv = [
+            "ssh", "-q", "-i", s["key"], "-p", str(s["ssh_port"]),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "root@127.0.0.1",
+        ]
+        if cmd:
+            argv += ["--", *cmd]
+        os.execvp(ssh, argv)
+    if not cmd:
+        raise HarnessError("an interactive shell needs the ssh client (apt-get install openssh-client)")
+    from harness.ssh import SSH
+
+    r = SSH(s["ssh_port"], Path(s["key"])).run(" ".join(cmd))
+    sys.stdout.write(r.stdout)
+    sys.stderr.write(r.stderr)
+    return r.rc
+
+
+def cmd_vm_qmp(args: argparse.Namespace) -> int:
+    from harness.vm import find_state, qmp_connect
+
+    s = find_state(args.name)
+    if not s["alive"]:
+        raise HarnessError(f"VM {args.name} is not running")
+    try:
+        qargs = json.loads(args.arguments) if args.arguments else None
+    except ValueError as e:
+        raise HarnessError(f"QMP arguments are not valid JSON: {e}") from None
+    if qargs is not None and not isinstance(qargs, dict):
+        raise HarnessError("QMP arguments must be a JSON object, e.g. '{\"value\": 268435456}'")
+    q = qmp_connect(Path(s["qmp_manual"]))
+    try:
+        reply = q.cmd_raw(args.qmp_command, qargs)
+    finally:
+        q.close()
+    print(json.dumps(reply.get("return", reply), indent=2))
+    return 1 if "error" in reply else 0
+
+
+def cmd_vm_down(args: argparse.Namespace) -> int:
+    from harness.vm import load_states, stop_background
+
+    states = load_states()
+    targets = states if args.all else [s for s in states if s["name"] in args.names]
+    missing = set(args.names) - {s["name"] for s in states}
+    for s in targets:
+        stop_background(s)
+        print(f"VM {s['name']} is down")
+    if missing:
+        raise HarnessError(f"no VM named {', '.join(sorted(missing))}")
+    return 0
+
+
+# ---------------------------------------------------------------- demo (main job for now)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build the image, boot two VMs, show QMP status and a guest page read through the RAM file."""
+    from harness.image import ensure_image
+    from harness.vm import VM, VMSpec, new_run_id, start_all
+
+    img = ensure_image()
+    run = new_run_id()
+    with contextlib.ExitStack() as stack:
+        vms = [stack.enter_context(_managed(VM(VMSpec(n, memory_mb=args.memory), img, run_id=run)))
+               for n in ("a", "b")]
+        start_all(vms)
+        print(vms[0].accel.line())
+        for vm in vms:
+            st = vm.qmp("query-status")
+            kernel = vm.ssh.check("uname -r").strip()
+            print(f"VM {vm.name}: booted to SSH in {vm.boot_seconds:.1f} s, QMP status {st['status']}, "
+                  f"kernel {kernel}")
+        for vm in vms:
+            marker = secrets.token_bytes(4096)
+            vm.ssh.put(marker, "/tmp/satori-marker")  # tmpfs: stays in guest RAM
+            good = [off for off in find_in_ram(vm.ram_path, marker[:64])
+                    if _read_page(vm.ram_path, off) == marker]
+            if not good:
+                raise HarnessError(f"VM {vm.name}: marker page not found in {vm.ram_path}")
+            print(f"VM {vm.name}: a 4 KiB page the guest wrote is at guest-physical 0x{good[0]:x}, "
+                  f"read by the host from {vm.ram_path} (xxh64 {_xxh(marker)})")
+    print("both VMs shut down; their files are removed")
+    return 0
+
+
+@contextlib.contextmanager
+def _managed(vm):
+    """Shut a VM down when the block ends, however it ends."""
+    try:
+        yield vm
+    finally:
+        vm.shutdown()
+
+
+def _read_page(path: Path, off: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(4096)
+
+
+def _xxh(data: bytes) -> str:
+    import xxhash
+
+    return xxhash.xxh64(data).hexdigest()
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="satori", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    img = sub.add_parser("image", help="guest image").add_subparsers(dest="sub", required=True)
+    b = img.add_parser("build", help="build (or reuse) the guest image")
+    b.add_argument("--recipe", help="recipe YAML (default: images/bookworm.yaml)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.set_defaults(func=cmd_image_build)
+
+    vm = sub.add_parser("vm", help="VMs by hand").add_subparsers(dest="sub", required=True)
+    up = vm.add_parser("up", help="boot a VM in the background")
+    up.add_argument("name")
+    up.add_argument("--memory", type=int, default=512, help="MiB (default 512)")
+    up.add_argument("--vcpus", type=int, default=1)
+    up.add_argument("--hints", dest="hints", action="store_true", default=None, help="hint ring on (default when the image has it)")
+    up.add_argument("--no-hints", dest="hints", action="store_false")
+    up.add_argument("--sharing", action="store_true", help="hint ring and merge agent")
+    up.set_defaults(func=cmd_vm_up)
+    ls = vm.add_parser("ls", help="list VMs")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_vm_ls)
+    ssh = vm.add_parser("ssh", help="shell or command in a VM")
+    ssh.add_argument("name")
+    ssh.add_argument("command", nargs=argparse.REMAINDER)
+    ssh.set_defaults(func=cmd_vm_ssh)
+    qmp = vm.add_parser("qmp", help="one QMP command, reply as JSON")
+    qmp.add_argument("name")
+    qmp.add_argument("qmp_command")
+    qmp.add_argument("arguments", nargs="?")
+    qmp.set_defaults(func=cmd_vm_qmp)
+    down = vm.add_parser("down", help="stop VMs and remove their files")
+    down.add_argument("names", nargs="*")
+    down.add_argument("--all", action="store_true")
+    down.set_defaults(func=cmd_vm_down)
+
+    demo = sub.add_parser("demo", help="build the image, boot two VMs, read a guest page from the host")
+    demo.add_argument("--memory", type=int, default=512)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _sigterm_to_interrupt()
+    t0 = time.monotonic()
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as e:
+        _err(e.message)
+        if e.context:
+            print(e.context, file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
+    except KeyboardInterrupt:
+        _err(f"interrupted after {time.monotonic() - t0:.0f} s; everything started was stopped and removed")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
