@@ -64,6 +64,7 @@
  * Build: cc -O2 -Wall -Werror -fPIC -shared -pthread -o satori_agent.so agent.c
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -254,6 +255,35 @@ static int same_path(const char *a, const char *b, const char *b_real)
     return strcmp(a, b) == 0 || (b_real && strcmp(a, b_real) == 0);
 }
 
+/* An fd QEMU holds on the file with inode ino, opened read-write: duplicated, or -1. */
+static int dup_qemu_ram_fd(unsigned long ino)
+{
+    /* opendir(3) /proc/self/fd: QEMU keeps the memory-backend-file fd open */
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return -1;
+    int found = -1;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        char *end;
+        long n = strtol(de->d_name, &end, 10);
+        if (*end || end == de->d_name || n == dirfd(d))
+            continue;
+        struct stat sb;
+        /* fstat(2) + fcntl(2) F_GETFL: same inode, and writable (fallocate, MAP_SHARED RW) */
+        if (fstat((int)n, &sb) < 0 || !S_ISREG(sb.st_mode) || (unsigned long)sb.st_ino != ino)
+            continue;
+        int fl = fcntl((int)n, F_GETFL);
+        if (fl < 0 || (fl & O_ACCMODE) != O_RDWR)
+            continue;
+        /* fcntl(2) F_DUPFD_CLOEXEC: our own fd on the same open file description */
+        found = fcntl((int)n, F_DUPFD_CLOEXEC, 0);
+        break;
+    }
+    closedir(d);
+    return found;
+}
+
 /* Find the guest RAM mapping in /proc/self/smaps. Returns 0, or an errno with *why set. */
 static int find_ram(const char **why)
 {
@@ -313,9 +343,14 @@ static int find_ram(const char **why)
                "mem-path differs)";
         return ENOENT;
     }
-    /* open(2): the RAM backend file, O_RDWR for fallocate(PUNCH_HOLE) and the MAP_SHARED
-     * remap on unmerge; O_CLOEXEC so QEMU's helpers do not inherit it */
-    int fd = open(real ? real : g_mem_path, O_RDWR | O_CLOEXEC);
+    /* Prefer a dup of QEMU's own fd of the RAM file: the kernel merges adjacent VMAs only if
+     * they map the same struct file, so an unmerge maps it back with the very same file and
+     * QEMU's RAM VMA heals into one again (own open(): one VMA more per unmerged range). */
+    int fd = dup_qemu_ram_fd(found_ino);
+    if (fd < 0)
+        /* open(2): the RAM backend file, O_RDWR for fallocate(PUNCH_HOLE) and the MAP_SHARED
+         * remap on unmerge; O_CLOEXEC so QEMU's helpers do not inherit it */
+        fd = open(real ? real : g_mem_path, O_RDWR | O_CLOEXEC);
     free(real);
     if (fd < 0) {
         *why = "cannot open the guest RAM file";

@@ -311,7 +311,8 @@ class AgentClient:
         for start in range(0, max(len(arr), 1), MAX_PAIRS_PER_REQUEST):
             chunk = arr[start : start + MAX_PAIRS_PER_REQUEST]
             t = timeout if timeout is not None else self.timeout + len(chunk) * 50e-6
-            body = self.call(Op.MERGE, memoryview(chunk).cast("B"), timeout=t)
+            payload = memoryview(chunk).cast("B") if len(chunk) else b""
+            body = self.call(Op.MERGE, payload, timeout=t)
             total = total + MergeResult(*struct.unpack("<6Q", body))
         return total
 
