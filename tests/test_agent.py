@@ -127,14 +127,21 @@ class Store:
 class VM:
     """One paused QEMU with the agent preloaded; the host's view of its RAM file."""
 
-    def __init__(self, name: str, shm: Path, rundir: Path) -> None:
+    def __init__(self, name: str, shm: Path, rundir: Path, anon: bool = False) -> None:
+        self.anon = anon
         self.mem_path = shm / f"satori-test-{name}"
         self.sock = rundir / f"{name}.sock"
-        env = {**os.environ, **agent_env(self.sock, self.mem_path)}
+        if anon:  # satori+ksm mode: anonymous RAM, no file
+            env = {**os.environ, **agent_env(self.sock, ram_size=RAM_MB << 20)}
+            backend = f"memory-backend-ram,id=ram0,size={RAM_MB}M,merge=on"
+        else:
+            env = {**os.environ, **agent_env(self.sock, self.mem_path)}
+            backend = (
+                f"memory-backend-file,id=ram0,share=on,mem-path={self.mem_path},size={RAM_MB}M"
+            )
         cmd = [
             QEMU, "-machine", "pc,accel=tcg", "-m", str(RAM_MB),
-            "-object",
-            f"memory-backend-file,id=ram0,share=on,mem-path={self.mem_path},size={RAM_MB}M",
+            "-object", backend,
             "-machine", "memory-backend=ram0",
             "-nographic", "-S", "-nodefaults", "-display", "none",
         ]  # fmt: skip
@@ -156,15 +163,20 @@ class VM:
             time.sleep(0.05)
         self.base = int(st["ram_base"])
         assert st["ram_size"] == RAM_MB << 20
-        self.ram_fd = os.open(self.mem_path, os.O_RDWR)
-        self.ram = mmap.mmap(self.ram_fd, RAM_MB << 20)
+        assert st["ram_kind"] == ("anon" if anon else "file")
+        if not anon:
+            self.ram_fd = os.open(self.mem_path, os.O_RDWR)
+            self.ram = mmap.mmap(self.ram_fd, RAM_MB << 20)
 
     def hva(self, goff: int) -> int:
         return self.base + goff
 
     def write_pages(self, goff: int, pages: list[bytes]) -> None:
         data = b"".join(pages)
-        self.ram[goff : goff + len(data)] = data
+        if self.anon:
+            write_mem(self.pid, self.hva(goff), data)
+        else:
+            self.ram[goff : goff + len(data)] = data
 
     def guest_read(self, goff: int, n: int = PAGE) -> bytes:
         """What the guest sees (QEMU's own mapping), read through /proc/<pid>/mem."""
@@ -172,8 +184,9 @@ class VM:
 
     def stop(self) -> None:
         self.client.close()
-        self.ram.close()
-        os.close(self.ram_fd)
+        if not self.anon:
+            self.ram.close()
+            os.close(self.ram_fd)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -193,8 +206,8 @@ def world(tmp_path):
     stores: list[Store] = []
 
     class World:
-        def vm(self) -> VM:
-            v = VM(f"{run}-{len(vms)}", shm, tmp_path)
+        def vm(self, anon: bool = False) -> VM:
+            v = VM(f"{run}-{len(vms)}", shm, tmp_path, anon)
             vms.append(v)
             return v
 
@@ -266,6 +279,10 @@ def test_agent_env():
     assert env["LD_PRELOAD"].split(":")[0] == str(ensure_agent())
     assert env["SATORI_AGENT_SOCKET"] == "/tmp/x.sock"
     assert env["SATORI_AGENT_MEMPATH"] == "/dev/shm/ram"
+    anon = agent_env("/tmp/x.sock", ram_size=1 << 30)
+    assert anon["SATORI_AGENT_RAMSIZE"] == str(1 << 30) and "SATORI_AGENT_MEMPATH" not in anon
+    with pytest.raises(AgentError):
+        agent_env("/tmp/x.sock")
 
 
 def test_inert_without_socket_and_no_ram_outside_qemu(tmp_path):
@@ -570,3 +587,39 @@ def test_enomem_from_tiny_max_map_count_is_not_merged(world):
         assert vm.guest_read(g) == p and is_hole(vm.ram_fd, g)
     assert vm.client.unmerge(64 << 20, 2 * n).restored == n
     assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1
+
+
+@pytest.mark.integration
+@needs_qemu
+def test_anonymous_ram_backend_satori_ksm_mode(world):
+    """memory-backend-ram,merge=on: the agent finds the anonymous RAM by size; merging frees
+    the guest's anonymous pages (no file to punch); unmerge maps anonymous memory back."""
+    vm = world.vm(anon=True)
+    store = world.store()
+    n = 32
+    pages = [page_of(i, salt=5) for i in range(n)]
+    goff = 8 << 20
+    vm.write_pages(goff, pages)
+    for i in range(n):
+        e = pagemap(vm.pid, vm.hva(goff + i * PAGE))
+        assert e >> 63 and not (e >> 61) & 1, "present, anonymous"
+    soff = store.append(pages)
+    vm.client.open_store(store.path)
+    maps_before = map_count(vm.pid)
+    res = vm.client.merge([(goff + i * PAGE, soff + i * PAGE) for i in range(n)])
+    assert (res.merged, res.mismatched, res.failed, res.mmap_calls) == (n, 0, 0, 1)
+    for i in range(n):  # the anonymous pages are gone: not present until read
+        assert not pagemap(vm.pid, vm.hva(goff + i * PAGE)) >> 63
+    assert vm.guest_read(goff, n * PAGE) == b"".join(pages)
+    for i in range(n):
+        assert (pagemap(vm.pid, vm.hva(goff + i * PAGE)) >> 61) & 1, "store page cache"
+    new = page_of(77)
+    write_mem(vm.pid, vm.hva(goff), new)  # copy-on-write
+    assert vm.guest_read(goff) == new and store.read(soff) == pages[0]
+    assert vm_ranges(vm, True) == [(goff + PAGE, soff + PAGE, n - 1)]
+    assert vm.client.unmerge(goff, n).restored == n
+    assert vm.guest_read(goff, n * PAGE) == new + b"".join(pages[1:])
+    assert not [ln for ln in maps_lines(vm.pid, str(store.path)) if " rw-p " in ln]
+    assert map_count(vm.pid) == maps_before, "the anonymous RAM VMA did not heal"
+    st = vm.client.stats()
+    assert st["merged_pages"] == 0 and st["punch_errors"] == 0 and st["madvise_errors"] == 0

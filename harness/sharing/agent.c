@@ -9,10 +9,16 @@
  *   SATORI_AGENT_SOCKET   path of the UNIX stream socket to serve (required; unset = agent off)
  *   SATORI_AGENT_MEMPATH  mem-path= of the guest RAM backend
  *                         (-object memory-backend-file,share=on,mem-path=...)
+ *   SATORI_AGENT_RAMSIZE  instead of MEMPATH, for an anonymous RAM backend
+ *                         (-object memory-backend-ram,merge=on: the satori+ksm mode): its size
+ *                         in bytes. The mapping is the one private anonymous rw VMA of exactly
+ *                         that size that QEMU marked MADV_DONTFORK (and MADV_MERGEABLE).
  * The guest RAM mapping is looked up lazily in /proc/self/smaps by that path (QEMU maps it
  * after the constructor ran) at the first request that needs it; once found it is cached.
  * "Guest offset" everywhere below means the byte offset in the RAM backend file (= RAM block
- * offset; equals the guest-physical address below the PCI hole).
+ * offset; equals the guest-physical address below the PCI hole), or in the anonymous mapping.
+ * With an anonymous backend there is no file to punch: mapping the store over the guest's
+ * anonymous pages frees them, and an unmerge maps fresh anonymous memory back.
  *
  * Threading: the constructor binds the socket and starts ONE thread (all signals blocked) that
  * serves every client with poll(); requests are handled one at a time, to completion.
@@ -120,7 +126,9 @@ static int g_ram_fd = -1;           /* the RAM backend file, O_RDWR, for falloca
 static uint8_t *g_ram_base;         /* hva of guest offset 0 */
 static uint64_t g_ram_size;         /* bytes */
 static uint64_t *g_track;           /* per guest page: 0, or (store_off | 1) if mapped from store */
-static int g_ram_dontfork, g_ram_hugepage, g_ram_dontdump;  /* QEMU's madvise flags on RAM */
+static uint64_t g_anon_size;        /* SATORI_AGENT_RAMSIZE: anonymous RAM of this size */
+/* QEMU's madvise flags on its RAM mapping, re-applied where we map over it */
+static int g_ram_dontfork, g_ram_hugepage, g_ram_dontdump, g_ram_mergeable;
 
 static int g_store_fd = -1;
 static char *g_store_path;
@@ -285,13 +293,95 @@ static int dup_qemu_ram_fd(unsigned long ino)
     return found;
 }
 
+static void parse_vmflags(const char *line)
+{
+    g_ram_dontfork = strstr(line, " dc") != NULL;
+    g_ram_hugepage = strstr(line, " hg") != NULL;
+    g_ram_dontdump = strstr(line, " dd") != NULL;
+    g_ram_mergeable = strstr(line, " mg") != NULL;
+}
+
+static int set_ram(uint64_t start, uint64_t size, int fd, const char **why)
+{
+    uint64_t *track = calloc(size / PG ? size / PG : 1, sizeof *track);
+    if (!track) {
+        *why = "out of memory for the merge table";
+        return ENOMEM;
+    }
+    g_ram_fd = fd;
+    g_ram_size = size;
+    g_track = track;
+    g_ram_base = (uint8_t *)(uintptr_t)start;
+    return 0;
+}
+
+/* Anonymous RAM (memory-backend-ram): the private anonymous rw VMA of exactly g_anon_size
+ * bytes with QEMU's MADV_DONTFORK; if several, the one also MADV_MERGEABLE. */
+static int find_ram_anon(const char **why)
+{
+    /* fopen(3) of /proc/self/smaps: mapping list with VmFlags (QEMU's madvise flags) */
+    FILE *f = fopen("/proc/self/smaps", "re");
+    if (!f) {
+        *why = "cannot read /proc/self/smaps";
+        return errno ? errno : EIO;
+    }
+    char *line = NULL, flags[8][256];
+    size_t cap = 0;
+    uint64_t starts[8], cur = 0;
+    int n = 0, in_cand = 0;
+    while (getline(&line, &cap, f) > 0) {
+        unsigned long s, e, off, maj, min, inode;
+        char perms[8];
+        int pos = 0;
+        if (sscanf(line, "%lx-%lx %7s %lx %lx:%lx %lu %n", &s, &e, perms, &off, &maj, &min,
+                   &inode, &pos) == 7) {
+            char *path = line + pos;
+            path[strcspn(path, "\n")] = 0;
+            in_cand = !*path && inode == 0 && strcmp(perms, "rw-p") == 0 &&
+                      (uint64_t)(e - s) == g_anon_size;
+            cur = s;
+            continue;
+        }
+        if (in_cand && strncmp(line, "VmFlags:", 8) == 0) {
+            in_cand = 0;
+            if (strstr(line, " dc") && n < 8) {
+                starts[n] = cur;
+                snprintf(flags[n], sizeof flags[n], "%s", line);
+                n++;
+            }
+        }
+    }
+    free(line);
+    fclose(f);
+    int pick = -1, nmg = 0;
+    for (int i = 0; i < n; i++)
+        if (strstr(flags[i], " mg")) {
+            nmg++;
+            pick = i;
+        }
+    if (n == 1)
+        pick = 0;
+    else if (nmg != 1)
+        pick = -1;
+    if (pick < 0) {
+        *why = n ? "several anonymous mappings of the RAM size: cannot tell which is guest RAM"
+                 : "no anonymous guest RAM mapping of SATORI_AGENT_RAMSIZE bytes in "
+                   "/proc/self/smaps (QEMU not started yet, or the size differs)";
+        return n ? EEXIST : ENOENT;
+    }
+    parse_vmflags(flags[pick]);
+    return set_ram(starts[pick], g_anon_size & ~(PG - 1), -1, why);
+}
+
 /* Find the guest RAM mapping in /proc/self/smaps. Returns 0, or an errno with *why set. */
 static int find_ram(const char **why)
 {
     if (g_ram_base)
         return 0;
+    if (!g_mem_path && g_anon_size)
+        return find_ram_anon(why);
     if (!g_mem_path) {
-        *why = "SATORI_AGENT_MEMPATH was not set when QEMU started";
+        *why = "neither SATORI_AGENT_MEMPATH nor SATORI_AGENT_RAMSIZE was set when QEMU started";
         return ENODEV;
     }
     char *real = realpath(g_mem_path, NULL);
@@ -330,9 +420,7 @@ static int find_ram(const char **why)
             continue;
         }
         if (in_ram && !flags_done && strncmp(line, "VmFlags:", 8) == 0) {
-            g_ram_dontfork = strstr(line, " dc") != NULL;
-            g_ram_hugepage = strstr(line, " hg") != NULL;
-            g_ram_dontdump = strstr(line, " dd") != NULL;
+            parse_vmflags(line);
             flags_done = 1;
         }
     }
@@ -367,18 +455,10 @@ static int find_ram(const char **why)
     uint64_t size = ext_end - start;
     if ((uint64_t)sb.st_size < size)
         size = (uint64_t)sb.st_size;
-    size &= ~(PG - 1);
-    uint64_t *track = calloc(size / PG ? size / PG : 1, sizeof *track);
-    if (!track) {
+    int e = set_ram(start, size & ~(PG - 1), fd, why);
+    if (e)
         close(fd);
-        *why = "out of memory for the merge table";
-        return ENOMEM;
-    }
-    g_ram_fd = fd;
-    g_ram_size = size;
-    g_track = track;
-    g_ram_base = (uint8_t *)(uintptr_t)start;
-    return 0;
+    return e;
 }
 
 /* -------------------------------- content store -------------------------------- */
@@ -506,6 +586,21 @@ static void apply_madvise(uint8_t *hva, uint64_t len, int shared_ram)
      * one anonymous huge page and silently un-share all its pages. */
     if (shared_ram && g_ram_hugepage && madvise(hva, len, MADV_HUGEPAGE) < 0)
         st.madvise_errors++;
+    /* madvise(2) MADV_MERGEABLE: an anonymous RAM backend with merge=on stays KSM-scanned */
+    if (shared_ram && g_ram_mergeable && madvise(hva, len, MADV_MERGEABLE) < 0)
+        st.madvise_errors++;
+}
+
+/* Map guest RAM back over [hva, hva+len) as QEMU had it: the RAM file (MAP_SHARED) at its
+ * offset, or fresh anonymous memory for an anonymous backend. */
+static void *map_ram_back(uint8_t *hva, uint64_t len, uint64_t goff)
+{
+    if (g_ram_fd < 0)
+        /* mmap(2) MAP_PRIVATE|MAP_ANONYMOUS|MAP_FIXED: zero-filled anonymous guest memory */
+        return mmap(hva, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+                    -1, 0);
+    /* mmap(2) MAP_SHARED|MAP_FIXED of the RAM file at the guest offset */
+    return mmap(hva, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g_ram_fd, (off_t)goff);
 }
 
 /* After a failed MAP_FIXED: make sure the old mapping is still there (Linux >= 6.12 keeps it;
@@ -516,8 +611,9 @@ static void ensure_mapped(uint8_t *hva, uint64_t len, uint64_t goff)
     /* msync(2) MS_ASYNC: a cheap probe, fails with ENOMEM if part of the range is unmapped */
     if (msync(hva, len, MS_ASYNC) == 0 || errno != ENOMEM)
         return;
-    /* mmap(2): map the RAM file back over the hole, as QEMU had it */
-    void *p = mmap(hva, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g_ram_fd, (off_t)goff);
+    /* map the RAM file back over the hole, as QEMU had it (anonymous RAM: its bytes are lost,
+     * but QEMU does not crash on an unmapped hole) */
+    void *p = map_ram_back(hva, len, goff);
     if (p != MAP_FAILED) {
         apply_madvise(hva, len, 1);
         st.repaired++;
@@ -554,7 +650,8 @@ static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_
     uint64_t t2 = now_ns();
     /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the guest's own copy in the RAM file (tmpfs);
      * nothing maps those file pages any more, the file keeps its size */
-    if (fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)goff, (off_t)len) < 0)
+    if (g_ram_fd >= 0 &&
+        fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)goff, (off_t)len) < 0)
         st.punch_errors++;
     uint64_t t3 = now_ns();
     st.mmap_ns += t1 - t0;
@@ -681,18 +778,17 @@ static int do_unmerge(int fd, const uint8_t *p, uint32_t len)
         uint8_t *hva = g_ram_base + i * PG;
         uint64_t l = (j - i) * PG;
         memcpy(buf, hva, l); /* the guest's current bytes (store page or its private copy) */
-        /* mmap(2) MAP_SHARED|MAP_FIXED: the RAM file back where QEMU had it (the punched hole
-         * reads as zeros until the bytes are written back below) */
-        void *m = mmap(hva, l, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, g_ram_fd,
-                       (off_t)(i * PG));
+        /* the RAM file back where QEMU had it (the punched hole reads as zeros until the bytes
+         * are written back below), or fresh anonymous memory */
+        void *m = map_ram_back(hva, l, i * PG);
         if (m == MAP_FAILED) {
             failed += j - i;
             st.last_errno = (uint64_t)errno;
             i = j;
             continue;
         }
-        memcpy(hva, buf, l); /* allocates the RAM file pages again */
-        apply_madvise(hva, l, 1);
+        apply_madvise(hva, l, 1); /* first: an untouched anonymous VMA can still merge back */
+        memcpy(hva, buf, l);      /* allocates the RAM pages again */
         for (uint64_t k = i; k < j; k++)
             g_track[k] = 0;
         restored += j - i;
@@ -797,7 +893,8 @@ static int do_stats(int fd, uint16_t op)
 {
     struct tbuf b = {0};
     tb_printf(&b, "version=%d\npid=%d\n", AGENT_VERSION, (int)getpid());
-    tb_printf(&b, "mem_path=%s\n", g_mem_path ? g_mem_path : "");
+    tb_printf(&b, "mem_path=%s\nram_kind=%s\n", g_mem_path ? g_mem_path : "",
+              g_mem_path ? "file" : (g_anon_size ? "anon" : "none"));
     if (op == OP_STATS) {
         const char *why = "";
         find_ram(&why); /* best effort: stats work before QEMU mapped RAM */
@@ -977,8 +1074,12 @@ __attribute__((constructor)) static void satori_agent_init(void)
     const char *mem = getenv("SATORI_AGENT_MEMPATH");
     g_sock_path = strdup(sock);
     g_mem_path = mem && *mem ? strdup(mem) : NULL;
+    const char *anon = getenv("SATORI_AGENT_RAMSIZE");
+    if (anon && *anon)
+        g_anon_size = strtoull(anon, NULL, 0);
     unsetenv("SATORI_AGENT_SOCKET");
     unsetenv("SATORI_AGENT_MEMPATH");
+    unsetenv("SATORI_AGENT_RAMSIZE");
     scrub_ld_preload();
     if (!g_sock_path)
         return;

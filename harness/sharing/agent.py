@@ -112,20 +112,32 @@ def ensure_agent() -> Path:
     return out
 
 
-def agent_env(socket_path: str | os.PathLike, mem_path: str | os.PathLike) -> dict[str, str]:
+def agent_env(
+    socket_path: str | os.PathLike,
+    mem_path: str | os.PathLike | None = None,
+    *,
+    ram_size: int | None = None,
+) -> dict[str, str]:
     """Environment entries for a QEMU process that should run the agent.
 
-    Merge them into the full environment (``{**os.environ, **agent_env(...)}``). An
-    ``LD_PRELOAD`` already in ``os.environ`` is kept after the agent.
+    Give ``mem_path`` (the ``mem-path=`` of a ``memory-backend-file,share=on``) or, for an
+    anonymous ``memory-backend-ram`` (satori+ksm mode), ``ram_size`` in bytes. Merge the result
+    into the full environment (``{**os.environ, **agent_env(...)}``); an ``LD_PRELOAD`` already
+    in ``os.environ`` is kept after the agent.
     """
+    if (mem_path is None) == (ram_size is None):
+        raise AgentError("agent_env needs exactly one of mem_path and ram_size")
     lib = str(ensure_agent())
     prev = os.environ.get("LD_PRELOAD", "")
-    preload = lib if not prev else f"{lib}:{prev}"
-    return {
-        "LD_PRELOAD": preload,
+    env = {
+        "LD_PRELOAD": lib if not prev else f"{lib}:{prev}",
         "SATORI_AGENT_SOCKET": str(socket_path),
-        "SATORI_AGENT_MEMPATH": str(mem_path),
     }
+    if mem_path is not None:
+        env["SATORI_AGENT_MEMPATH"] = str(mem_path)
+    else:
+        env["SATORI_AGENT_RAMSIZE"] = str(int(ram_size))
+    return env
 
 
 # ----------------------------------------------------------------------------------- client
