@@ -285,6 +285,18 @@ def test_agent_env():
         agent_env("/tmp/x.sock")
 
 
+def test_agent_scrubs_its_env_for_child_processes(tmp_path):
+    """Programs QEMU starts (helpers, scripts) must not load the agent or see its socket."""
+    sock = tmp_path / "s.sock"
+    env = {**os.environ, **agent_env(sock, "/dev/shm/x")}
+    env["LD_PRELOAD"] = f"/nonexistent-other.so:{env['LD_PRELOAD']}"
+    script = 'echo "$LD_PRELOAD|$SATORI_AGENT_SOCKET|$SATORI_AGENT_MEMPATH"; test -S "$1"'
+    r = subprocess.run(["sh", "-c", script, "sh", str(sock)], env=env, capture_output=True)
+    assert r.stdout.decode().strip() == "/nonexistent-other.so||"
+    assert r.returncode == 0, "the socket existed while sh ran"
+    sock.unlink(missing_ok=True)  # dash leaves by _exit(): no destructor ran
+
+
 def test_inert_without_socket_and_no_ram_outside_qemu(tmp_path):
     """Preloaded without SATORI_AGENT_SOCKET the library does nothing; in a process without the
     RAM mapping, merge requests fail cleanly and the agent keeps serving."""
