@@ -1,0 +1,505 @@
+"""Accounting: the host frames guest memory really uses, and the sharing figures of METRICS.md.
+
+``measure(vms, store=None, merged=None)`` takes one sample of a sharing domain:
+
+- **G**: for each VM, every guest page whose host mapping is present in
+  ``/proc/<qemu pid>/pagemap`` (bit 63; PFN in bits 0-54, which the kernel shows to root only),
+  plus the *store-backed* pages: pages of the merge agent's ``merged_ranges()`` that are not
+  present (the guest has not touched them since the merge, so the kernel has no PTE yet) but
+  hold guest data: their frame and content are the content store's page.
+- **F**: distinct physical frames behind G, plus the store's resident pages that no guest page
+  of G maps (store overhead counts against sharing).
+- **C**: distinct contents among G (``xxh3_128`` of each 4 KiB; all-zero pages are one content).
+- **R = G - F**, **M = G - C**, **E = R / M**. When ``M == 0`` there is nothing to share and E is
+  ``None`` (reports print "n/a"), never a made-up 0 or 1.
+- the same figures over non-zero pages (``*_nonzero``) and over pages whose content equals a
+  4 KiB-aligned data block of a VM's base disk image (``*_disk``, all-zero block excluded:
+  :func:`harness.oracle.disk_block_set`). A frame holds one content, so every restriction keeps
+  the frames of the pages it keeps, and the store-only pages of its contents.
+
+How memory is read, so that measuring never allocates guest memory:
+
+- guest page contents: ``pread`` of ``/proc/<pid>/mem`` at ``hva + offset`` for present pages
+  only, consecutive pages in one read. (A page that stops being present between the pagemap
+  read and the content read is faulted in by that read: a narrow race with a running guest;
+  pass ``pause=True`` to hold the vCPUs with QMP ``stop``/``cont`` around the sample.)
+- the content store (a ``/dev/shm`` file): mapped ``MAP_SHARED, PROT_READ`` in the harness;
+  ``mincore`` tells which pages exist; only those are touched (a read fault on an existing page
+  cache page allocates nothing) and their frames read from the harness's own pagemap; their
+  contents are read with ``pread`` of the store file. Holes of the store are never touched.
+- the host virtual address of guest RAM comes from QMP (HMP ``gpa2hva 0``), once per process.
+  Guest RAM is one RAM block from guest-physical 0 (``VMSpec`` keeps guests below the PCI hole).
+
+The arithmetic (:func:`figures`, :func:`guest_page_set`, :func:`expand_ranges`,
+:func:`decode_pagemap`) is pure numpy on arrays, unit tested without QEMU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness import oracle
+from harness.errors import HarnessError
+
+PAGE = 4096
+PM_PRESENT = np.uint64(1 << 63)
+PM_SWAPPED = np.uint64(1 << 62)
+PM_PFN_MASK = np.uint64((1 << 55) - 1)
+
+_HVA_RE = re.compile(r"is\s+(0x[0-9a-fA-F]+)")
+
+
+# ============================================================================ pure arithmetic
+
+
+def decode_pagemap(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw 64-bit pagemap entries -> (present mask, PFNs; PFN 0 where not present)."""
+    entries = np.asarray(entries, dtype=np.uint64)
+    present = (entries & PM_PRESENT) != 0
+    pfn = np.where(present, entries & PM_PFN_MASK, np.uint64(0))
+    return present, pfn
+
+
+def expand_ranges(ranges: np.ndarray | None, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge agent ranges ``(m, 3)`` of (guest byte offset, store byte offset, pages) ->
+    (guest page index, store page index) per page, clipped to ``npages`` guest pages."""
+    if ranges is None or len(ranges) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 3)
+    counts = r[:, 2]
+    total = int(counts.sum())
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    step = np.arange(total, dtype=np.int64) - starts
+    g = np.repeat(r[:, 0] // PAGE, counts) + step
+    s = np.repeat(r[:, 1] // PAGE, counts) + step
+    keep = (g >= 0) & (g < npages)
+    return g[keep], s[keep]
+
+
+def guest_page_set(
+    present: np.ndarray,
+    pfn: np.ndarray,
+    merged_guest: np.ndarray | None = None,
+    merged_store: np.ndarray | None = None,
+    store_resident: np.ndarray | None = None,
+    store_pfn: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pages of one VM that count in G.
+
+    ``present``/``pfn``: per guest page, from the pagemap. ``merged_guest``/``merged_store``:
+    page indices of pages mapped from the store (:func:`expand_ranges`). ``store_resident``/
+    ``store_pfn``: per store page, whether it exists and its frame.
+
+    Returns (present page indices, store-backed page indices, their store page indices, frames
+    of all G pages: present ones first, then store-backed ones). A merged page that is not
+    present counts only if its store page exists.
+    """
+    present = np.asarray(present, dtype=bool)
+    pres_idx = np.flatnonzero(present)
+    frames = np.asarray(pfn, dtype=np.uint64)[pres_idx]
+    if merged_guest is None or len(merged_guest) == 0:
+        e = np.zeros(0, np.int64)
+        return pres_idx, e, e, frames
+    mg = np.asarray(merged_guest, dtype=np.int64)
+    ms = np.asarray(merged_store, dtype=np.int64)
+    sel = ~present[mg]
+    if store_resident is not None:
+        ok = ms < len(store_resident)
+        ok[ok] = np.asarray(store_resident, dtype=bool)[ms[ok]]
+        sel &= ok
+    sb_g, sb_s = mg[sel], ms[sel]
+    sb_frames = (
+        np.asarray(store_pfn, dtype=np.uint64)[sb_s] if store_pfn is not None else np.zeros(len(sb_s), np.uint64)
+    )
+    return pres_idx, sb_g, sb_s, np.concatenate([frames, sb_frames])
+
+
+@dataclasses.dataclass(frozen=True)
+class Figures:
+    """G, F, C and the ratios for one set of pages (see the module docstring)."""
+
+    G: int
+    F: int
+    C: int
+
+    @property
+    def R(self) -> int:
+        return self.G - self.F
+
+    @property
+    def M(self) -> int:
+        return self.G - self.C
+
+    @property
+    def E(self) -> float | None:
+        return self.R / self.M if self.M > 0 else None
+
+
+def _figures(
+    frames: np.ndarray, hashes: np.ndarray, store_only_frames: np.ndarray
+) -> Figures:
+    g = len(frames)
+    f = len(np.unique(frames)) + len(np.unique(store_only_frames))
+    return Figures(G=g, F=f, C=oracle.distinct_count(hashes))
+
+
+def figures(
+    frames: np.ndarray,
+    hashes: np.ndarray,
+    store_frames: np.ndarray | None = None,
+    store_hashes: np.ndarray | None = None,
+    disk_set: np.ndarray | None = None,
+) -> dict[str, Figures | None]:
+    """The sharing figures of a domain.
+
+    ``frames`` (n,) and ``hashes`` (n, 2): one row per page of G (all VMs together).
+    ``store_frames``/``store_hashes``: the store's resident pages (frames that G maps too are
+    not counted twice). ``disk_set``: sorted distinct disk block contents, or None (then the
+    ``disk`` entry is None).
+
+    Returns ``{"all": Figures, "nonzero": Figures, "disk": Figures | None}``.
+    """
+    frames = np.asarray(frames, dtype=np.uint64)
+    hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1, 2)
+    if len(frames) != len(hashes):
+        raise ValueError("frames and hashes differ in length")
+    if store_frames is None:
+        store_frames = np.zeros(0, np.uint64)
+        store_hashes = np.zeros((0, 2), np.uint64)
+    store_frames = np.asarray(store_frames, dtype=np.uint64)
+    store_hashes = np.asarray(store_hashes, dtype=np.uint64).reshape(-1, 2)
+    only = ~np.isin(store_frames, frames)
+    so_frames, so_hashes = store_frames[only], store_hashes[only]
+
+    out: dict[str, Figures | None] = {"all": _figures(frames, hashes, so_frames)}
+    nz = ~oracle.is_zero_hash(hashes)
+    so_nz = ~oracle.is_zero_hash(so_hashes)
+    out["nonzero"] = _figures(frames[nz], hashes[nz], so_frames[so_nz])
+    if disk_set is None:
+        out["disk"] = None
+    else:
+        d = oracle.in_set(hashes, disk_set)
+        so_d = oracle.in_set(so_hashes, disk_set)
+        out["disk"] = _figures(frames[d], hashes[d], so_frames[so_d])
+    return out
+
+
+# ============================================================================ reading the host
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What measuring one VM needs: its QEMU pid, where its RAM is mapped, its base disk."""
+
+    name: str
+    pid: int
+    hva: int
+    ram_size: int
+    disk: Path | None = None  # base disk image (for E_disk)
+    disk_key: str | None = None  # cache key of its block set (image recipe hash)
+
+
+_hva_cache: dict[tuple[int, int], int] = {}
+
+
+def parse_gpa2hva(text: str) -> int:
+    """``Host virtual address for 0x0 (pc.ram) is 0x7f...`` -> the address."""
+    m = _HVA_RE.search(text or "")
+    if not m:
+        raise HarnessError(f"cannot parse the answer of HMP gpa2hva: {text!r}")
+    return int(m.group(1), 16)
+
+
+def ram_hva(vm) -> int:
+    """Host virtual address of guest-physical 0 in the QEMU process of ``vm`` (QMP, cached)."""
+    key = (vm.pid, _start_time(vm.pid))
+    if key not in _hva_cache:
+        text = vm.qmp("human-monitor-command", **{"command-line": "gpa2hva 0"})
+        _hva_cache[key] = parse_gpa2hva(text)
+    return _hva_cache[key]
+
+
+def _start_time(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def target(vm) -> Target:
+    """A :class:`Target` for a running :class:`harness.vm.VM` (or anything with its attributes)."""
+    if isinstance(vm, Target):
+        return vm
+    if not vm.pid:
+        raise HarnessError(f"VM {vm.name} is not running")
+    image = getattr(vm, "image", None)
+    return Target(
+        name=vm.name,
+        pid=vm.pid,
+        hva=ram_hva(vm),
+        ram_size=vm.ram_size,
+        disk=Path(image.rootfs) if image is not None else None,
+        disk_key=image.recipe_hash if image is not None else None,
+    )
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise HarnessError("accounting reads physical frame numbers from pagemap: run as root")
+
+
+def read_pagemap(pid: int | str, addr: int, npages: int) -> np.ndarray:
+    """Raw pagemap entries of ``npages`` pages from virtual address ``addr`` of process ``pid``."""
+    path = f"/proc/{pid}/pagemap"
+    out = np.empty(npages, dtype=np.uint64)
+    view = memoryview(out).cast("B")
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise HarnessError(f"cannot open {path}: {e}") from None
+    try:
+        got = 0
+        while got < len(view):
+            r = os.preadv(fd, [view[got:]], (addr // PAGE) * 8 + got)
+            if r <= 0:
+                raise HarnessError(f"short read of {path} at page {addr // PAGE + got // 8}")
+            got += r
+    except OSError as e:
+        raise HarnessError(f"cannot read {path}: {e}") from None
+    finally:
+        os.close(fd)
+    return out
+
+
+# --- the content store -------------------------------------------------------------------
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_PROT_READ, _MAP_SHARED = 1, 1
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreView:
+    """The content store's resident pages: per store page, whether it exists, frame, content."""
+
+    resident: np.ndarray  # bool per store page
+    pfn: np.ndarray  # uint64 per store page (0 where not resident)
+    hashes: np.ndarray  # (npages, 2) uint64 (0 where not resident)
+
+    @property
+    def npages(self) -> int:
+        return len(self.resident)
+
+
+def read_store(path: str | os.PathLike) -> StoreView:
+    """Frames and contents of the existing pages of the store file, without allocating any."""
+    _require_root()
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        npages = size // PAGE
+        if npages == 0:
+            z = np.zeros(0, np.uint64)
+            return StoreView(np.zeros(0, bool), z, np.zeros((0, 2), np.uint64))
+        length = npages * PAGE
+        addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, 0)
+        if addr in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise HarnessError(f"cannot map the content store {path}: {os.strerror(err)}")
+        try:
+            vec = np.zeros(npages, dtype=np.uint8)
+            if _libc.mincore(addr, length, vec.ctypes.data) != 0:
+                err = ctypes.get_errno()
+                raise HarnessError(f"mincore on the content store {path}: {os.strerror(err)}")
+            resident = (vec & 1).astype(bool)
+            idx = np.flatnonzero(resident)
+            mem = np.ctypeslib.as_array((ctypes.c_uint8 * length).from_address(addr))
+            int(mem[idx * PAGE].sum())  # read fault on existing pages only: maps them
+            present, pfn = decode_pagemap(read_pagemap("self", addr, npages))
+            # a page evicted between mincore and the touch is not present: leave it out
+            resident &= present
+        finally:
+            _libc.munmap(addr, length)
+        hashes = np.zeros((npages, 2), dtype=np.uint64)
+        idx = np.flatnonzero(resident)
+        hashes[idx] = oracle.hash_fd_pages(fd, 0, idx, what=f"content store {path}")
+        return StoreView(resident, np.where(resident, pfn, np.uint64(0)), hashes)
+    finally:
+        os.close(fd)
+
+
+# --- one sample ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class VMPages:
+    """One VM's share of G in a sample."""
+
+    name: str
+    G: int
+    present: int
+    store_backed: int  # merged pages not present: counted through the store
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One sample of a sharing domain: the figures of METRICS.md (E is None when M == 0)."""
+
+    t: float  # time.monotonic() when the sample started
+    seconds: float  # how long taking it took
+    G: int
+    F: int
+    C: int
+    R: int
+    M: int
+    E: float | None
+    G_nonzero: int
+    F_nonzero: int
+    C_nonzero: int
+    R_nonzero: int
+    M_nonzero: int
+    E_nonzero: float | None
+    G_disk: int | None
+    F_disk: int | None
+    C_disk: int | None
+    R_disk: int | None
+    M_disk: int | None
+    E_disk: float | None
+    zero_pages: int  # all-zero pages in G
+    store_pages: int  # resident pages of the content store
+    store_only_pages: int  # of which no page of G maps
+    vms: tuple[VMPages, ...]
+
+    def per_vm(self) -> dict[str, int]:
+        return {v.name: v.G for v in self.vms}
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["vms"] = {v.name: dataclasses.asdict(v) for v in self.vms}
+        return d
+
+
+_disk_sets: dict[tuple[str, str | None], np.ndarray] = {}
+
+
+def domain_disk_set(targets: Iterable[Target]) -> np.ndarray | None:
+    """Union of the disk block sets of the targets' base images (None if none has one)."""
+    sets = []
+    for t in targets:
+        if t.disk is None:
+            continue
+        key = (str(t.disk), t.disk_key)
+        if key not in _disk_sets:
+            _disk_sets[key] = oracle.disk_block_set(t.disk, t.disk_key)
+        sets.append(_disk_sets[key])
+    if not sets:
+        return None
+    if len(sets) == 1 or all(s is sets[0] for s in sets):
+        return sets[0]
+    return oracle.unique_hashes(np.concatenate(sets))
+
+
+def measure(
+    vms: Iterable[Any],
+    store: str | os.PathLike | None = None,
+    merged: Mapping[str, np.ndarray] | None = None,
+    *,
+    disk_set: np.ndarray | None | bool = True,
+    pause: bool = False,
+) -> Sample:
+    """Take one sample of the sharing domain made of ``vms``.
+
+    ``vms``: running :class:`harness.vm.VM` objects (or :class:`Target`). ``store``: the content
+    store file of the domain, if any. ``merged``: per VM name, the merge agent's
+    ``merged_ranges()`` (``(m, 3)``: guest byte offset, store byte offset, pages). ``disk_set``:
+    True (default) derives it from the VMs' images, an array uses that set, None skips E_disk.
+    ``pause``: hold the VMs' vCPUs (QMP stop/cont) while sampling (VM objects only).
+    """
+    _require_root()
+    vms = list(vms)
+    if merged and store is None:
+        raise HarnessError("merged ranges given without the content store they map")
+    targets = [target(v) for v in vms]
+    dset = domain_disk_set(targets) if disk_set is True else (disk_set if disk_set is not False else None)
+    paused = []
+    t0 = time.monotonic()
+    try:
+        if pause:
+            for v in vms:
+                if not isinstance(v, Target):
+                    v.qmp("stop")
+                    paused.append(v)
+        sv = read_store(store) if store is not None else None
+        frames_parts, hash_parts, per_vm = [], [], []
+        for t in targets:
+            npages = t.ram_size // PAGE
+            present, pfn = decode_pagemap(read_pagemap(t.pid, t.hva, npages))
+            mg, ms = expand_ranges((merged or {}).get(t.name), npages)
+            pres_idx, sb_g, sb_s, frames = guest_page_set(
+                present, pfn, mg, ms,
+                sv.resident if sv is not None else None, sv.pfn if sv is not None else None,
+            )
+            try:
+                fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
+            except OSError as e:
+                raise HarnessError(f"VM {t.name}: cannot open /proc/{t.pid}/mem: {e}") from None
+            try:
+                h = oracle.hash_fd_pages(fd, t.hva, pres_idx, what=f"VM {t.name} memory")
+            finally:
+                os.close(fd)
+            if len(sb_s):
+                h = np.concatenate([h, sv.hashes[sb_s]])
+            frames_parts.append(frames)
+            hash_parts.append(h)
+            per_vm.append(VMPages(t.name, len(frames), len(pres_idx), len(sb_g)))
+    finally:
+        for v in paused:
+            v.qmp("cont")
+    frames = np.concatenate(frames_parts) if frames_parts else np.zeros(0, np.uint64)
+    hashes = np.concatenate(hash_parts) if hash_parts else np.zeros((0, 2), np.uint64)
+    if sv is not None:
+        sidx = np.flatnonzero(sv.resident)
+        s_frames, s_hashes = sv.pfn[sidx], sv.hashes[sidx]
+    else:
+        s_frames, s_hashes = np.zeros(0, np.uint64), np.zeros((0, 2), np.uint64)
+    fig = figures(frames, hashes, s_frames, s_hashes, dset)
+    a, nz, dk = fig["all"], fig["nonzero"], fig["disk"]
+    assert a is not None and nz is not None
+    store_only = int(np.count_nonzero(~np.isin(s_frames, frames)))
+    return Sample(
+        t=t0, seconds=time.monotonic() - t0,
+        G=a.G, F=a.F, C=a.C, R=a.R, M=a.M, E=a.E,
+        G_nonzero=nz.G, F_nonzero=nz.F, C_nonzero=nz.C, R_nonzero=nz.R, M_nonzero=nz.M,
+        E_nonzero=nz.E,
+        G_disk=dk.G if dk else None, F_disk=dk.F if dk else None, C_disk=dk.C if dk else None,
+        R_disk=dk.R if dk else None, M_disk=dk.M if dk else None, E_disk=dk.E if dk else None,
+        zero_pages=int(np.count_nonzero(oracle.is_zero_hash(hashes))),
+        store_pages=len(s_frames), store_only_pages=store_only,
+        vms=tuple(per_vm),
+    )
+
+
+def format_sample(s: Sample) -> str:
+    """One line: G F C R M and E, E_nonzero, E_disk."""
+
+    def e(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
+
+    return (
+        f"G={s.G} F={s.F} C={s.C} R={s.R} M={s.M} E={e(s.E)} E_nonzero={e(s.E_nonzero)} "
+        f"E_disk={e(s.E_disk)} (G_disk={s.G_disk} M_disk={s.M_disk}) store={s.store_pages} "
+        f"[{s.seconds * 1000:.0f} ms]"
+    )

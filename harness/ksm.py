@@ -1,0 +1,312 @@
+"""KSM, the kernel's page scanner, as a baseline: set its rate for a run, sample it, restore it.
+
+Use::
+
+    with KSMControl("ksm-fast") as ksm:        # VMs of this run use VMSpec(ram_backend="ram-merge")
+        ...
+        s = ksm.sample()                        # pages_sharing, full_scans, ksmd CPU seconds ...
+
+Modes (METRICS.md): ``ksm`` is the kernel's default rate, 100 pages every 20 ms; ``ksm-fast`` is
+1000 pages every 20 ms; ``satori+ksm`` scans at ``ksm``'s rate. ``none`` and ``satori`` stop
+ksmd (``run=0``: pages it merged earlier stay merged) so that no scanner helps them.
+
+Every sysfs value the control writes is read first and written back on exit, whatever ends the
+block (an exception, Ctrl-C: SIGINT/SIGTERM are held back while the values are restored). The
+saved values are also kept in ``<runtime>/ksm-saved.json`` while the block runs: if the harness
+is killed outright (SIGKILL, power), the next :class:`KSMControl` finds that file, sees its owner
+is gone and restores the values it holds, which are the machine's real ones. Two controls never
+run at once on a machine: a lock file serialises them (``lock_timeout``).
+
+KSM only scans anonymous memory marked mergeable, so VMs of KSM modes need
+``memory-backend-ram,merge=on`` (``VMSpec(ram_backend="ram-merge")``, see :func:`ram_backend`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from harness.errors import HarnessError
+from harness.paths import runtime_dir
+
+KSM_SYSFS = Path("/sys/kernel/mm/ksm")
+
+# mode -> sysfs values written for the run (written in this order; run last)
+MODES: dict[str, dict[str, int]] = {
+    "none": {"run": 0},
+    "satori": {"run": 0},
+    "ksm": {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 1},
+    "ksm-fast": {"pages_to_scan": 1000, "sleep_millisecs": 20, "run": 1},
+    "satori+ksm": {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 1},
+}
+KSM_MODES = ("ksm", "ksm-fast", "satori+ksm")  # modes whose VMs need a mergeable RAM backend
+
+SAMPLE_FIELDS = (
+    "pages_sharing", "pages_shared", "pages_unshared", "pages_volatile", "full_scans",
+    "pages_scanned", "ksm_zero_pages",
+)
+
+
+def ram_backend(mode: str) -> str:
+    """The ``VMSpec.ram_backend`` the VMs of ``mode`` need."""
+    if mode not in MODES:
+        raise HarnessError(f"unknown sharing mode {mode!r}: one of {', '.join(MODES)}")
+    return "ram-merge" if mode in KSM_MODES else "file"
+
+
+@dataclasses.dataclass(frozen=True)
+class KSMSample:
+    """One reading of KSM's counters (``/sys/kernel/mm/ksm``) and of ksmd's CPU time.
+
+    ``pages_sharing`` is how many page mappings KSM saved (sites sharing a KSM page, beyond the
+    first); ``pages_shared`` how many KSM pages back them. Counters a kernel does not have are -1.
+    """
+
+    t: float  # time.monotonic() of the reading
+    pages_sharing: int
+    pages_shared: int
+    pages_unshared: int
+    pages_volatile: int
+    full_scans: int
+    pages_scanned: int
+    ksm_zero_pages: int
+    ksmd_cpu_s: float  # utime + stime of ksmd since boot (seconds)
+
+    def since(self, earlier: KSMSample) -> dict[str, float]:
+        """Differences of the cumulative figures (full scans, pages scanned, ksmd CPU, time)."""
+        return {
+            "seconds": self.t - earlier.t,
+            "full_scans": self.full_scans - earlier.full_scans,
+            "pages_scanned": self.pages_scanned - earlier.pages_scanned,
+            "ksmd_cpu_s": self.ksmd_cpu_s - earlier.ksmd_cpu_s,
+        }
+
+
+def _check_sysfs(root: Path) -> None:
+    if not (root / "run").exists():
+        raise HarnessError(
+            f"KSM is not available: {root} is missing (host kernel built without CONFIG_KSM?); "
+            "the ksm, ksm-fast and satori+ksm modes cannot run on this host"
+        )
+
+
+def _read_int(root: Path, name: str) -> int:
+    try:
+        return int((root / name).read_text().split()[0])
+    except FileNotFoundError:
+        return -1
+    except (OSError, ValueError, IndexError) as e:
+        raise HarnessError(f"cannot read {root / name}: {e}") from None
+
+
+def _write(root: Path, name: str, value: int) -> None:
+    try:
+        (root / name).write_text(f"{value}\n")
+    except PermissionError:
+        raise HarnessError(f"cannot write {root / name}: run the harness as root") from None
+    except OSError as e:
+        raise HarnessError(f"cannot write {value} to {root / name}: {e}") from None
+
+
+_ksmd_pid: int | None = None
+
+
+def ksmd_pid() -> int | None:
+    """The pid of the ksmd kernel thread (None if there is none)."""
+    global _ksmd_pid
+    if _ksmd_pid is not None and _comm(_ksmd_pid) == "ksmd":
+        return _ksmd_pid
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _comm(int(d.name)) == "ksmd":
+            _ksmd_pid = int(d.name)
+            return _ksmd_pid
+    return None
+
+
+def _comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (or kernel thread) from ``/proc/<pid>/stat``, in seconds."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()  # fields from 3 (state) on; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sample(root: Path = KSM_SYSFS) -> KSMSample:
+    """Read KSM's counters and ksmd's CPU time now."""
+    _check_sysfs(root)
+    values = {f: _read_int(root, f) for f in SAMPLE_FIELDS}
+    pid = ksmd_pid()
+    cpu = process_cpu_seconds(pid) if pid else 0.0
+    return KSMSample(t=time.monotonic(), ksmd_cpu_s=cpu, **values)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class KSMControl:
+    """Set KSM for a sharing mode while the ``with`` block runs; restore it exactly afterwards.
+
+    ``overrides`` adds or changes sysfs values (e.g. ``{"use_zero_pages": 1}``); they are saved
+    and restored like the others.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        overrides: dict[str, int] | None = None,
+        root: Path = KSM_SYSFS,
+        state_dir: Path | None = None,
+        lock_timeout: float = 300.0,
+    ) -> None:
+        if mode not in MODES:
+            raise HarnessError(f"unknown sharing mode {mode!r}: one of {', '.join(MODES)}")
+        self.mode = mode
+        self.root = Path(root)
+        values = dict(MODES[mode])
+        run = values.pop("run")
+        values.update(overrides or {})
+        values["run"] = run  # start (or stop) the scanner after its rate is set
+        self.values = values
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.lock_timeout = lock_timeout
+        self.saved: dict[str, int] | None = None
+        self._lock_fd: int | None = None
+
+    # -- files
+    def _dir(self) -> Path:
+        return self.state_dir if self.state_dir else runtime_dir()
+
+    @property
+    def saved_file(self) -> Path:
+        return self._dir() / "ksm-saved.json"
+
+    def _lock(self) -> None:
+        path = self._dir() / "ksm.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    owner = self._stale_owner()
+                    raise HarnessError(
+                        f"KSM is controlled by another harness process (pid {owner}) for more "
+                        f"than {self.lock_timeout:.0f} s (lock {path})"
+                    ) from None
+                time.sleep(0.2)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _stale_owner(self) -> int | None:
+        try:
+            return int(json.loads(self.saved_file.read_text()).get("pid"))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _recover_stale(self) -> None:
+        """A run that was killed left its saved values: put them back first."""
+        try:
+            state = json.loads(self.saved_file.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            self.saved_file.unlink(missing_ok=True)
+            return
+        if _pid_alive(int(state.get("pid", 0))) and int(state.get("pid", 0)) != os.getpid():
+            return  # cannot happen under the lock, unless the lock lives elsewhere: leave it
+        self._restore(state.get("values", {}))
+        self.saved_file.unlink(missing_ok=True)
+
+    # -- apply / restore
+    def _restore(self, saved: dict[str, int]) -> list[str]:
+        """Write saved values back (run first when it stops ksmd, last when it starts it)."""
+        errors = []
+        order = [k for k in saved if k != "run"]
+        if "run" in saved:
+            order = (["run"] + order) if int(saved["run"]) == 0 else (order + ["run"])
+        for name in order:
+            try:
+                if _read_int(self.root, name) != int(saved[name]):
+                    _write(self.root, name, int(saved[name]))
+            except HarnessError as e:
+                errors.append(str(e))
+        return errors
+
+    def __enter__(self) -> KSMControl:
+        _check_sysfs(self.root)
+        self._lock()
+        try:
+            self._recover_stale()
+            missing = [k for k in self.values if not (self.root / k).exists()]
+            if missing:
+                raise HarnessError(f"KSM on this kernel has no {', '.join(missing)} in {self.root}")
+            self.saved = {k: _read_int(self.root, k) for k in self.values}
+            tmp = self.saved_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"pid": os.getpid(), "mode": self.mode, "values": self.saved}))
+            tmp.rename(self.saved_file)
+            for name, value in self.values.items():
+                _write(self.root, name, value)
+        except BaseException:
+            self._exit_restore()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit_restore()
+
+    def _exit_restore(self) -> None:
+        if self._lock_fd is None:
+            return
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            errors = self._restore(self.saved) if self.saved is not None else []
+            if not errors:
+                self.saved_file.unlink(missing_ok=True)
+            self.saved = None
+            self._unlock()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if errors:
+            raise HarnessError(
+                "could not restore KSM's settings (they stay in " f"{self.saved_file}):",
+                "\n".join(errors),
+            )
+
+    # -- reading
+    def sample(self) -> KSMSample:
+        return sample(self.root)
+
+    def current(self) -> dict[str, int]:
+        """The sysfs values this control manages, as they are now."""
+        return {k: _read_int(self.root, k) for k in self.values}

@@ -1,0 +1,216 @@
+"""The arithmetic of G, F, C, R, M, E (all, non-zero, disk) on hand-made arrays; the oracle's
+hashing, sets and disk block set; the pagemap decoding and the store reader (no QEMU)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from harness import accounting as acc
+from harness import oracle
+
+
+def H(*ids: int) -> np.ndarray:
+    """Fake content hashes: content id k -> (k, 1000 + k); id 0 is the all-zero page."""
+    out = np.array([[k, 1000 + k] for k in ids], dtype=np.uint64).reshape(-1, 2)
+    for i, k in enumerate(ids):
+        if k == 0:
+            out[i] = oracle.ZERO_HASH
+    return out
+
+
+def S(*ids: int) -> np.ndarray:
+    return oracle.unique_hashes(H(*ids))
+
+
+def F(*pfns: int) -> np.ndarray:
+    return np.array(pfns, dtype=np.uint64)
+
+
+def test_no_sharing_two_vms_same_content():
+    # VM a: contents 1,2,3 on frames 10,11,12; VM b: the same contents on frames 20,21,22
+    f = acc.figures(F(10, 11, 12, 20, 21, 22), H(1, 2, 3, 1, 2, 3))
+    a = f["all"]
+    assert (a.G, a.F, a.C, a.R, a.M) == (6, 6, 3, 0, 3)
+    assert a.E == 0.0
+    assert f["disk"] is None
+
+
+def test_full_sharing_and_partial():
+    # b's pages 1 and 2 share a's frames; page 3 does not
+    a = acc.figures(F(10, 11, 12, 10, 11, 22), H(1, 2, 3, 1, 2, 3))["all"]
+    assert (a.G, a.F, a.C, a.R, a.M) == (6, 4, 3, 2, 3)
+    assert a.E == pytest.approx(2 / 3)
+    full = acc.figures(F(10, 11, 12, 10, 11, 12), H(1, 2, 3, 1, 2, 3))["all"]
+    assert full.E == 1.0
+
+
+def test_nothing_to_share_gives_none():
+    a = acc.figures(F(1, 2, 3), H(1, 2, 3))["all"]
+    assert a.M == 0 and a.E is None
+    empty = acc.figures(F(), H())["all"]
+    assert (empty.G, empty.F, empty.C, empty.E) == (0, 0, 0, None)
+
+
+def test_zero_pages_are_one_content_and_left_out_of_nonzero():
+    # four zero pages on distinct frames, two on the same frame (e.g. the kernel's zero page)
+    frames = F(1, 2, 3, 4, 9, 9, 10, 11)
+    hashes = H(0, 0, 0, 0, 0, 0, 5, 5)
+    f = acc.figures(frames, hashes)
+    a, nz = f["all"], f["nonzero"]
+    assert (a.G, a.F, a.C) == (8, 7, 2)  # frames 1,2,3,4,9,10,11; contents zero, 5
+    assert (a.R, a.M) == (1, 6)
+    assert (nz.G, nz.F, nz.C, nz.R, nz.M) == (2, 2, 1, 0, 1)
+    assert nz.E == 0.0
+
+
+def test_store_only_pages_count_against_sharing():
+    # both VMs map store frames 100, 101 for contents 1, 2; the store also holds 102 (content 3)
+    # and 103 (zero) that nobody maps
+    frames = F(100, 101, 100, 101)
+    hashes = H(1, 2, 1, 2)
+    f = acc.figures(frames, hashes, store_frames=F(100, 101, 102, 103), store_hashes=H(1, 2, 3, 0))
+    a, nz = f["all"], f["nonzero"]
+    assert (a.G, a.F, a.C, a.R, a.M) == (4, 4, 2, 0, 2)  # F: 100, 101 + store-only 102, 103
+    assert a.E == 0.0
+    assert (nz.G, nz.F, nz.C) == (4, 3, 2)  # the zero store page is out of the non-zero view
+    assert nz.E == pytest.approx(0.5)
+
+
+def test_disk_restriction():
+    disk = S(1, 2, 7)  # contents 1, 2 and 7 are disk blocks; 3 and zero are not
+    frames = F(10, 11, 12, 13, 10, 21, 22, 23, 200)
+    hashes = H(1, 2, 3, 0, 1, 2, 3, 0, 9)
+    f = acc.figures(frames, hashes, store_frames=F(10, 300, 301), store_hashes=H(1, 7, 3), disk_set=disk)
+    d = f["disk"]
+    # disk pages: a's 1 (frame 10), 2 (11); b's 1 (frame 10: shared), 2 (21) -> G 4, frames 10, 11, 21
+    # store-only: 300 (content 7, a disk block) counts, 301 (content 3) does not
+    assert (d.G, d.F, d.C, d.R, d.M) == (4, 4, 2, 0, 2)
+    assert d.E == 0.0
+    f2 = acc.figures(frames, hashes, disk_set=disk)
+    d2 = f2["disk"]
+    assert (d2.G, d2.F, d2.C, d2.R, d2.M) == (4, 3, 2, 1, 2)
+    assert d2.E == pytest.approx(0.5)
+    a = f2["all"]
+    assert (a.G, a.F, a.C) == (9, 8, 5)
+
+
+def test_pagemap_decoding():
+    present_bit = 1 << 63
+    entries = np.array([present_bit | 0x1234, 0, (1 << 62) | 5, present_bit | ((1 << 55) - 1) | (1 << 56)],
+                       dtype=np.uint64)
+    present, pfn = acc.decode_pagemap(entries)
+    assert present.tolist() == [True, False, False, True]
+    assert pfn.tolist() == [0x1234, 0, 0, (1 << 55) - 1]
+
+
+def test_expand_ranges_and_store_backed_pages():
+    ranges = np.array([[2 * 4096, 0, 3], [10 * 4096, 7 * 4096, 2], [15 * 4096, 20 * 4096, 4]], dtype=np.uint64)
+    g, s = acc.expand_ranges(ranges, npages=16)
+    assert g.tolist() == [2, 3, 4, 10, 11, 15]  # clipped to the 16-page guest
+    assert s.tolist() == [0, 1, 2, 7, 8, 20]
+    # guest pages: 0,1 present (own frames), 2 present (touched since the merge: the store frame),
+    # 3,4 merged but not present, 10 merged not present but its store page is gone, 11 present
+    present = np.zeros(16, bool)
+    present[[0, 1, 2, 11]] = True
+    pfn = np.zeros(16, np.uint64)
+    pfn[[0, 1, 2, 11]] = [50, 51, 500, 52]
+    store_resident = np.ones(21, bool)
+    store_resident[7] = False
+    store_pfn = np.arange(500, 521, dtype=np.uint64)
+    pres_idx, sb_g, sb_s, frames = acc.guest_page_set(present, pfn, g, s, store_resident, store_pfn)
+    assert pres_idx.tolist() == [0, 1, 2, 11]
+    assert sb_g.tolist() == [3, 4, 15] and sb_s.tolist() == [1, 2, 20]
+    assert frames.tolist() == [50, 51, 500, 52, 501, 502, 520]
+    # with a second VM mapping the same store pages, figures see them as one frame each
+    hashes = H(1, 2, 3, 4, 5, 6, 7)
+    f = acc.figures(np.concatenate([frames, F(501, 502)]), np.concatenate([hashes, H(5, 6)]),
+                    store_frames=store_pfn[store_resident], store_hashes=H(*range(100, 120)))
+    a = f["all"]
+    assert a.G == 9 and a.C == 7
+    # frames: 50, 51, 52 + store frames 500..520 except 507 (20 resident store pages)
+    assert a.F == 3 + 20
+
+
+def test_hash_pages_and_zero():
+    buf = np.zeros(3 * 4096, np.uint8)
+    buf[4096] = 1
+    h = oracle.hash_pages(buf)
+    assert h.shape == (3, 2)
+    assert oracle.is_zero_hash(h).tolist() == [True, False, True]
+    assert oracle.distinct_count(h) == 2
+    import xxhash
+
+    d = xxhash.xxh3_128_digest(bytes(buf[4096:8192]))
+    assert int(h[1, 0]) == int.from_bytes(d[:8], "big") and int(h[1, 1]) == int.from_bytes(d[8:], "big")
+
+
+def test_in_set_handles_equal_high_halves():
+    s = oracle.unique_hashes(np.array([[5, 1], [5, 3], [7, 2], [1, 9]], dtype=np.uint64))
+    q = np.array([[5, 3], [5, 2], [7, 2], [7, 1], [0, 0], [1, 9]], dtype=np.uint64)
+    assert oracle.in_set(q, s).tolist() == [True, False, True, False, False, True]
+    assert oracle.in_set(q, np.zeros((0, 2), np.uint64)).tolist() == [False] * 6
+
+
+def test_runs():
+    st, ln = oracle.runs(np.array([1, 2, 3, 7, 9, 10]))
+    assert st.tolist() == [1, 7, 9] and ln.tolist() == [3, 1, 2]
+
+
+def test_hash_fd_pages_reads_only_given_pages(tmp_path):
+    p = tmp_path / "f"
+    data = os.urandom(10 * 4096)
+    p.write_bytes(data)
+    with open(p, "rb") as f:
+        h = oracle.hash_fd_pages(f.fileno(), 0, np.array([0, 1, 5, 9]))
+    assert (h == oracle.hash_pages(np.frombuffer(data, np.uint8).reshape(10, 4096)[[0, 1, 5, 9]])).all()
+
+
+def test_disk_block_set_skips_holes_and_zero_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATORI_CACHE", str(tmp_path / "cache"))
+    img = tmp_path / "disk.raw"
+    blocks = [os.urandom(4096) for _ in range(3)]
+    with open(img, "wb") as f:
+        f.truncate(64 << 20)  # sparse
+        f.seek(0)
+        f.write(blocks[0] + bytes(4096) + blocks[1])
+        f.seek(40 << 20)
+        f.write(blocks[2] + blocks[0])
+    s = oracle.disk_block_set(img, key="k1")
+    assert len(s) == 3  # three distinct non-zero blocks
+    assert oracle.in_set(oracle.hash_pages(b"".join(blocks)), s).all()
+    assert not oracle.in_set(oracle.hash_pages(bytes(4096)), s).any()
+    cached = tmp_path / "cache" / "diskhash" / "k1.npy"
+    assert cached.is_file()
+    assert (np.load(cached) == s).all()
+    img.unlink()
+    img.write_bytes(b"x")  # a cached key is used without reading the image again
+    assert len(oracle.disk_block_set(img, key="k1")) == 3
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PFNs need root")
+def test_read_store_never_allocates_holes():
+    shm = "/dev/shm/satori-test-store-" + str(os.getpid())
+    try:
+        with open(shm, "wb") as f:
+            f.truncate(64 * 4096)  # 64 pages, all holes
+            f.seek(3 * 4096)
+            f.write(os.urandom(4096) + bytes(4096))  # pages 3 (data) and 4 (zero, but written)
+            f.seek(40 * 4096)
+            f.write(os.urandom(4096))
+        before = os.stat(shm).st_blocks
+        sv = acc.read_store(shm)
+        assert os.stat(shm).st_blocks == before
+        assert np.flatnonzero(sv.resident).tolist() == [3, 4, 40]
+        assert (sv.pfn[[3, 4, 40]] != 0).all() and len(set(sv.pfn[[3, 4, 40]].tolist())) == 3
+        assert oracle.is_zero_hash(sv.hashes[[4]]).all() and not oracle.is_zero_hash(sv.hashes[[3]]).any()
+    finally:
+        os.unlink(shm)
+
+
+def test_parse_gpa2hva():
+    assert acc.parse_gpa2hva("Host virtual address for 0x0 (pc.ram) is 0x7f1234560000\r\n") == 0x7F1234560000
+    with pytest.raises(Exception, match="gpa2hva"):
+        acc.parse_gpa2hva("No memory is mapped at address 0x0")

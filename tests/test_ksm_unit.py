@@ -1,0 +1,105 @@
+"""KSMControl on a fake sysfs folder: values set per mode, restored exactly on exit, on error,
+on Ctrl-C and after a killed run; a clear error without KSM; sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from harness import ksm
+from harness.errors import HarnessError
+
+START = {"run": 0, "pages_to_scan": 37, "sleep_millisecs": 200, "use_zero_pages": 0,
+         "pages_sharing": 5, "pages_shared": 2, "full_scans": 9}
+
+
+@pytest.fixture
+def sysfs(tmp_path):
+    root = tmp_path / "ksm"
+    root.mkdir()
+    for k, v in START.items():
+        (root / k).write_text(f"{v}\n")
+    return root
+
+
+def values(root):
+    return {p.name: int(p.read_text()) for p in root.iterdir()}
+
+
+@pytest.mark.parametrize(
+    "mode,expect",
+    [("ksm", (1, 100, 20)), ("ksm-fast", (1, 1000, 20)), ("satori+ksm", (1, 100, 20)), ("none", (0, 37, 200))],
+)
+def test_modes_set_and_restore(sysfs, tmp_path, mode, expect):
+    with ksm.KSMControl(mode, root=sysfs, state_dir=tmp_path) as k:
+        v = values(sysfs)
+        assert (v["run"], v["pages_to_scan"], v["sleep_millisecs"]) == expect
+        assert (tmp_path / "ksm-saved.json").is_file()
+        assert k.current()["run"] == expect[0]
+    assert values(sysfs) == START
+    assert not (tmp_path / "ksm-saved.json").exists()
+
+
+def test_restored_on_error_and_ctrl_c(sysfs, tmp_path):
+    with pytest.raises(RuntimeError):
+        with ksm.KSMControl("ksm-fast", root=sysfs, state_dir=tmp_path):
+            raise RuntimeError("boom")
+    assert values(sysfs) == START
+    with pytest.raises(KeyboardInterrupt):
+        with ksm.KSMControl("ksm", overrides={"use_zero_pages": 1}, root=sysfs, state_dir=tmp_path):
+            assert values(sysfs)["use_zero_pages"] == 1
+            raise KeyboardInterrupt
+    assert values(sysfs) == START
+
+
+def test_killed_run_is_repaired_by_the_next(sysfs, tmp_path):
+    # a run that died (its pid is gone) left ksm-fast values and its saved file behind
+    (sysfs / "run").write_text("1\n")
+    (sysfs / "pages_to_scan").write_text("1000\n")
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    (tmp_path / "ksm-saved.json").write_text(json.dumps(
+        {"pid": dead, "mode": "ksm-fast", "values": {"pages_to_scan": 37, "sleep_millisecs": 200, "run": 0}}))
+    with ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path):
+        assert values(sysfs)["pages_to_scan"] == 100
+    assert values(sysfs) == START  # the machine's real values, not the dead run's
+
+
+def test_missing_ksm_is_a_clear_error(tmp_path):
+    with pytest.raises(HarnessError, match="KSM is not available"):
+        with ksm.KSMControl("ksm", root=tmp_path / "nope", state_dir=tmp_path):
+            pass
+    with pytest.raises(HarnessError, match="KSM is not available"):
+        ksm.sample(tmp_path / "nope")
+    with pytest.raises(HarnessError, match="unknown sharing mode"):
+        ksm.KSMControl("fast")
+
+
+def test_sample_and_ram_backend(sysfs):
+    s = ksm.sample(sysfs)
+    assert (s.pages_sharing, s.pages_shared, s.full_scans) == (5, 2, 9)
+    assert s.pages_unshared == -1  # not in the fake sysfs
+    assert s.ksmd_cpu_s >= 0
+    assert ksm.ram_backend("ksm-fast") == "ram-merge" and ksm.ram_backend("satori") == "file"
+
+
+def test_process_cpu_seconds_of_self():
+    x = sum(range(2_000_000))
+    assert x and ksm.process_cpu_seconds(os.getpid()) > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/ksm/run") or os.geteuid() != 0,
+                    reason="needs the host's KSM and root")
+def test_real_sysfs_roundtrip():
+    root = ksm.KSM_SYSFS
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    before = {n: (root / n).read_text() for n in names}
+    with ksm.KSMControl("ksm-fast"):
+        assert int((root / "pages_to_scan").read_text()) == 1000
+        assert int((root / "run").read_text()) == 1
+        assert ksm.ksmd_pid() is not None
+    assert {n: (root / n).read_text() for n in names} == before
