@@ -4,6 +4,7 @@ Starts a paused QEMU (``-S``, TCG, no QMP) with the agent preloaded, fills guest
 RAM file, builds a content store in /dev/shm, and merges:
 
 - coalesced: guest pages contiguous, store in the same order -> one mmap per batch
+- shuffled: guest pages contiguous, store order shuffled -> one mmap (and 1 VMA) per page
 - scattered: every other guest page, store order shuffled -> one mmap (and 2 VMAs) per page
 
 Each scenario gets a fresh QEMU. Prints the agent's own time (memcmp + mmap + punch + madvise)
@@ -69,6 +70,9 @@ def run_scenario(name: str, npages: int, ram_mb: int, batch: int, rundir: Path) 
     if name == "coalesced":
         gpages = np.arange(npages, dtype=np.uint64)
         spages = np.arange(npages, dtype=np.uint64)
+    elif name == "shuffled":
+        gpages = np.arange(npages, dtype=np.uint64)
+        spages = rng.permutation(npages).astype(np.uint64)
     else:
         gpages = np.arange(npages, dtype=np.uint64) * 2
         spages = rng.permutation(npages).astype(np.uint64)
@@ -148,7 +152,7 @@ def main() -> None:
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="satori-bench-") as d:
-            for name in ("coalesced", "scattered"):
+            for name in ("coalesced", "shuffled", "scattered"):
                 rows.append(run_scenario(name, args.pages, args.ram_mb, args.batch, Path(d)))
     finally:
         if raised:

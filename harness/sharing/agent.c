@@ -48,7 +48,9 @@
  *                    any bad pair -> EINVAL/ERANGE and nothing is done).
  *                    Pairs are handled in order; consecutive pairs whose guest and store offsets
  *                    both advance by one page form a run; a run is memcmp'ed page by page and
- *                    split at mismatches; each matching sub-run is mapped with ONE mmap.
+ *                    split at mismatches; each matching sub-run is mapped with ONE mmap;
+ *                    MADV_DONTFORK and the RAM file punch follow once per guest-contiguous
+ *                    extent of merged pages (fewer calls when only the guest side advances).
  *                    reply: u64 merged, u64 mismatched, u64 failed, u64 elapsed_ns,
  *                           u64 mmap_calls, u64 last_errno (of a failed page, 0 if none)
  *                    "failed" pages (e.g. ENOMEM from vm.max_map_count) are left as they were.
@@ -625,7 +627,29 @@ static void ensure_mapped(uint8_t *hva, uint64_t len, uint64_t goff)
 
 struct merge_acc {
     uint64_t merged, mismatched, failed, mmap_calls, last_errno;
+    uint64_t pend_off, pend_len; /* merged guest extent whose madvise+punch is still due */
 };
+
+/* madvise and punch a guest extent that was just mapped from the store. Deferred and done per
+ * guest-contiguous extent, not per mmap: when the guest advances but the store does not
+ * (one mmap per page), one fallocate covers many pages (the shmem punch costs ~5 us a call). */
+static void flush_pending(struct merge_acc *a)
+{
+    if (!a->pend_len)
+        return;
+    uint8_t *hva = g_ram_base + a->pend_off;
+    uint64_t t1 = now_ns();
+    apply_madvise(hva, a->pend_len, 0);
+    uint64_t t2 = now_ns();
+    /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the guest's own copy in the RAM file (tmpfs);
+     * nothing maps those file pages any more, the file keeps its size */
+    if (g_ram_fd >= 0 && fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                   (off_t)a->pend_off, (off_t)a->pend_len) < 0)
+        st.punch_errors++;
+    st.madvise_ns += t2 - t1;
+    st.punch_ns += now_ns() - t2;
+    a->pend_len = 0;
+}
 
 static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_acc *a)
 {
@@ -645,18 +669,14 @@ static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_
         st.mmap_ns += now_ns() - t0;
         return;
     }
-    uint64_t t1 = now_ns();
-    apply_madvise(hva, len, 0);
-    uint64_t t2 = now_ns();
-    /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the guest's own copy in the RAM file (tmpfs);
-     * nothing maps those file pages any more, the file keeps its size */
-    if (g_ram_fd >= 0 &&
-        fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)goff, (off_t)len) < 0)
-        st.punch_errors++;
-    uint64_t t3 = now_ns();
-    st.mmap_ns += t1 - t0;
-    st.madvise_ns += t2 - t1;
-    st.punch_ns += t3 - t2;
+    st.mmap_ns += now_ns() - t0;
+    if (a->pend_len && a->pend_off + a->pend_len == goff) {
+        a->pend_len += len;
+    } else {
+        flush_pending(a);
+        a->pend_off = goff;
+        a->pend_len = len;
+    }
     for (uint64_t i = 0; i < npages; i++)
         g_track[goff / PG + i] = (soff + i * PG) | 1;
     a->merged += npages;
@@ -728,6 +748,7 @@ static int do_merge(int fd, const uint8_t *p, uint32_t len)
         }
         i = j;
     }
+    flush_pending(&a);
     uint64_t dt = now_ns() - t0;
     free(pairs);
     st.merged += a.merged;
