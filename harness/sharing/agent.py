@@ -205,7 +205,8 @@ class AgentClient:
 
     Connects lazily (waiting up to ``connect_timeout`` for the socket to appear: QEMU may just
     be starting) and reconnects after a broken connection. Every failure raises ``AgentError``;
-    an error answered by the agent raises ``AgentRequestError`` (with ``.errno``).
+    an error answered by the agent raises ``AgentRequestError`` (with ``.errno``). Not
+    thread-safe: one client per thread (the agent serves up to 16 connections).
     """
 
     def __init__(
@@ -322,7 +323,7 @@ class AgentClient:
         total = MergeResult(0, 0, 0, 0)
         for start in range(0, max(len(arr), 1), MAX_PAIRS_PER_REQUEST):
             chunk = arr[start : start + MAX_PAIRS_PER_REQUEST]
-            t = timeout if timeout is not None else self.timeout + len(chunk) * 50e-6
+            t = timeout if timeout is not None else self.timeout + len(chunk) * 200e-6
             payload = memoryview(chunk).cast("B") if len(chunk) else b""
             body = self.call(Op.MERGE, payload, timeout=t)
             total = total + MergeResult(*struct.unpack("<6Q", body))
@@ -331,7 +332,9 @@ class AgentClient:
     def unmerge(self, guest_off: int, npages: int) -> UnmergeResult:
         """Give back the RAM file pages of a range this agent merged (bytes unchanged)."""
         body = self.call(
-            Op.UNMERGE, struct.pack("<QQ", guest_off, npages), timeout=self.timeout + npages * 50e-6
+            Op.UNMERGE,
+            struct.pack("<QQ", guest_off, npages),
+            timeout=self.timeout + npages * 200e-6,
         )
         return UnmergeResult(*struct.unpack("<2Q", body))
 
