@@ -179,6 +179,75 @@ def cmd_vm_down(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- hints, share, status
+
+
+def cmd_hints(args: argparse.Namespace) -> int:
+    """Live view (or one JSON snapshot) of a running VM's hint ring."""
+    from harness.hints import HintRing
+    from harness.vm import find_state
+
+    s = find_state(args.name)
+    if not s.get("ring"):
+        raise HarnessError(f"VM {args.name} has no hint ring (image without hints, or started with --no-hints)")
+    ring = HintRing(Path(s["ring"]), int(s["ram_size"]), readonly=True)
+    try:
+        snap = ring.stats()
+        if args.json:
+            print(json.dumps({k: snap[k] for k in ("records", "dropped", "rejected", "partial")} | snap))
+            return 0
+        print(f"hint ring of VM {args.name}: {s['ring']} (Ctrl-C to stop)")
+        last, t_last = snap, time.monotonic()
+        while True:
+            time.sleep(args.interval)
+            snap, now = ring.stats(), time.monotonic()
+            rate = (snap["records"] - last["records"]) / (now - t_last)
+            print(f"{time.strftime('%H:%M:%S')}  {rate:9.0f} records/s  total {snap['records']:>9}  "
+                  f"dropped {snap['dropped']:>7}  rejected {snap['rejected']:>7}  partial {snap['partial']:>7}",
+                  flush=True)
+            last, t_last = snap, now
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ring.close()
+
+
+def _share_status_path(domain: str) -> Path:
+    from harness.paths import runtime_dir
+
+    return runtime_dir() / f"share-{domain}.json"
+
+
+def cmd_share(args: argparse.Namespace) -> int:
+    """Run the sharing engine in the foreground over background VMs."""
+    from harness.sharing.engine import Member, SharingEngine
+    from harness.vm import find_state
+
+    members = [Member.from_state(find_state(n)) for n in args.names]
+    status = _share_status_path(args.domain)
+    with SharingEngine(members, domain=args.domain, batch_pages=args.batch,
+                       flush_interval_s=args.interval, log=print) as eng:
+        print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_path} (Ctrl-C stops)")
+        t_print = 0.0
+        try:
+            while True:
+                if eng.step() == 0:
+                    time.sleep(0.02)
+                if time.monotonic() - t_print >= 1.0:
+                    t_print = time.monotonic()
+                    st = eng.stats()
+                    status.write_text(json.dumps(st))
+                    per = "  ".join(f"{n}: hinted {v['hinted']} merged {v['merged']} broken {v['broken']} "
+                                    f"rejected {v['rejected'] + v['changed']}" for n, v in st["vms"].items())
+                    print(f"{time.strftime('%H:%M:%S')}  store {st['store_pages']} pages  {per}", flush=True)
+        except KeyboardInterrupt:
+            eng.flush_all()
+            print("stopped; merged pages stay merged (copy-on-write) until the VMs write or exit")
+        finally:
+            status.unlink(missing_ok=True)
+    return 0
+
+
 # ---------------------------------------------------------------- demo (main job for now)
 
 
@@ -272,6 +341,19 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("names", nargs="*")
     down.add_argument("--all", action="store_true")
     down.set_defaults(func=cmd_vm_down)
+
+    h = sub.add_parser("hints", help="live view of a VM's hint ring")
+    h.add_argument("name")
+    h.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
+    h.add_argument("--interval", type=float, default=1.0)
+    h.set_defaults(func=cmd_hints)
+
+    sh = sub.add_parser("share", help="run the sharing engine over running VMs (foreground)")
+    sh.add_argument("names", nargs="+")
+    sh.add_argument("--domain", default="default", help="sharing domain name")
+    sh.add_argument("--batch", type=int, default=4096, help="pages per merge batch")
+    sh.add_argument("--interval", type=float, default=0.2, help="max seconds a planned merge waits")
+    sh.set_defaults(func=cmd_share)
 
     demo = sub.add_parser("demo", help="build the image, boot two VMs, read a guest page from the host")
     demo.add_argument("--memory", type=int, default=512)

@@ -1,0 +1,425 @@
+"""The sharing engine: verified hints in, copy-on-write merges out, for one sharing domain.
+
+For every VM of the domain the engine reads the hint ring (``harness.hints``), and for each
+record re-reads the guest page from the host side and re-hashes it: a guest's word is never
+trusted, a record whose page does not hash to what it says is counted (``changed``) and dropped.
+Verified pages are indexed by hash. When a second page of the same content appears (in any VM
+of the domain), its bytes are appended once to the content store and both holders are planned
+for merging; later holders of a stored content are planned straight away. Plans are sent to
+each VM's merge agent in batches, with that VM's vCPUs held by QMP ``stop``/``cont`` around the
+batch (the agent memcmps every page against the store before mapping it, so a page that changed
+in between is simply not merged).
+
+Copy-on-write breaks are found by asking each agent which pages are still mapped from the store
+and not faulted private; a store slot nobody maps any more is freed.
+
+Only VMs given to one engine are ever merged together: the engine *is* the sharing domain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from harness.errors import AgentError, HarnessError
+from harness.hints import HintRing
+from harness.paths import shm_dir
+from harness.sharing.agent import AgentClient
+from harness.sharing.store import PAGE, ContentStore
+
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+
+
+@dataclasses.dataclass
+class Member:
+    """What the engine needs of one VM: files, sockets, a way to run QMP."""
+
+    name: str
+    pid: int
+    ram_path: Path
+    ram_size: int
+    ring_path: Path
+    agent_socket: Path
+    qmp: Callable[..., Any]
+
+    @classmethod
+    def from_vm(cls, vm) -> Member:
+        if vm.ring_path is None or vm.agent_socket is None:
+            raise HarnessError(
+                f"VM {vm.name} has no hint ring or no merge agent: start it with sharing on "
+                "(VMSpec(sharing=True), 'satori vm up NAME --sharing'), on an image with hints"
+            )
+        return cls(vm.name, vm.pid, vm.ram_path, vm.ram_size, vm.ring_path, vm.agent_socket, vm.qmp)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Member:
+        """A VM started in the background (``satori vm up NAME --sharing``)."""
+        from harness.vm import qmp_connect
+
+        if not state.get("alive"):
+            raise HarnessError(f"VM {state['name']} is not running")
+        if not state.get("ring") or not state.get("agent"):
+            raise HarnessError(
+                f"VM {state['name']} was not started with sharing (satori vm up {state['name']} --sharing)"
+            )
+        conn = qmp_connect(Path(state["qmp"]))
+
+        def qmp(command: str, **args: Any) -> Any:
+            reply = conn.cmd_raw(command, args or None)
+            if "error" in reply:
+                raise HarnessError(f"VM {state['name']}: QMP {command}: {reply['error'].get('desc')}")
+            return reply.get("return")
+
+        return cls(state["name"], int(state["pid"]), Path(state["ram"]), int(state["ram_size"]),
+                   Path(state["ring"]), Path(state["agent"]), qmp)
+
+
+@dataclasses.dataclass
+class VMCounters:
+    """Per-VM counters; ``merged`` is pages merged now, the rest are totals."""
+
+    hinted: int = 0  # valid records taken from the ring
+    changed: int = 0  # page did not hash to what the record said (stale or forged): dropped
+    rejected: int = 0  # records the ring reader refused (bad address, garbage)
+    dropped: int = 0  # records the guest dropped, ring full
+    merged: int = 0
+    merged_total: int = 0
+    mismatched: int = 0  # agent memcmp said no (page changed before the merge)
+    failed: int = 0  # agent could not map (e.g. ENOMEM)
+    broken: int = 0  # copy-on-write breaks seen
+    batches: int = 0
+    paused_s: float = 0.0
+    agent_ns: int = 0
+
+
+def gpa2hva(qmp: Callable[..., Any]) -> int:
+    """Host virtual address of guest-physical 0 in the QEMU process (HMP ``gpa2hva``)."""
+    out = qmp("human-monitor-command", **{"command-line": "gpa2hva 0"})
+    m = re.search(r"is (0x[0-9a-f]+)", str(out))
+    if not m:
+        raise HarnessError(f"gpa2hva: unexpected reply {out!r}")
+    return int(m.group(1), 16)
+
+
+class _VMState:
+    def __init__(self, idx: int, m: Member) -> None:
+        self.idx = idx
+        self.m = m
+        self.ring = HintRing(m.ring_path, m.ram_size)
+        self.agent = AgentClient(m.agent_socket)
+        self.ram_fd = os.open(m.ram_path, os.O_RDONLY)
+        self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
+        self.hva = gpa2hva(m.qmp)
+        self.merged: dict[int, int] = {}  # gpa -> store slot (merged or planned)
+        self.pending: list[tuple[int, int]] = []
+        self.pending_since = 0.0
+        self.c = VMCounters()
+
+    def read_page(self, gpa: int) -> bytes:
+        """The guest page's bytes now, without ever allocating host memory.
+
+        A page not merged lives in the shared RAM file: pread it (a hole reads as zeros and
+        stays a hole). A merged page lives in QEMU's private mapping of the store (or in its
+        private copy after a write): read it through /proc/<pid>/mem, which at worst maps the
+        store page that is already there.
+        """
+        if gpa in self.merged:
+            return os.pread(self.mem_fd, PAGE, self.hva + gpa)
+        return os.pread(self.ram_fd, PAGE, gpa)
+
+    def close(self) -> None:
+        self.ring.close()
+        self.agent.close()
+        for fd in (self.ram_fd, self.mem_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class SharingEngine:
+    """Immediate merging of hinted pages across the VMs of one sharing domain."""
+
+    def __init__(
+        self,
+        members: Iterable[Member],
+        domain: str = "default",
+        store_path: Path | None = None,
+        batch_pages: int = 4096,
+        flush_interval_s: float = 0.2,
+        break_check_interval_s: float = 1.0,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.members = list(members)
+        if not self.members:
+            raise HarnessError("a sharing domain needs at least one VM")
+        self.domain = domain
+        self.store_path = store_path or shm_dir() / f"satori-store-{domain}-{os.getpid()}-{time.time_ns() % 10**9}"
+        self.batch_pages = batch_pages
+        self.flush_interval_s = flush_interval_s
+        self.break_check_interval_s = break_check_interval_s
+        self.log = log or (lambda s: None)
+        self.vms: list[_VMState] = []
+        self.store: ContentStore | None = None
+        # content index: xxh64 -> store slot (shared content) or the first holder (vm idx, gpa)
+        self.slot_of: dict[int, int] = {}
+        self.candidate: dict[int, tuple[int, int]] = {}
+        self.slot_hash: list[int] = []
+        self.slot_refs: list[int] = []
+        self._saved_max_map: int | None = None
+        self._last_break_check = 0.0
+        self.t_first_hint: float | None = None
+        self.t_start = time.monotonic()
+        self.cpu_start = time.process_time()
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> SharingEngine:
+        try:
+            self.open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def open(self) -> None:
+        self.store = ContentStore(self.store_path)
+        for i, m in enumerate(self.members):
+            st = _VMState(i, m)
+            self.vms.append(st)
+            st.agent.open_store(self.store_path)
+        total_pages = sum(m.ram_size // PAGE for m in self.members)
+        self._raise_max_map_count(2 * total_pages + 65536)
+
+    def close(self) -> None:
+        for st in self.vms:
+            st.close()
+        self.vms = []
+        if self.store is not None:
+            self.store.close(unlink=True)  # QEMUs keep their mappings: the pages stay valid
+            self.store = None
+        self._restore_max_map_count()
+
+    def _raise_max_map_count(self, want: int) -> None:
+        """Each isolated merged page may cost 2 VMAs: lift the limit for the run (restored at close)."""
+        try:
+            cur = int(MAX_MAP_COUNT.read_text())
+        except OSError:
+            return
+        if cur >= want:
+            return
+        try:
+            MAX_MAP_COUNT.write_text(str(want))
+            self._saved_max_map = cur
+            self.log(f"vm.max_map_count {cur} -> {want} for this run")
+        except OSError as e:
+            self.log(f"cannot raise vm.max_map_count ({e}): scattered merges may fail with ENOMEM")
+
+    def _restore_max_map_count(self) -> None:
+        if self._saved_max_map is not None:
+            with contextlib.suppress(OSError):
+                MAX_MAP_COUNT.write_text(str(self._saved_max_map))
+            self._saved_max_map = None
+
+    # ---------------------------------------------------------------- the loop
+    def step(self) -> int:
+        """Take every VM's new hints, plan merges, flush due batches. Returns records taken."""
+        taken = 0
+        for st in self.vms:
+            batch = st.ring.poll()
+            s = st.ring.stats()
+            st.c.rejected = int(s.get("rejected", 0))
+            st.c.dropped = int(s.get("dropped", 0))
+            if len(batch):
+                if self.t_first_hint is None:
+                    self.t_first_hint = time.monotonic()
+                taken += len(batch)
+                self._ingest(st, batch)
+        now = time.monotonic()
+        for st in self.vms:
+            if st.pending and (len(st.pending) >= self.batch_pages or now - st.pending_since >= self.flush_interval_s):
+                self._flush(st)
+        if now - self._last_break_check >= self.break_check_interval_s:
+            self._last_break_check = now
+            self.check_breaks()
+        return taken
+
+    def run(self, stop: Callable[[], bool], poll_s: float = 0.02) -> None:
+        """Step until ``stop()`` is true (Ctrl-C propagates; merged pages stay correct)."""
+        while not stop():
+            if self.step() == 0:
+                time.sleep(poll_s)
+        self.flush_all()
+
+    def run_for(self, seconds: float, poll_s: float = 0.02) -> None:
+        end = time.monotonic() + seconds
+        self.run(lambda: time.monotonic() >= end, poll_s)
+
+    def drain(self, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
+        """Step until no hint arrived for ``quiet_s`` and every plan is flushed."""
+        end = time.monotonic() + timeout_s
+        last = time.monotonic()
+        while time.monotonic() < end:
+            if self.step():
+                last = time.monotonic()
+            elif time.monotonic() - last >= quiet_s:
+                break
+            else:
+                time.sleep(0.02)
+        self.flush_all()
+
+    def flush_all(self) -> None:
+        for st in self.vms:
+            if st.pending:
+                self._flush(st)
+
+    # ---------------------------------------------------------------- hints -> plans
+    def _ingest(self, st: _VMState, batch: np.ndarray) -> None:
+        st.c.hinted += len(batch)
+        gpas = batch["gpa"].tolist()
+        hashes = batch["hash"].tolist()
+        h64 = xxhash.xxh64_intdigest
+        for gpa, h in zip(gpas, hashes, strict=True):
+            cur = st.merged.get(gpa)
+            if cur is not None:
+                if self.slot_hash[cur] == h:
+                    continue  # already merged with this content
+                # the guest reused a merged page: its write broke copy-on-write first
+                self._unref(st, gpa)
+                st.c.broken += 1
+            page = st.read_page(gpa)
+            if h64(page) != h:
+                st.c.changed += 1
+                continue
+            self._place(st, gpa, h, page)
+
+    def _place(self, st: _VMState, gpa: int, h: int, page: bytes) -> None:
+        slot = self.slot_of.get(h)
+        if slot is not None:
+            self._plan(st, gpa, slot)
+            return
+        cand = self.candidate.get(h)
+        if cand is None or cand == (st.idx, gpa):
+            self.candidate[h] = (st.idx, gpa)
+            return
+        other = self.vms[cand[0]]
+        if cand[1] in other.merged or other.read_page(cand[1]) != page:
+            self.candidate[h] = (st.idx, gpa)  # the first holder changed since: we are first now
+            return
+        del self.candidate[h]
+        assert self.store is not None
+        slot = self.store.append(page)
+        self.slot_of[h] = slot
+        self.slot_hash.append(h)
+        self.slot_refs.append(0)
+        self._plan(other, cand[1], slot)
+        self._plan(st, gpa, slot)
+
+    def _plan(self, st: _VMState, gpa: int, slot: int) -> None:
+        if not st.pending:
+            st.pending_since = time.monotonic()
+        st.pending.append((gpa, slot * PAGE))
+        st.merged[gpa] = slot
+        self.slot_refs[slot] += 1
+        if len(st.pending) >= self.batch_pages:
+            self._flush(st)
+
+    def _unref(self, st: _VMState, gpa: int) -> None:
+        slot = st.merged.pop(gpa)
+        self.slot_refs[slot] -= 1
+        if self.slot_refs[slot] == 0:
+            self._free_slot(slot)
+
+    def _free_slot(self, slot: int) -> None:
+        h = self.slot_hash[slot]
+        if self.slot_of.get(h) == slot:
+            del self.slot_of[h]
+        if self.store is not None:
+            self.store.free(slot)
+
+    # ---------------------------------------------------------------- plans -> agent
+    def _flush(self, st: _VMState) -> None:
+        pairs = np.array(st.pending, dtype="<u8").reshape(-1, 2)
+        st.pending = []
+        t0 = time.monotonic()
+        st.m.qmp("stop")
+        try:
+            res = st.agent.merge(pairs)
+        except AgentError as e:
+            self.log(f"VM {st.m.name}: merge batch failed: {e}")
+            res = None
+        finally:
+            st.m.qmp("cont")
+        st.c.paused_s += time.monotonic() - t0
+        st.c.batches += 1
+        if res is None:
+            for gpa, _ in pairs.tolist():
+                self._unref(st, gpa)
+            st.c.failed += len(pairs)
+            return
+        st.c.merged_total += res.merged
+        st.c.mismatched += res.mismatched
+        st.c.failed += res.failed
+        st.c.agent_ns += res.elapsed_ns
+        if res.mismatched or res.failed:
+            self._reconcile(st, {int(g) for g, _ in pairs.tolist()})
+        st.c.merged = len(st.merged)
+
+    def _mapped_now(self, st: _VMState) -> dict[int, int]:
+        """gpa -> store slot of every page the agent has mapped from the store, not private."""
+        ranges = st.agent.merged_ranges(exclude_private=True)
+        out: dict[int, int] = {}
+        for g, s, n in ranges.tolist():
+            for k in range(n):
+                out[g + k * PAGE] = s // PAGE + k
+        return out
+
+    def _reconcile(self, st: _VMState, gpas: set[int]) -> None:
+        """After a batch with misses: drop the planned pages the agent did not map."""
+        mapped = self._mapped_now(st)
+        for gpa in gpas:
+            if gpa in st.merged and mapped.get(gpa) != st.merged[gpa]:
+                self._unref(st, gpa)
+
+    def check_breaks(self) -> int:
+        """Find merged pages the guests have written since (copy-on-write broken); free slots."""
+        broken = 0
+        for st in self.vms:
+            if not st.merged:
+                continue
+            planned = {g for g, _ in st.pending}
+            mapped = self._mapped_now(st)
+            for gpa in [g for g in st.merged if g not in planned and g not in mapped]:
+                self._unref(st, gpa)
+                st.c.broken += 1
+                broken += 1
+            st.c.merged = len(st.merged)
+        return broken
+
+    # ---------------------------------------------------------------- figures
+    def merged_ranges(self) -> dict[str, np.ndarray]:
+        """Per VM: the (guest_off, store_off, npages) ranges mapped from the store now."""
+        return {st.m.name: st.agent.merged_ranges() for st in self.vms}
+
+    def stats(self) -> dict[str, Any]:
+        vms = {st.m.name: dataclasses.asdict(st.c) for st in self.vms}
+        merged_total = sum(v["merged_total"] for v in vms.values())
+        cpu = time.process_time() - self.cpu_start
+        return {
+            "domain": self.domain,
+            "store_pages": self.store.live if self.store else 0,
+            "store_slots_total": self.store.slots if self.store else 0,
+            "store_path": str(self.store_path),
+            "engine_cpu_s": round(cpu, 3),
+            "merged_total": merged_total,
+            "vms": vms,
+        }
