@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,7 @@ class VM:
         self._qmp: QEMUMonitorProtocol | None = None
         self._ssh: SSH | None = None
         self.boot_seconds: float | None = None
+        self._qmp_lock = threading.Lock()  # the engine, the sampler and the surplus manager share QMP
 
     # ------------------------------------------------------------ properties
     @property
@@ -371,12 +373,13 @@ class VM:
     # ------------------------------------------------------------ QMP
     def qmp(self, command: str, **args: Any) -> Any:
         """Run a QMP command on the harness's socket; return its ``return`` value."""
-        if self._qmp is None:
-            self._qmp = qmp_connect(self.paths.qmp)
-        try:
-            reply = self._qmp.cmd_raw(command, args or None)
-        except Exception as e:  # noqa: BLE001 - qemu.qmp raises several types
-            raise QMPError(f"VM {self.name}: QMP {command} failed: {e}") from None
+        with self._qmp_lock:
+            if self._qmp is None:
+                self._qmp = qmp_connect(self.paths.qmp)
+            try:
+                reply = self._qmp.cmd_raw(command, args or None)
+            except Exception as e:  # noqa: BLE001 - qemu.qmp raises several types
+                raise QMPError(f"VM {self.name}: QMP {command} failed: {e}") from None
         if "error" in reply:
             raise QMPError(f"VM {self.name}: QMP {command}: {reply['error'].get('desc')}", context=json.dumps(reply))
         return reply.get("return")
