@@ -635,3 +635,103 @@ def test_anonymous_ram_backend_satori_ksm_mode(world):
     assert map_count(vm.pid) == maps_before, "the anonymous RAM VMA did not heal"
     st = vm.client.stats()
     assert st["merged_pages"] == 0 and st["punch_errors"] == 0 and st["madvise_errors"] == 0
+
+
+@pytest.mark.integration
+@needs_qemu
+def test_random_merge_unmerge_write_matches_model(world):
+    """Random merges (runs and scattered pairs, matching or not), copy-on-write writes and
+    unmerges against a model: after every step the guest sees exactly the model's bytes, the
+    RAM file has holes exactly where pages are store-backed, and the agent's range list (with
+    and without private pages) equals the model's."""
+    rng = np.random.default_rng(20090614)
+    vm = world.vm()
+    store = world.store()
+    npg, nslots, kinds = 256, 160, 48
+    base = 32 << 20
+    contents = [page_of(k, salt=99) for k in range(kinds)]
+    guest = [int(k) for k in rng.integers(0, kinds, npg)]  # content id per guest page
+    slots = guest[:64] + [int(k) for k in rng.integers(0, kinds, nslots - 64)]
+    vm.write_pages(base, [contents[k] for k in guest])
+    soff0 = store.append([contents[k] for k in slots])
+    vm.client.open_store(store.path)
+    tracked: dict[int, int] = {}  # guest page -> store slot, as the agent maps it
+    private: set[int] = set()  # tracked pages written since (copy-on-write broken)
+    fresh = kinds
+
+    def model_ranges(exclude_private: bool) -> list[tuple[int, int, int]]:
+        out: list[list[int]] = []
+        for i in sorted(tracked):
+            if exclude_private and i in private:
+                continue
+            g, s = base + i * PAGE, soff0 + tracked[i] * PAGE
+            if out and out[-1][0] + out[-1][2] * PAGE == g and out[-1][1] + out[-1][2] * PAGE == s:
+                out[-1][2] += 1
+            else:
+                out.append([g, s, 1])
+        return [tuple(r) for r in out]
+
+    def check() -> None:
+        seen = vm.guest_read(base, npg * PAGE)
+        for i in range(npg):
+            want = contents[guest[i]] if guest[i] < kinds else page_of(guest[i], salt=1)
+            assert seen[i * PAGE : (i + 1) * PAGE] == want, f"guest page {i}"
+            assert is_hole(vm.ram_fd, base + i * PAGE) == (i in tracked), f"hole {i}"
+        assert vm_ranges(vm, False) == model_ranges(False)
+        assert vm_ranges(vm, True) == model_ranges(True)
+
+    by_content: dict[int, list[int]] = {}
+    for j, k in enumerate(slots):
+        by_content.setdefault(k, []).append(j)
+    merges = 0
+    for _step in range(120):
+        op = rng.random()
+        if op < 0.55:  # merge a batch: a few runs and scattered pairs
+            pairs: list[tuple[int, int]] = []
+            for _ in range(int(rng.integers(1, 5))):
+                if rng.random() < 0.5:
+                    i, j, n = int(rng.integers(0, 64)), None, int(rng.integers(1, 12))
+                    j = i if rng.random() < 0.8 else int(rng.integers(0, nslots - 12))
+                    pairs += [(i + t, j + t) for t in range(n) if i + t < npg]
+                else:
+                    i = int(rng.integers(0, npg))
+                    cands = by_content.get(guest[i], [])
+                    j = (
+                        int(rng.choice(cands))
+                        if cands and rng.random() < 0.7
+                        else int(rng.integers(0, nslots))
+                    )
+                    pairs.append((i, j))
+            want = [0, 0]
+            for i, j in pairs:  # the agent's semantics: in order, memcmp then map
+                if guest[i] == slots[j]:
+                    tracked[i] = j
+                    private.discard(i)
+                    want[0] += 1
+                else:
+                    want[1] += 1
+            res = vm.client.merge([(base + i * PAGE, soff0 + j * PAGE) for i, j in pairs])
+            assert (res.merged, res.mismatched, res.failed) == (want[0], want[1], 0)
+            merges += res.merged
+        elif op < 0.8:  # the guest writes a page (merged or not)
+            i = int(rng.integers(0, npg))
+            guest[i] = fresh
+            fresh += 1
+            write_mem(vm.pid, vm.hva(base + i * PAGE), page_of(guest[i], salt=1))
+            if i in tracked:
+                private.add(i)
+        else:  # unmerge a range
+            i, n = int(rng.integers(0, npg)), int(rng.integers(1, 40))
+            n = min(n, npg - i)
+            gone = [p for p in range(i, i + n) if p in tracked]
+            res = vm.client.unmerge(base + i * PAGE, n)
+            assert (res.restored, res.failed) == (len(gone), 0)
+            for p in gone:
+                del tracked[p]
+                private.discard(p)
+        check()
+    assert merges > 200
+    assert vm.client.unmerge(base, npg).restored == len(tracked)
+    tracked.clear()
+    check()
+    assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1
