@@ -66,8 +66,12 @@
  *                    from the store by this agent, coalesced where both offsets advance together.
  * ---------------------------------------------------------------------------------------------
  *
+ * Until QEMU has mapped guest RAM, MERGE/UNMERGE/LIST answer ENOENT (STATS: ram_found=0).
+ *
  * Limits: the store must only grow (append-only) while any page maps it; if it shrinks under a
  * mapping or under a memcmp, the access raises SIGBUS in QEMU. Pages are 4 KiB.
+ * After a merge the RAM file has a hole where the page was: reading the file there gives
+ * zeros (and allocates a page): read merged pages through /proc/<pid>/mem or the store.
  *
  * Build: cc -O2 -Wall -Werror -fPIC -shared -pthread -o satori_agent.so agent.c
  */
