@@ -1,0 +1,674 @@
+"""The experiment config: one YAML file describes one experiment, validated with file:line errors.
+
+An experiment names its VMs, how they are grouped into sharing domains, the sharing modes to
+compare, the workloads to run, how often to sample and how many times to repeat. Example::
+
+    name: quickstart
+    vms: {count: 2, memory_mb: 512}          # or a list: - {name: a, memory_mb: 512}, ...
+    modes: [none, ksm, satori]
+    workloads:
+      - name: identical-readers
+        params: {path: /data/set1, files: 50}
+    repetitions: 1
+
+What this module owns:
+
+- the schema (pydantic v2 models, every model ``extra="forbid"`` and strict types: YAML already
+  types its scalars, so ``memory_mb: "512"`` is an error, not a silent conversion);
+- validation that reports *every* error at once, in one :class:`~harness.errors.ConfigError`,
+  one line each: ``configs/x.yaml:7: vms.memory_mb: memory 40000 MB is more than this host can
+  give (23000 MB free)``. Line numbers come from the YAML node tree (``node.start_mark``) of the
+  same load that made the data; pydantic's error ``loc`` paths are mapped onto it;
+- checks pydantic cannot make alone: memory larger than the host can give (``MemAvailable`` of
+  ``/proc/meminfo``, or ``host_mem_mb=`` for tests), entitlement above max, duplicate VM names,
+  a VM named in a sharing domain that does not exist (or in two domains), a mode listed twice,
+  an adversary that is not one of the VMs, a key given twice in one YAML mapping;
+- the CLI functions ``satori config check FILE`` (:func:`cmd_config_check`) and ``satori config
+  schema`` (:func:`cmd_config_schema`, the JSON schema of the file format).
+
+Memory terms (the surplus manager's): ``memory_mb`` is a VM's *max*: QEMU boots it with that
+much RAM; ``entitlement_mb`` is its own allocation, where the balloon holds it until sharing
+frees memory to give back (default: the max, i.e. no balloon). The host must be able to give
+every VM its entitlement at once; surplus above it only ever comes out of realized sharing.
+
+Workload parameters are checked loosely: each kind has a fixed set of known keys with a type,
+all optional (``None`` = the workload's own default, which the workload module owns). An
+unknown key is an error. :data:`WORKLOAD_PARAMS` is the one table to extend with a new key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import difflib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
+
+from harness.errors import ConfigError
+
+MODES: tuple[str, ...] = ("none", "ksm", "ksm-fast", "satori", "satori+ksm")
+Mode = Literal["none", "ksm", "ksm-fast", "satori", "satori+ksm"]
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # the same rule as harness.vm.VMSpec
+DEFAULT_MEMORY_MB = 512
+MAX_LOWMEM_MB = 3072  # must equal harness.vm.MAX_LOWMEM_MB (a test checks it)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# kind -> {param: type}. Every param is optional; None means "the workload's default".
+WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
+    "identical-readers": {
+        "path": str,  # dataset folder in the image (the built-in image has /data/set1)
+        "files": int,  # how many of its files each VM reads (default: all)
+        "block_kb": int,  # read size
+        "passes": int,  # read the set this many times
+        "drop_caches": bool,  # drop the guest page cache first, so reads are cold
+        "settle_s": float,  # keep sampling this long after the reads
+        "timeout_s": float,
+    },
+    "short-lived": {
+        "path": str,
+        "files_per_round": int,  # files read together in one round
+        "rounds": int,
+        "keep_s": float,  # how long a round's files stay cached before they are dropped
+        "drop": Literal["overwrite", "delete", "drop-caches"],
+        "settle_s": float,
+        "timeout_s": float,
+    },
+    "macro": {
+        "tool": Literal["fio", "sqlite"],
+        "working_set_mb": int,  # larger than the entitlement, within entitlement + surplus
+        "block_kb": int,
+        "jobs": int,
+        "warmup_s": float,
+        "duration_s": float,
+        "path": str,
+        "timeout_s": float,
+    },
+    "web": {
+        "server": Literal["lighttpd", "busybox"],
+        "generator": Literal["host", "guest"],  # where wrk runs
+        "files": int,
+        "file_kb": int,
+        "connections": int,
+        "threads": int,
+        "duration_s": float,
+        "timeout_s": float,
+    },
+    "boot-storm": {
+        "stagger_s": float,  # delay between two VM starts (0: all at once)
+        "settle_s": float,  # keep sampling this long after the last VM is up
+        "timeout_s": float,
+    },
+    "integrity": {
+        "mb": int,  # random data each guest writes, re-reads and checks
+        "duration_s": float,
+        "check_interval_s": float,
+        "min_merges": int,  # the run fails if fewer merges happened
+        "timeout_s": float,
+    },
+    "adversary": {
+        "attacker": str,  # name of the VM that forges hint records
+        "attacks": list[Literal["wrong-hash", "bad-address", "flood", "changed-page"]],
+        "rate": int,  # forged records per second
+        "duration_s": float,
+        "timeout_s": float,
+    },
+}
+WORKLOAD_KINDS: tuple[str, ...] = tuple(WORKLOAD_PARAMS)
+
+# ---------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DiskThrottle(_Model):
+    """A QEMU throttle group on the VM's root disk, like a real disk (both optional)."""
+
+    iops: int | None = Field(None, ge=1, description="I/O operations per second")
+    bps: int | None = Field(None, ge=1, description="bytes per second")
+
+
+class _VMSettings(_Model):
+    image: str | None = Field(
+        None, description="image recipe (path, or a name in images/); default: the built-in recipe"
+    )
+    memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, description="max memory: the VM boots with this")
+    entitlement_mb: int | None = Field(
+        None, ge=64, description="the VM's own allocation (balloon holds it there); default: memory_mb"
+    )
+    vcpus: int = Field(1, ge=1, le=64)
+    disk: DiskThrottle = Field(default_factory=DiskThrottle)
+
+
+class VMGroup(_VMSettings):
+    """``count`` VMs with the same settings, named ``<name_prefix>1..N``."""
+
+    count: int = Field(ge=1, le=64)
+    name_prefix: str = Field("vm", pattern=NAME_PATTERN)
+
+
+class VMEntry(_VMSettings):
+    """One named VM."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+def _vms_form(v: Any) -> str | None:
+    if isinstance(v, dict):
+        return "group"
+    if isinstance(v, list):
+        return "list"
+    if isinstance(v, VMGroup):
+        return "group"
+    return None
+
+
+VMs = Annotated[
+    Union[Annotated[VMGroup, Tag("group")], Annotated[list[VMEntry], Tag("list")]],  # noqa: UP007
+    Discriminator(_vms_form),
+]
+
+
+def _params_model(kind: str, params: dict[str, Any]) -> type[BaseModel]:
+    fields = {k: (t | None, None) for k, t in params.items()}
+    cls_name = "".join(p.capitalize() for p in kind.split("-")) + "Params"
+    return create_model(cls_name, __base__=_Model, **fields)  # type: ignore[call-overload]
+
+
+PARAMS_MODELS: dict[str, type[BaseModel]] = {k: _params_model(k, p) for k, p in WORKLOAD_PARAMS.items()}
+
+
+def _workload_model(kind: str) -> type[BaseModel]:
+    params_cls = PARAMS_MODELS[kind]
+    cls_name = "".join(p.capitalize() for p in kind.split("-")) + "Workload"
+    return create_model(  # type: ignore[call-overload]
+        cls_name,
+        __base__=_Model,
+        name=(Literal[kind], ...),  # type: ignore[valid-type]
+        params=(params_cls, Field(default_factory=params_cls)),
+    )
+
+
+WORKLOAD_MODELS: dict[str, type[BaseModel]] = {k: _workload_model(k) for k in WORKLOAD_KINDS}
+Workload = Annotated[
+    Union[tuple(WORKLOAD_MODELS.values())],  # type: ignore[valid-type]  # noqa: UP007
+    Field(discriminator="name"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class VMConfig:
+    """One VM, resolved: names given, defaults filled in."""
+
+    name: str
+    image: str | None
+    memory_mb: int
+    entitlement_mb: int
+    vcpus: int
+    disk_iops: int | None
+    disk_bps: int | None
+
+
+class ExperimentConfig(_Model):
+    """One experiment: what the ``satori run`` of a YAML file does."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="names the result folder")
+    description: str = ""
+    vms: VMs = Field(description="`count: N` with shared settings, or a list of named VMs")
+    sharing_domains: dict[str, Annotated[list[str], Field(min_length=1)]] | None = Field(
+        None, description="domain -> VM names; only VMs of one domain share; default: one domain of every VM"
+    )
+    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
+    workloads: list[Workload] = Field(min_length=1)  # type: ignore[valid-type]
+    surplus: bool = Field(False, description="give the memory sharing frees back to the VMs via balloons")
+    sample_interval_s: float = Field(1.0, ge=0.5, le=10.0)
+    repetitions: int = Field(1, ge=1)
+    output: str | None = Field(None, description="result folder; default results/<name>-<timestamp>")
+    seed: int = 0
+
+    def vm_list(self) -> list[VMConfig]:
+        """Every VM with its name and defaults resolved, in config order."""
+        if isinstance(self.vms, VMGroup):
+            g = self.vms
+            entries = [(f"{g.name_prefix}{i + 1}", g) for i in range(g.count)]
+        else:
+            entries = [(v.name, v) for v in self.vms]
+        return [
+            VMConfig(
+                name=n, image=s.image, memory_mb=s.memory_mb,
+                entitlement_mb=s.entitlement_mb if s.entitlement_mb is not None else s.memory_mb,
+                vcpus=s.vcpus, disk_iops=s.disk.iops, disk_bps=s.disk.bps,
+            )
+            for n, s in entries
+        ]
+
+    def domains(self) -> dict[str, list[str]]:
+        """Sharing domains; the default is one domain, ``default``, of every VM."""
+        if self.sharing_domains is None:
+            return {"default": [v.name for v in self.vm_list()]}
+        return {d: list(names) for d, names in self.sharing_domains.items()}
+
+    def output_dir(self, now: _dt.datetime | None = None) -> Path:
+        if self.output:
+            return Path(self.output)
+        now = now or _dt.datetime.now()
+        return Path("results") / f"{self.name}-{now.strftime('%Y%m%d-%H%M%S')}"
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+Loc = tuple[str | int, ...]
+
+
+@dataclasses.dataclass
+class _Problem:
+    loc: Loc
+    message: str
+    line: int | None = None
+
+
+def _walk_nodes(node: yaml.Node, loc: Loc, lines: dict[Loc, int], dups: list[_Problem]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for knode, vnode in node.value:
+            if not isinstance(knode, yaml.ScalarNode):
+                continue
+            key_loc = (*loc, knode.value)
+            line = knode.start_mark.line + 1
+            if key_loc in lines:  # YAML keeps the last value: so do the line numbers
+                dups.append(_Problem(key_loc, f"key given twice (first on line {lines[key_loc]})", line))
+                for k in [k for k in lines if k[: len(key_loc)] == key_loc]:
+                    del lines[k]
+            lines[key_loc] = line
+            _walk_nodes(vnode, key_loc, lines, dups)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*loc, i)] = item.start_mark.line + 1
+            _walk_nodes(item, (*loc, i), lines, dups)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int], list[_Problem]]:
+    """Data, the line of every mapping key / sequence item, and duplicate-key problems."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{source}:{line}: not valid YAML: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    finally:
+        loader.dispose()
+    lines: dict[Loc, int] = {}
+    dups: list[_Problem] = []
+    if node is not None:
+        _walk_nodes(node, (), lines, dups)
+    return data, lines, dups
+
+
+def _line_of(loc: Loc, lines: dict[Loc, int]) -> int:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return 1
+
+
+def format_loc(loc: Loc) -> str:
+    out = ""
+    for c in loc:
+        out += f"[{c}]" if isinstance(c, int) else (f".{c}" if out else str(c))
+    return out
+
+
+# ---------------------------------------------------------------- pydantic errors -> problems
+
+_TAGS = {"group", "list", *WORKLOAD_KINDS}
+
+
+def _clean_loc(loc: tuple, data: Any) -> Loc:
+    """Drop pydantic's union tags from an error location, guided by the data itself."""
+    out: list[str | int] = []
+    cur = data
+    for c in loc:
+        if isinstance(cur, dict) and c in cur:
+            out.append(c)
+            cur = cur[c]
+        elif isinstance(cur, list) and isinstance(c, int) and 0 <= c < len(cur):
+            out.append(c)
+            cur = cur[c]
+        elif c in _TAGS:
+            continue
+        else:
+            out.append(c)
+            cur = None
+    return tuple(out)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "nothing (null)"
+    if isinstance(v, str):
+        return repr(v)
+    if isinstance(v, dict):
+        return "a mapping"
+    if isinstance(v, list):
+        return "a list"
+    return str(v)
+
+
+def _get(data: Any, loc: Loc) -> Any:
+    for c in loc:
+        if isinstance(data, dict) and c in data:
+            data = data[c]
+        elif isinstance(data, list) and isinstance(c, int) and 0 <= c < len(data):
+            data = data[c]
+        else:
+            return None
+    return data
+
+
+def _known_keys(parent: Loc, data: Any) -> list[str]:
+    """The keys allowed in the mapping at ``parent``."""
+    model: type[BaseModel] | None = None
+    if parent == ():
+        model = ExperimentConfig
+    elif parent == ("vms",):
+        model = VMGroup
+    elif len(parent) == 2 and parent[0] == "vms":
+        model = VMEntry
+    elif parent and parent[-1] == "disk":
+        model = DiskThrottle
+    elif len(parent) == 2 and parent[0] == "workloads":
+        return ["name", "params"]
+    elif len(parent) == 3 and parent[0] == "workloads" and parent[2] == "params":
+        kind = _get(data, (*parent[:2], "name"))
+        return list(WORKLOAD_PARAMS.get(kind, {})) if isinstance(kind, str) else []
+    return list(model.model_fields) if model else []
+
+
+def _message(err: dict, loc: Loc, data: Any) -> tuple[Loc, str]:
+    t = err["type"]
+    v = err.get("input")
+    ctx = err.get("ctx") or {}
+    if t == "missing":
+        return loc, "required"
+    if t == "extra_forbidden":
+        known = _known_keys(loc[:-1], data)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean {close[0]}?" if close else "known: " + ", ".join(known)
+        return loc, f"unknown key ({hint})" if known else "unknown key"
+    if t in ("int_type", "int_parsing", "int_from_float"):
+        return loc, f"expected a whole number, got {_show(v)}"
+    if t in ("float_type", "float_parsing"):
+        return loc, f"expected a number, got {_show(v)}"
+    if t in ("bool_type", "bool_parsing"):
+        return loc, f"expected true or false, got {_show(v)}"
+    if t == "string_type":
+        return loc, f"expected text, got {_show(v)}"
+    if t == "list_type":
+        return loc, f"expected a list, got {_show(v)}"
+    if t in ("dict_type", "model_type", "model_attributes_type"):
+        return loc, f"expected a mapping (key: value), got {_show(v)}"
+    if t in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        op = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[t]
+        bound = next(iter(ctx.values()), "?")
+        return loc, f"must be {op} {bound}, not {_show(v)}"
+    if t == "too_short":
+        return loc, "must not be empty"
+    if t == "string_pattern_mismatch":
+        return loc, f"{_show(v)}: use letters, digits, '-' and '_' only"
+    if t == "literal_error":
+        if loc and loc[0] == "modes":
+            return loc, f"unknown mode {_show(v)} (modes: {', '.join(MODES)})"
+        return loc, f"{_show(v)} is not one of {ctx.get('expected', '?')}"
+    if t == "union_tag_invalid":
+        return (*loc, "name"), f"unknown workload {_show(ctx.get('tag'))} (kinds: {', '.join(WORKLOAD_KINDS)})"
+    if t == "union_tag_not_found":
+        if loc == ("vms",):
+            return loc, f"expected `count: N` with shared settings, or a list of named VMs, got {_show(v)}"
+        return (*loc, "name"), f"required (kinds: {', '.join(WORKLOAD_KINDS)})"
+    return loc, err.get("msg", t)
+
+
+# ---------------------------------------------------------------- checks beyond the schema
+
+
+def host_mem_available_mb(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """``MemAvailable`` of the host, in MB (MiB)."""
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    raise ConfigError(f"{meminfo} has no MemAvailable line")
+
+
+def _raw_vms(data: dict) -> Iterator[tuple[Loc, str | None, dict, int]]:
+    """(location, name, settings, how many) of each VM entry in unvalidated data."""
+    vms = data.get("vms")
+    if isinstance(vms, dict):
+        count = vms.get("count")
+        count = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
+        yield ("vms",), None, vms, count
+    elif isinstance(vms, list):
+        for i, v in enumerate(vms):
+            if isinstance(v, dict):
+                name = v.get("name")
+                yield ("vms", i), name if isinstance(name, str) else None, v, 1
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _vm_names(data: dict) -> list[str]:
+    vms = data.get("vms")
+    if isinstance(vms, dict):
+        prefix = vms.get("name_prefix", "vm")
+        count = _int(vms.get("count")) or 0
+        return [f"{prefix}{i + 1}" for i in range(count)]
+    return [n for _, n, _, _ in _raw_vms(data) if n]
+
+
+def _find_recipe(image: str, config_dir: Path) -> Path | None:
+    candidates = [config_dir / image, Path(image), REPO_ROOT / "images" / image,
+                  REPO_ROOT / "images" / f"{image}.yaml"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Problem]:
+    probs: list[_Problem] = []
+    total_ent = 0
+    host_exceeded = False
+    seen: dict[str, Loc] = {}
+    for loc, name, s, count in _raw_vms(data):
+        mem = _int(s.get("memory_mb", DEFAULT_MEMORY_MB))
+        ent = _int(s.get("entitlement_mb", mem))
+        if mem is not None:
+            if mem > host_mb:
+                host_exceeded = True
+                probs.append(_Problem((*loc, "memory_mb"),
+                                      f"memory {mem} MB is more than this host can give ({host_mb} MB free)"))
+            elif mem > MAX_LOWMEM_MB:
+                probs.append(_Problem((*loc, "memory_mb"),
+                                      f"memory {mem} MB is above the {MAX_LOWMEM_MB} MB a guest can have "
+                                      "(guest RAM stays below the PCI hole)"))
+        if mem is not None and ent is not None and ent > mem:
+            probs.append(_Problem((*loc, "entitlement_mb"),
+                                  f"entitlement {ent} MB is above the VM's max memory ({mem} MB)"))
+        if ent is not None:
+            total_ent += ent * count
+        if name is not None:
+            if name in seen:
+                probs.append(_Problem((*loc, "name"),
+                                      f"VM name {name!r} is used twice (first at {format_loc(seen[name])})"))
+            else:
+                seen[name] = loc
+        image = s.get("image")
+        if isinstance(image, str) and _find_recipe(image, config_dir) is None:
+            probs.append(_Problem((*loc, "image"),
+                                  f"image recipe {image!r} not found (next to the config, or in images/)"))
+    if total_ent > host_mb and not host_exceeded:
+        vms = data.get("vms")
+        if isinstance(vms, dict):
+            key = "entitlement_mb" if "entitlement_mb" in vms else "memory_mb"
+            per = _int(vms.get(key)) or 0
+            probs.append(_Problem(("vms", key),
+                                  f"{total_ent // max(per, 1)} VMs x {per} MB = {total_ent} MB is more "
+                                  f"than this host can give ({host_mb} MB free)"))
+        else:
+            probs.append(_Problem(("vms",), f"the VMs' entitlements add up to {total_ent} MB, more "
+                                            f"than this host can give ({host_mb} MB free)"))
+
+    names = _vm_names(data)
+    domains = data.get("sharing_domains")
+    if isinstance(domains, dict):
+        member_of: dict[str, str] = {}
+        for d, members in domains.items():
+            if not isinstance(members, list):
+                continue
+            for j, vm in enumerate(members):
+                if not isinstance(vm, str):
+                    continue
+                loc = ("sharing_domains", d, j)
+                if vm not in names:
+                    probs.append(_Problem(loc, f"no VM named {vm!r} (VMs: {', '.join(names) or 'none'})"))
+                elif vm in member_of:
+                    probs.append(_Problem(loc, f"VM {vm!r} is already in domain {member_of[vm]!r}: "
+                                               "a VM belongs to one sharing domain"))
+                else:
+                    member_of[vm] = str(d)
+
+    modes = data.get("modes")
+    if isinstance(modes, list):
+        for i, m in enumerate(modes):
+            if isinstance(m, str) and m in modes[:i]:
+                probs.append(_Problem(("modes", i), f"mode {m!r} is listed twice"))
+
+    workloads = data.get("workloads")
+    if isinstance(workloads, list):
+        for i, w in enumerate(workloads):
+            params = w.get("params") if isinstance(w, dict) else None
+            if isinstance(w, dict) and w.get("name") == "adversary" and isinstance(params, dict):
+                att = params.get("attacker")
+                if isinstance(att, str) and att not in names:
+                    probs.append(_Problem(("workloads", i, "params", "attacker"),
+                                          f"no VM named {att!r} (VMs: {', '.join(names) or 'none'})"))
+    return probs
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def validate(
+    data: Any,
+    *,
+    source: str = "<config>",
+    lines: dict[Loc, int] | None = None,
+    host_mem_mb: int | None = None,
+    config_dir: Path = Path("."),
+    extra_problems: list[_Problem] | None = None,
+) -> ExperimentConfig:
+    """Validate already-loaded data; raise one ConfigError listing every problem."""
+    lines = lines or {}
+    probs: list[_Problem] = list(extra_problems or [])
+    if data is None:
+        raise ConfigError(f"{source}:1: the file is empty: an experiment needs at least "
+                          "name, vms and workloads")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: expected a mapping (key: value) at the top, got {_show(data)}")
+    cfg: ExperimentConfig | None = None
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as e:
+        for err in e.errors(include_url=False):
+            loc, msg = _message(err, _clean_loc(err["loc"], data), data)
+            probs.append(_Problem(loc, msg))
+    host = host_mem_mb if host_mem_mb is not None else host_mem_available_mb()
+    taken = {p.loc for p in probs}
+    probs += [p for p in _semantic_problems(data, host, config_dir) if p.loc not in taken]
+    if not probs:
+        assert cfg is not None
+        return cfg
+    for p in probs:
+        if p.line is None:
+            p.line = _line_of(p.loc, lines)
+    probs.sort(key=lambda p: p.line or 0)
+    out = []
+    for p in probs:
+        field = format_loc(p.loc)
+        out.append(f"{source}:{p.line}: {field}: {p.message}" if field else f"{source}:{p.line}: {p.message}")
+    raise ConfigError("\n".join(out))
+
+
+def load_config(path: str | os.PathLike, host_mem_mb: int | None = None) -> ExperimentConfig:
+    """Load and validate an experiment YAML file.
+
+    ``host_mem_mb`` overrides the host's ``MemAvailable`` (tests). Raises one
+    :class:`ConfigError` whose message has one ``file:line: field: problem`` line per error.
+    """
+    p = Path(path)
+    source = str(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    data, lines, dups = load_yaml(text, source)
+    return validate(data, source=source, lines=lines, host_mem_mb=host_mem_mb,
+                    config_dir=p.parent, extra_problems=dups)
+
+
+def json_schema() -> dict:
+    """JSON schema of the experiment file (for editors and for ``satori config schema``)."""
+    schema = ExperimentConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "satori experiment"
+    return schema
+
+
+def config_as_run(cfg: ExperimentConfig) -> dict:
+    """The config with every default filled in: what a result records as run."""
+    d = cfg.model_dump(mode="json")
+    d["vm_list"] = [dataclasses.asdict(v) for v in cfg.vm_list()]
+    d["domains"] = cfg.domains()
+    return d
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """``satori config check FILE...``: validate, print a one-line summary per file."""
+    files = args.file if isinstance(args.file, list) else [args.file]
+    errors = []
+    for f in files:
+        try:
+            cfg = load_config(f)
+        except ConfigError as e:
+            errors.append(e.message)
+            continue
+        vms = cfg.vm_list()
+        print(f"{f}: ok: {cfg.name}: {len(vms)} VMs "
+              f"({', '.join(f'{v.name} {v.entitlement_mb}/{v.memory_mb} MB' for v in vms)}), "
+              f"modes {', '.join(cfg.modes)}, workloads {', '.join(w.name for w in cfg.workloads)}, "
+              f"{cfg.repetitions} repetition(s)")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return 0
+
+
+def cmd_config_schema(args: argparse.Namespace) -> int:  # noqa: ARG001
+    """``satori config schema``: print the JSON schema of the experiment file."""
+    print(json.dumps(json_schema(), indent=2))
+    return 0
