@@ -31,9 +31,11 @@ much RAM; ``entitlement_mb`` is its own allocation, where the balloon holds it u
 frees memory to give back (default: the max, i.e. no balloon). The host must be able to give
 every VM its entitlement at once; surplus above it only ever comes out of realized sharing.
 
-Workload parameters are checked loosely: each kind has a fixed set of known keys with a type,
-all optional (``None`` = the workload's own default, which the workload module owns). An
-unknown key is an error. :data:`WORKLOAD_PARAMS` is the one table to extend with a new key.
+Workload parameters are checked loosely: each kind has a fixed set of known keys, all optional,
+with the type their default implies. The workload modules own them (``PARAMS`` of each class in
+:func:`harness.workloads.registry`: the defaults there are the defaults here, and the config as
+run records them); kinds without a module yet (``integrity``, ``adversary``: the runner drives
+them) are declared in :data:`RUNNER_KINDS`. An unknown key is an error.
 """
 
 from __future__ import annotations
@@ -61,66 +63,46 @@ DEFAULT_MEMORY_MB = 512
 MAX_LOWMEM_MB = 3072  # must equal harness.vm.MAX_LOWMEM_MB (a test checks it)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# kind -> {param: type}. Every param is optional; None means "the workload's default".
-WORKLOAD_PARAMS: dict[str, dict[str, Any]] = {
-    "identical-readers": {
-        "path": str,  # dataset folder in the image (the built-in image has /data/set1)
-        "files": int,  # how many of its files each VM reads (default: all)
-        "block_kb": int,  # read size
-        "passes": int,  # read the set this many times
-        "drop_caches": bool,  # drop the guest page cache first, so reads are cold
-        "settle_s": float,  # keep sampling this long after the reads
-        "timeout_s": float,
-    },
-    "short-lived": {
-        "path": str,
-        "files_per_round": int,  # files read together in one round
-        "rounds": int,
-        "keep_s": float,  # how long a round's files stay cached before they are dropped
-        "drop": Literal["overwrite", "delete", "drop-caches"],
-        "settle_s": float,
-        "timeout_s": float,
-    },
-    "macro": {
-        "tool": Literal["fio", "sqlite"],
-        "working_set_mb": int,  # larger than the entitlement, within entitlement + surplus
-        "block_kb": int,
-        "jobs": int,
-        "warmup_s": float,
-        "duration_s": float,
-        "path": str,
-        "timeout_s": float,
-    },
-    "web": {
-        "server": Literal["lighttpd", "busybox"],
-        "generator": Literal["host", "guest"],  # where wrk runs
-        "files": int,
-        "file_kb": int,
-        "connections": int,
-        "threads": int,
-        "duration_s": float,
-        "timeout_s": float,
-    },
-    "boot-storm": {
-        "stagger_s": float,  # delay between two VM starts (0: all at once)
-        "settle_s": float,  # keep sampling this long after the last VM is up
-        "timeout_s": float,
-    },
+ATTACKS = Literal["wrong-hash", "bad-address", "flood", "changed-page"]
+
+# Kinds the runner drives itself until a workload module registers them: param -> (type, default).
+RUNNER_KINDS: dict[str, dict[str, tuple[Any, Any]]] = {
     "integrity": {
-        "mb": int,  # random data each guest writes, re-reads and checks
-        "duration_s": float,
-        "check_interval_s": float,
-        "min_merges": int,  # the run fails if fewer merges happened
-        "timeout_s": float,
+        "mb": (int, 128),  # random data each guest writes, re-reads and checks
+        "duration_s": (float, 600.0),
+        "check_interval_s": (float, 1.0),
     },
     "adversary": {
-        "attacker": str,  # name of the VM that forges hint records
-        "attacks": list[Literal["wrong-hash", "bad-address", "flood", "changed-page"]],
-        "rate": int,  # forged records per second
-        "duration_s": float,
-        "timeout_s": float,
+        "attacker": (str | None, None),  # the VM that forges hint records (default: the last VM)
+        "attacks": (list[ATTACKS], ["wrong-hash", "bad-address", "flood", "changed-page"]),
+        "rate": (int, 10000),  # forged records per second
+        "duration_s": (float, 60.0),
     },
 }
+
+
+def _param_type(default: Any) -> Any:
+    """The type a parameter's default implies (a float parameter also takes a whole number)."""
+    if isinstance(default, bool):
+        return bool
+    if isinstance(default, int | float | str):
+        return type(default)
+    if isinstance(default, list):
+        return list[type(default[0])] if default else list[Any]
+    return Any
+
+
+def _workload_params() -> dict[str, dict[str, tuple[Any, Any]]]:
+    """kind -> {param: (type, default)}: the workload modules' ``PARAMS`` plus :data:`RUNNER_KINDS`."""
+    from harness.workloads import registry
+
+    out = {kind: {name: (_param_type(d), d) for name, d in cls.PARAMS.items()}
+           for kind, cls in registry().items()}
+    return out | {k: dict(v) for k, v in RUNNER_KINDS.items() if k not in out}
+
+
+# The one table of workload kinds and their parameters; a workload module's PARAMS is the truth.
+WORKLOAD_PARAMS: dict[str, dict[str, tuple[Any, Any]]] = _workload_params()
 WORKLOAD_KINDS: tuple[str, ...] = tuple(WORKLOAD_PARAMS)
 
 # ---------------------------------------------------------------- models
@@ -178,8 +160,8 @@ VMs = Annotated[
 ]
 
 
-def _params_model(kind: str, params: dict[str, Any]) -> type[BaseModel]:
-    fields = {k: (t | None, None) for k, t in params.items()}
+def _params_model(kind: str, params: dict[str, tuple[Any, Any]]) -> type[BaseModel]:
+    fields = {k: (t, Field(default=d)) for k, (t, d) in params.items()}
     cls_name = "".join(p.capitalize() for p in kind.split("-")) + "Params"
     return create_model(cls_name, __base__=_Model, **fields)  # type: ignore[call-overload]
 

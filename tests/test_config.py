@@ -67,12 +67,12 @@ def test_quickstart_is_what_the_readme_promises() -> None:
     assert cfg.modes == ["none", "ksm", "satori"]
     assert cfg.repetitions == 1
     assert cfg.workloads[0].name == "identical-readers"
-    assert cfg.workloads[0].params.path == "/data/set1"
+    assert cfg.workloads[0].params.files == 25
 
 
 def test_macro_entitlement_is_below_the_working_set() -> None:
     cfg = load_config(HERE.parent / "configs" / "macro.yaml", host_mem_mb=4096)
-    ws = cfg.workloads[0].params.working_set_mb
+    ws = 4 * cfg.workloads[0].params.files  # MB: 4 MiB files
     for v in cfg.vm_list():
         assert v.entitlement_mb < ws <= v.memory_mb
         assert v.disk_iops and v.disk_bps
@@ -88,7 +88,7 @@ def test_defaults_and_resolution() -> None:
     assert cfg.domains() == {"default": ["vm1", "vm2", "vm3"]}
     assert cfg.modes == list(config.MODES)
     assert cfg.sample_interval_s == 1.0 and cfg.repetitions == 1 and not cfg.surplus
-    assert cfg.workloads[0].params.stagger_s is None  # the workload's own default
+    assert cfg.workloads[0].params.keep_s == 20.0  # the workload module's default
     import datetime as dt
 
     out = cfg.output_dir(dt.datetime(2026, 1, 2, 3, 4, 5))
@@ -99,7 +99,7 @@ def test_list_form_with_entitlement_and_disk() -> None:
     cfg = validate({"name": "l", "vms": [{"name": "a", "memory_mb": 1024, "entitlement_mb": 256,
                                           "disk": {"iops": 100}}, {"name": "b"}],
                     "sharing_domains": {"x": ["a"], "y": ["b"]},
-                    "workloads": [{"name": "macro", "params": {"tool": "fio"}}]}, host_mem_mb=HOST_MB)
+                    "workloads": [{"name": "macro", "params": {"ios": 100}}]}, host_mem_mb=HOST_MB)
     a, b = cfg.vm_list()
     assert (a.memory_mb, a.entitlement_mb, a.disk_iops, a.disk_bps) == (1024, 256, 100, None)
     assert (b.name, b.memory_mb, b.entitlement_mb) == ("b", 512, 512)
