@@ -6,9 +6,10 @@ sets of contents are sorted and compared with numpy. All-zero pages all hash to
 :data:`ZERO_HASH`: they are one content.
 
 - :func:`hash_pages` hashes a buffer of whole pages; :func:`hash_fd_pages` reads chosen pages
-  of a file (a RAM file, the content store, or ``/proc/<pid>/mem``) in coalesced runs and hashes
-  them. It only ever reads the pages it is given: callers pass only pages that exist (a read of
-  ``/proc/<pid>/mem`` at a page that is not present would fault it in).
+  of a file (the content store, a disk image) in coalesced runs and hashes them;
+  :func:`hash_process_pages` does the same for another process's memory (``process_vm_readv``).
+  They only ever read the pages they are given: callers pass only pages that exist (a read of
+  another process's memory at a page that is not present faults it in).
 - :func:`distinct_count` counts distinct contents, :func:`in_set` tests membership in a sorted
   content set.
 - :func:`disk_block_set` is the set of contents of every 4 KiB-aligned data block of a disk
@@ -18,6 +19,7 @@ sets of contents are sorted and compared with numpy. All-zero pages all hash to
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def hash_pages(buf: np.ndarray | bytes | memoryview) -> np.ndarray:
     return _digests_to_array(b"".join(map(xxhash.xxh3_128_digest, arr)))
 
 
+def hash_rows(pages: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Hash rows ``idx`` (sorted) of an ``(n, 4096)`` page array in place (runs, no copy)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    if len(idx) == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    h = xxhash.xxh3_128_digest
+    starts, lengths = runs(idx)
+    parts = [b"".join(map(h, pages[s : s + n])) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+    return _digests_to_array(b"".join(parts))
+
+
 def is_zero_hash(hashes: np.ndarray) -> np.ndarray:
     """Mask of the all-zero pages among ``hashes``."""
     return (hashes[:, 0] == ZERO_HASH[0]) & (hashes[:, 1] == ZERO_HASH[1])
@@ -63,6 +76,25 @@ def runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx[starts], ends - starts
 
 
+_buf: np.ndarray | None = None
+
+
+def _buffer() -> np.ndarray:
+    """One read buffer for the process, kept: faulting in 32 MiB anew on every call costs."""
+    global _buf
+    if _buf is None:
+        _buf = np.empty(CHUNK_PAGES * PAGE, dtype=np.uint8)
+        _buf[::PAGE] = 0
+    return _buf
+
+
+def _chunks(idx: np.ndarray):
+    """Split sorted page indices into chunks of <= CHUNK_PAGES pages: (slice, run starts, lengths)."""
+    for c in range(0, len(idx), CHUNK_PAGES):
+        part = idx[c : c + CHUNK_PAGES]
+        yield c, len(part), *runs(part)
+
+
 def hash_fd_pages(fd: int, base: int, idx: np.ndarray, what: str = "memory") -> np.ndarray:
     """Hash pages ``idx`` (sorted, unique page indices) at byte ``base + idx * 4096`` of ``fd``.
 
@@ -70,28 +102,68 @@ def hash_fd_pages(fd: int, base: int, idx: np.ndarray, what: str = "memory") -> 
     """
     idx = np.asarray(idx, dtype=np.int64)
     out = np.empty((len(idx), 2), dtype=np.uint64)
-    if len(idx) == 0:
-        return out
-    buf = np.empty(CHUNK_PAGES * PAGE, dtype=np.uint8)
-    pos = 0
-    for start, length in zip(*runs(idx), strict=True):
-        done = 0
-        while done < length:
-            n = int(min(length - done, CHUNK_PAGES))
-            view = memoryview(buf)[: n * PAGE]
-            off = base + (int(start) + done) * PAGE
+    buf = _buffer()
+    for pos, n, starts, lengths in _chunks(idx):
+        view = memoryview(buf)
+        at = 0
+        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
+            off, want = base + start * PAGE, length * PAGE
             got = 0
-            while got < n * PAGE:
+            while got < want:
                 try:
-                    r = os.preadv(fd, [view[got:]], off + got)
+                    r = os.preadv(fd, [view[at + got : at + want]], off + got)
                 except OSError as e:
                     raise HarnessError(f"reading {what} at {off + got:#x}: {e}") from None
                 if r <= 0:
                     raise HarnessError(f"reading {what} at {off + got:#x}: short read")
                 got += r
-            out[pos : pos + n] = hash_pages(buf[: n * PAGE])
-            pos += n
-            done += n
+            at += want
+        out[pos : pos + n] = hash_pages(buf[: n * PAGE])
+    return out
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.argtypes = [
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong,
+]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+IOV_MAX = 1024
+
+
+def hash_process_pages(pid: int, base: int, idx: np.ndarray, what: str = "memory") -> np.ndarray:
+    """Hash pages ``idx`` (sorted, unique) at virtual address ``base + idx * 4096`` of process
+    ``pid``, read with ``process_vm_readv`` (one copy; ~7x faster than ``/proc/<pid>/mem``).
+
+    Like any read of another process's memory, a page that is not present is faulted in: pass
+    present pages only. Returns ``(len(idx), 2)``.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    out = np.empty((len(idx), 2), dtype=np.uint64)
+    buf = _buffer()
+    local = _IOVec(buf.ctypes.data, 0)
+    for pos, n, starts, lengths in _chunks(idx):
+        remote_all = np.empty((len(starts), 2), dtype=np.uint64)
+        remote_all[:, 0] = (base + starts * PAGE).astype(np.uint64)
+        remote_all[:, 1] = (lengths * PAGE).astype(np.uint64)
+        at = 0
+        for r0 in range(0, len(remote_all), IOV_MAX):
+            remote = np.ascontiguousarray(remote_all[r0 : r0 + IOV_MAX])
+            want = int(remote[:, 1].sum())
+            local.base = buf.ctypes.data + at
+            local.len = want
+            got = _libc.process_vm_readv(pid, ctypes.byref(local), 1, remote.ctypes.data, len(remote), 0)
+            if got != want:
+                err = ctypes.get_errno() if got < 0 else 0
+                raise HarnessError(
+                    f"reading {what} (pid {pid}): "
+                    + (os.strerror(err) if err else f"short read, {got} of {want} bytes")
+                )
+            at += want
+        out[pos : pos + n] = hash_pages(buf[: n * PAGE])
     return out
 
 

@@ -214,3 +214,17 @@ def test_parse_gpa2hva():
     assert acc.parse_gpa2hva("Host virtual address for 0x0 (pc.ram) is 0x7f1234560000\r\n") == 0x7F1234560000
     with pytest.raises(Exception, match="gpa2hva"):
         acc.parse_gpa2hva("No memory is mapped at address 0x0")
+
+
+def test_group_frames_picks_cheapest_page_per_frame():
+    pfn = F(7, 3, 7, 9, 3, 7)
+    rank = np.array([1, 1, 0, 1, -1, 1], dtype=np.int8)
+    reps, inv = acc.group_frames(pfn, rank)
+    assert sorted(reps.tolist()) == [2, 3, 4]  # frame 3 -> page 4 (rank -1), 7 -> page 2, 9 -> 3
+    assert (pfn[reps[inv]] == pfn).all()
+
+
+def test_count_distinct_and_member():
+    assert acc.count_distinct(F(5, 1, 5, 2, 1)) == 3 and acc.count_distinct(F()) == 0
+    assert acc.member(F(1, 4, 9, 2), F(9, 2, 2)).tolist() == [False, False, True, True]
+    assert acc.member(F(1), F()).tolist() == [False]
