@@ -8,7 +8,7 @@ compare, the workloads to run, how often to sample and how many times to repeat.
     modes: [none, ksm, satori]
     workloads:
       - name: identical-readers
-        params: {path: /data/set1, files: 50}
+        params: {files: 50}                  # of /data/set1, 4 MiB each
     repetitions: 1
 
 What this module owns:
@@ -22,7 +22,8 @@ What this module owns:
 - checks pydantic cannot make alone: memory larger than the host can give (``MemAvailable`` of
   ``/proc/meminfo``, or ``host_mem_mb=`` for tests), entitlement above max, duplicate VM names,
   a VM named in a sharing domain that does not exist (or in two domains), a mode listed twice,
-  an adversary that is not one of the VMs, a key given twice in one YAML mapping;
+  an adversary that is not one of the VMs, surplus on with no VM below its max, an image recipe
+  that does not exist, a key given twice in one YAML mapping;
 - the CLI functions ``satori config check FILE`` (:func:`cmd_config_check`) and ``satori config
   schema`` (:func:`cmd_config_schema`, the JSON schema of the file format).
 
@@ -474,6 +475,7 @@ def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Prob
     total_ent = 0
     host_exceeded = False
     seen: dict[str, Loc] = {}
+    rooms: list[int] = []
     for loc, name, s, count in _raw_vms(data):
         mem = _int(s.get("memory_mb", DEFAULT_MEMORY_MB))
         ent = _int(s.get("entitlement_mb", mem))
@@ -491,6 +493,8 @@ def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Prob
                                   f"entitlement {ent} MB is above the VM's max memory ({mem} MB)"))
         if ent is not None:
             total_ent += ent * count
+        if mem is not None and ent is not None:
+            rooms.append(mem - ent)
         if name is not None:
             if name in seen:
                 probs.append(_Problem((*loc, "name"),
@@ -512,6 +516,11 @@ def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Prob
         else:
             probs.append(_Problem(("vms",), f"the VMs' entitlements add up to {total_ent} MB, more "
                                             f"than this host can give ({host_mb} MB free)"))
+
+    if data.get("surplus") is True and rooms and not any(rooms):
+        probs.append(_Problem(("surplus",), "surplus is on, but every VM's entitlement equals its "
+                                            "max memory: no room to give any back (set "
+                                            "entitlement_mb below memory_mb)"))
 
     names = _vm_names(data)
     domains = data.get("sharing_domains")

@@ -375,6 +375,13 @@ class SurplusManager:
         self.ledger = ()
         return self._record(0, {}, moves, "end: every VM back at its entitlement", errors)
 
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """Balloon targets and surplus per VM now, in MB: the per-VM part of a sample."""
+        return {
+            "balloon_mb": {b.name: self.targets[b.name] / PAGES_PER_MB for b in self.vms},
+            "surplus_mb": {b.name: (self.targets[b.name] - b.entitlement) / PAGES_PER_MB for b in self.vms},
+        }
+
     def series(self) -> list[dict[str, Any]]:
         """The decisions as plain dicts (JSON) for results.json and the surplus plot."""
         return [d.as_dict() for d in self.decisions]

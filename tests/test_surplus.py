@@ -199,6 +199,7 @@ def test_manager_drives_balloons_in_bytes_and_logs_decisions() -> None:
     assert calls == []  # no change, no QMP
     m.update(0, {})
     assert [c[2]["value"] for c in calls] == [256 << 20, 256 << 20]
+    assert m.snapshot() == {"balloon_mb": {"a": 256.0, "b": 256.0}, "surplus_mb": {"a": 0.0, "b": 0.0}}
     m.release()
     series = json.loads(json.dumps(m.series()))
     assert [s["seq"] for s in series] == [0, 1, 2, 3, 4]
