@@ -430,6 +430,17 @@ def start_all(vms: list[VM]) -> None:
         raise
 
 
+def harness_leftovers() -> list[str]:
+    """QEMU processes, /dev/shm files and VM folders of the harness that exist now."""
+    left = [f"shm: {p}" for p in shm_dir().glob("satori-*")]
+    vms = runtime_dir() / "vms"
+    if vms.exists():
+        left += [f"vm folder: {p}" for p in vms.iterdir()]
+    out = subprocess.run(["pgrep", "-a", "-f", f"^{QEMU} .*satori-"], capture_output=True, text=True).stdout
+    left += [f"process: {line[:160]}" for line in out.splitlines()]
+    return left
+
+
 def remove_vm_files(paths: VMPaths) -> None:
     for p in (paths.ram, paths.ring):
         with contextlib.suppress(FileNotFoundError):

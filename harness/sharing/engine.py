@@ -120,6 +120,9 @@ class _VMState:
         self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
         self.hva = gpa2hva(m.qmp)
         self.merged: dict[int, int] = {}  # gpa -> store slot (merged or planned)
+        # gpas ever mapped from the store: their bytes live in QEMU's private mapping (store page
+        # or, after a copy-on-write break, an anonymous copy), no longer in the RAM file
+        self.remapped: set[int] = set()
         self.pending: list[tuple[int, int]] = []
         self.pending_since = 0.0
         self.c = VMCounters()
@@ -127,12 +130,12 @@ class _VMState:
     def read_page(self, gpa: int) -> bytes:
         """The guest page's bytes now, without ever allocating host memory.
 
-        A page not merged lives in the shared RAM file: pread it (a hole reads as zeros and
-        stays a hole). A merged page lives in QEMU's private mapping of the store (or in its
-        private copy after a write): read it through /proc/<pid>/mem, which at worst maps the
-        store page that is already there.
+        A page never merged lives in the shared RAM file: pread it (a hole reads as zeros and
+        stays a hole). A page merged once lives in QEMU's private mapping of the store (or in
+        its private copy after a write): read it through /proc/<pid>/mem, which at worst maps
+        the store page that is already there.
         """
-        if gpa in self.merged:
+        if gpa in self.remapped:
             return os.pread(self.mem_fd, PAGE, self.hva + gpa)
         return os.pread(self.ram_fd, PAGE, gpa)
 
@@ -329,6 +332,7 @@ class SharingEngine:
             st.pending_since = time.monotonic()
         st.pending.append((gpa, slot * PAGE))
         st.merged[gpa] = slot
+        st.remapped.add(gpa)
         self.slot_refs[slot] += 1
         if len(st.pending) >= self.batch_pages:
             self._flush(st)

@@ -1,0 +1,31 @@
+"""Identical readers: every VM reads the same files cold (METRICS.md scenario 1)."""
+
+from __future__ import annotations
+
+import time
+
+from harness.workloads import RunContext, Workload, WorkloadResult, dataset_files, on_all, timed
+
+
+class IdenticalReaders(Workload):
+    kind = "identical-readers"
+    PARAMS = {"first_file": 0, "files": 50, "keep_s": 10.0}
+
+    def run(self, vms: list, ctx: RunContext) -> WorkloadResult:
+        files = " ".join(dataset_files(int(self.p["first_file"]), int(self.p["files"])))
+        on_all(vms, lambda vm: vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches"))
+        ctx.mark("reads start")
+        t0 = time.monotonic()
+        times = on_all(vms, lambda vm: timed(vm, f"cat {files} > /dev/null"))
+        wall = time.monotonic() - t0
+        ctx.mark("reads end")
+        ctx.settle()
+        end = time.monotonic() + float(self.p["keep_s"])
+        while time.monotonic() < end and not ctx.stop.is_set():
+            time.sleep(0.2)
+        ctx.mark("keep end")
+        return WorkloadResult(
+            self.kind, max(times.values()),
+            {n: {"read_s": round(t, 3), "mb": 4 * int(self.p["files"])} for n, t in times.items()},
+            extra={"wall_s": round(wall, 3)},
+        )
