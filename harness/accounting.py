@@ -166,14 +166,6 @@ class Figures:
         return self.R / self.M if self.M > 0 else None
 
 
-def _figures(
-    frames: np.ndarray, hashes: np.ndarray, store_only_frames: np.ndarray
-) -> Figures:
-    g = len(frames)
-    f = count_distinct(frames) + count_distinct(store_only_frames)
-    return Figures(G=g, F=f, C=oracle.distinct_count(hashes))
-
-
 def figures(
     frames: np.ndarray,
     hashes: np.ndarray,
@@ -202,16 +194,27 @@ def figures(
     only = ~member(store_frames, frames)
     so_frames, so_hashes = store_frames[only], store_hashes[only]
 
-    out: dict[str, Figures | None] = {"all": _figures(frames, hashes, so_frames)}
-    nz = ~oracle.is_zero_hash(hashes)
-    so_nz = ~oracle.is_zero_hash(so_hashes)
-    out["nonzero"] = _figures(frames[nz], hashes[nz], so_frames[so_nz])
-    if disk_set is None:
-        out["disk"] = None
-    else:
-        d = oracle.in_set(hashes, disk_set)
-        so_d = oracle.in_set(so_hashes, disk_set)
-        out["disk"] = _figures(frames[d], hashes[d], so_frames[so_d])
+    # classify each distinct content once (zero? a disk block?), then each page by its content
+    reps, gid = oracle.content_groups(hashes)
+    c_zero = oracle.is_zero_hash(hashes[reps])
+    nz, so_nz = ~c_zero[gid], ~oracle.is_zero_hash(so_hashes)
+    out: dict[str, Figures | None] = {
+        "all": Figures(len(frames), count_distinct(frames) + count_distinct(so_frames), len(reps)),
+        "nonzero": Figures(
+            int(np.count_nonzero(nz)),
+            count_distinct(frames[nz]) + count_distinct(so_frames[so_nz]),
+            len(reps) - int(np.count_nonzero(c_zero)),
+        ),
+        "disk": None,
+    }
+    if disk_set is not None:
+        c_disk = oracle.in_set(hashes[reps], disk_set)
+        d, so_d = c_disk[gid], oracle.in_set(so_hashes, disk_set)
+        out["disk"] = Figures(
+            int(np.count_nonzero(d)),
+            count_distinct(frames[d]) + count_distinct(so_frames[so_d]),
+            int(np.count_nonzero(c_disk)),
+        )
     return out
 
 
@@ -596,6 +599,7 @@ def measure(
             if i in maps:
                 via_map = rank[reps[mine]] == 0
                 sel = mine[via_map]
+                sel = sel[np.argsort(page_of[reps[sel]], kind="stable")]  # runs of pages
                 if len(sel):
                     idx = page_of[reps[sel]]
                     h = maps[i].hash(idx)
