@@ -25,6 +25,8 @@ builds from the cache 8.5 s (apt-cache look-ups 2.7 s, compile 5.6 s).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
@@ -137,7 +139,15 @@ def _ensure_host_packages(pkgs: list[str], log: Log) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         _run(
-            ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+            [
+                "apt-get",
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "-o",
+                "DPkg::Lock::Timeout=300",
+                *missing,
+            ],
             "apt-get install (guest module build tools)",
             env=env,
         )
@@ -320,6 +330,22 @@ def _pristine_source(abi: str, version: str, source_deb: Path, log: Log) -> Path
     return src
 
 
+@contextlib.contextmanager
+def _cache_lock(log: Log):
+    d = cache_dir() / "guestmod"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log("[guestmod] waiting for another build to finish preparing the kernel headers")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _make(hdir: Path, mdir: Path, what: str, extra: list[str] | None = None) -> None:
     jobs = str(os.cpu_count() or 1)
     _run(["make", "-j", jobs, "-C", str(hdir), f"M={mdir}", *(extra or []), "modules"], what)
@@ -352,17 +378,19 @@ def build_guest_modules(abi: str, out_dir: Path, log: Log = print) -> dict[str, 
 
     debdir = cache_dir() / "debs"
     debdir.mkdir(parents=True, exist_ok=True)
-    debs = {role: _download(debdir, pkg, version, log) for role, pkg in pkgs.items()}
-    for role in ("kbuild", "common"):  # the prebuilt kbuild tools need libelf1, libssl3...
-        for group in _deb_depends(debs[role]):
-            if not any(n in pkgs.values() for n in group):
-                host_deps.append(group[0])
-    _ensure_host_packages([*_HOST_TOOLS.values(), *host_deps], log)
-    t_dl = time.monotonic()
+    # several image builds may run at once and share the cache: one prepares it at a time
+    with _cache_lock(log):
+        debs = {role: _download(debdir, pkg, version, log) for role, pkg in pkgs.items()}
+        for role in ("kbuild", "common"):  # the prebuilt kbuild tools need libelf1, libssl3...
+            for group in _deb_depends(debs[role]):
+                if not any(n in pkgs.values() for n in group):
+                    host_deps.append(group[0])
+        _ensure_host_packages([*_HOST_TOOLS.values(), *host_deps], log)
+        t_dl = time.monotonic()
 
-    hdir = _header_tree(abi, version, debs, log)
-    src = _pristine_source(abi, version, debs["source"], log)
-    t_prep = time.monotonic()
+        hdir = _header_tree(abi, version, debs, log)
+        src = _pristine_source(abi, version, debs["source"], log)
+        t_prep = time.monotonic()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="satori-guestmod-") as tmp:

@@ -194,7 +194,7 @@ static int satori_check_header(struct pci_dev *pdev,
 	u64 cap = le32_to_cpu(READ_ONCE(hdr->capacity));
 
 	if (magic != SATORI_MAGIC) {
-		dev_warn(&pdev->dev, "satori_ring: bad magic %#llx, not a hint ring\n",
+		dev_warn(&pdev->dev, "bad magic %#llx, not a hint ring\n",
 			 magic);
 		return -ENODEV;
 	}
@@ -202,7 +202,7 @@ static int satori_check_header(struct pci_dev *pdev,
 	    rsize != SATORI_RECORD_SIZE || cap == 0 ||
 	    SATORI_HEADER_SIZE + cap * SATORI_RECORD_SIZE > bar_len) {
 		dev_warn(&pdev->dev,
-			 "satori_ring: rejecting header: version %u header %u record %u capacity %llu bar %llu\n",
+			 "rejecting header: version %u header %u record %u capacity %llu bar %llu\n",
 			 version, hsize, rsize, cap, bar_len);
 		WRITE_ONCE(hdr->guest_version, cpu_to_le32(SATORI_VERSION));
 		WRITE_ONCE(hdr->guest_state, cpu_to_le32(SATORI_STATE_REJECTED));
@@ -221,7 +221,7 @@ static int satori_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	int err;
 
 	if (READ_ONCE(satori_ring_dev)) {
-		dev_info(&pdev->dev, "satori_ring: a ring is already bound, ignoring\n");
+		dev_info(&pdev->dev, "a ring is already bound, ignoring\n");
 		return -EBUSY;
 	}
 
@@ -232,7 +232,7 @@ static int satori_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	start = pci_resource_start(pdev, SATORI_BAR);
 	len = pci_resource_len(pdev, SATORI_BAR);
 	if (!start || len < SATORI_HEADER_SIZE + SATORI_RECORD_SIZE) {
-		dev_warn(&pdev->dev, "satori_ring: BAR2 missing or too small (%llu)\n",
+		dev_warn(&pdev->dev, "BAR2 missing or too small (%llu)\n",
 			 (u64)len);
 		return -ENODEV;
 	}
@@ -272,7 +272,7 @@ static int satori_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	spin_unlock_irqrestore(&satori_lock, flags);
 	atomic64_set(&stat_capacity, cap);
 	atomic64_set(&stat_attached, 1);
-	dev_info(&pdev->dev, "satori_ring: attached, %llu records of %d bytes, bar %pa+%llu\n",
+	dev_info(&pdev->dev, "attached, %llu records of %d bytes, bar %pa+%llu\n",
 		 cap, SATORI_RECORD_SIZE, &start, (u64)len);
 	return 0;
 }
