@@ -105,3 +105,90 @@ def test_no_sharing_file_backend_measures_without_allocating(image):
     finally:
         for vm in vms:
             vm.shutdown()
+
+
+def _disk_pages(vm: VM, disk_set) -> dict[tuple[int, int], int]:
+    """Content -> guest byte offset of the present pages of ``vm`` that hold a disk block."""
+    import numpy as np
+
+    from harness import oracle
+
+    t = accounting.target(vm)
+    present, _ = accounting.decode_pagemap(accounting.read_pagemap(t.pid, t.hva, t.ram_size // 4096))
+    idx = np.flatnonzero(present)
+    h = oracle.hash_process_pages(t.pid, t.hva, idx)
+    d = oracle.in_set(h, disk_set)
+    return {(int(a), int(b)): int(i) * 4096 for (a, b), i in zip(h[d], idx[d], strict=True)}
+
+
+def test_store_backed_pages_count_after_real_merges(image):
+    """Merged pages the guest has not touched since are not present, yet count in G through
+    the store; measuring maps neither guest nor store holes."""
+    import numpy as np
+
+    from harness.paths import shm_dir
+    from harness.sharing.agent import AgentClient
+
+    vms = [VM(VMSpec(f"accm{i}", memory_mb=384, hints=False, sharing=True), image) for i in range(2)]
+    store = shm_dir() / f"satori-test-acct-{os.getpid()}-store"
+    try:
+        start_all(vms)
+        _read_everywhere(vms)
+        for vm in vms:
+            vm.qmp("stop")
+        try:
+            before = accounting.measure(vms)
+            dset = accounting.domain_disk_set([accounting.target(vm) for vm in vms])
+            a, b = (_disk_pages(vm, dset) for vm in vms)
+            common = sorted(set(a) & set(b), key=lambda k: a[k])  # store in A's order: runs
+            assert len(common) >= 10_000
+            with open(store, "wb") as f:  # each common content once
+                for k in common:
+                    f.write(_read_guest(vms[0], a[k]))
+            ranges = {}
+            for vm, where in ((vms[0], a), (vms[1], b)):
+                with AgentClient(vm.agent_socket) as c:
+                    c.open_store(store)
+                    pairs = np.array([(where[k], i * 4096) for i, k in enumerate(common)], dtype=np.uint64)
+                    pairs = pairs[np.argsort(pairs[:, 0])]
+                    res = c.merge(pairs)
+                    assert res.merged >= 0.95 * len(common), res
+                    ranges[vm.name] = c.merged_ranges()
+            blocks = [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)]
+            s = accounting.measure(vms, store=store, merged=ranges)
+            assert [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)] == blocks
+            no_store = accounting.measure(vms)
+        finally:
+            for vm in vms:
+                vm.qmp("cont")
+        print("\nbefore merging:", accounting.format_sample(before))
+        print("after merging: ", accounting.format_sample(s), [(v.name, v.store_backed) for v in s.vms])
+        sb = sum(v.store_backed for v in s.vms)
+        assert sb >= 0.9 * 2 * len(common)  # paused guests touched nothing since the merge
+        assert s.G == before.G  # the merged pages still count, through the store
+        assert no_store.G == before.G - sb  # without the ranges, only present pages count
+        assert s.store_pages == len(common) and s.store_only_pages == 0
+        assert before.E_disk == 0.0
+        assert s.E_disk >= 0.9 and s.R_disk >= 0.9 * len(common)
+        assert s.C == before.C  # contents did not change
+        # guests touch their merged pages again (reads): present now, on the store's frames
+        _read_everywhere(vms)
+        with AgentClient(vms[0].agent_socket) as c0, AgentClient(vms[1].agent_socket) as c1:
+            ranges = {vms[0].name: c0.merged_ranges(), vms[1].name: c1.merged_ranges()}
+        s2 = accounting.measure(vms, store=store, merged=ranges)
+        print("after re-reading:", accounting.format_sample(s2), [(v.name, v.store_backed) for v in s2.vms])
+        assert s2.E_disk >= 0.9
+        assert sum(v.store_backed for v in s2.vms) < sb
+    finally:
+        for vm in vms:
+            vm.shutdown()
+        store.unlink(missing_ok=True)
+
+
+def _read_guest(vm: VM, off: int) -> bytes:
+    t = accounting.target(vm)
+    fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
+    try:
+        return os.pread(fd, 4096, t.hva + off)
+    finally:
+        os.close(fd)
