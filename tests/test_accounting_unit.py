@@ -4,6 +4,7 @@ hashing, sets and disk block set; the pagemap decoding and the store reader (no 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,64 @@ def test_count_distinct_and_member():
     assert acc.count_distinct(F(5, 1, 5, 2, 1)) == 3 and acc.count_distinct(F()) == 0
     assert acc.member(F(1, 4, 9, 2), F(9, 2, 2)).tolist() == [False, False, True, True]
     assert acc.member(F(1), F()).tolist() == [False]
+
+
+CHILD = r"""
+import ctypes, mmap, os, sys
+size, path = int(sys.argv[1]), sys.argv[2]
+if path == "-":
+    m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+else:
+    m = mmap.mmap(os.open(path, os.O_RDWR), size, mmap.MAP_SHARED)
+for spec in sys.argv[3:]:  # page:byte writes one byte into a page (the rest stays zero)
+    page, byte = map(int, spec.split(":"))
+    m[page * 4096] = byte
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PFNs need root")
+@pytest.mark.parametrize("anon", [False, True])
+def test_measure_on_processes_without_qemu(tmp_path, anon):
+    """measure() end to end on two helper processes standing in for QEMU: a sparse RAM file
+    (holes never allocated by measuring) or anonymous memory (process_vm_readv)."""
+    import subprocess
+    import sys
+
+    npages = 64
+    writes = [["1:7", "2:8", "5:9", "9:0"], ["1:7", "3:8", "6:5"]]  # page 9 of A: written zero
+    files, procs, targets = [], [], []
+    try:
+        for i, w in enumerate(writes):
+            path = "-"
+            if not anon:
+                p = f"/dev/shm/satori-test-acct-{os.getpid()}-{i}"
+                with open(p, "wb") as f:
+                    f.truncate(npages * 4096)
+                files.append(p)
+                path = p
+            proc = subprocess.Popen([sys.executable, "-c", CHILD, str(npages * 4096), path, *w],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            hva = int(proc.stdout.readline())
+            targets.append(acc.Target(f"p{i}", proc.pid, hva, npages * 4096,
+                                      ram_file=None if anon else Path(path)))
+        blocks = [os.stat(f).st_blocks for f in files]
+        page7 = np.zeros(4096, np.uint8)
+        page7[0] = 7
+        disk = oracle.unique_hashes(oracle.hash_pages(page7))
+        s = acc.measure(targets, disk_set=disk)
+        assert [os.stat(f).st_blocks for f in files] == blocks
+        assert [v.G for v in s.vms] == [4, 3]  # the written pages only, holes not counted
+        assert s.F == 7 and s.R == 0
+        assert s.C == 5  # contents 7, 8, 9, 5 and zero (page 9 of A)
+        assert s.M == 2 and s.E == 0.0
+        assert s.zero_pages == 1 and s.G_nonzero == 6 and s.M_nonzero == 2
+        assert (s.G_disk, s.M_disk, s.E_disk) == (2, 1, 0.0)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        for f in files:
+            os.unlink(f)
