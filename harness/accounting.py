@@ -279,6 +279,31 @@ def target(vm) -> Target:
     )
 
 
+def target_from_state(state: dict) -> Target:
+    """A :class:`Target` for a VM started in the background (its ``state.json``, as
+    :func:`harness.vm.load_states` returns it). Asks QMP for the RAM address on the manual
+    socket, so a harness holding the main one is not disturbed."""
+    from harness.image import Image
+    from harness.vm import qmp_connect
+
+    pid = int(state["pid"])
+    key = (pid, _start_time(pid))
+    if key not in _hva_cache:
+        q = qmp_connect(Path(state.get("qmp_manual") or state["qmp"]))
+        try:
+            reply = q.cmd_raw("human-monitor-command", {"command-line": "gpa2hva 0"})
+        finally:
+            q.close()
+        _hva_cache[key] = parse_gpa2hva(str(reply.get("return", reply.get("error"))))
+    image = Image.load(Path(state["image"])) if state.get("image") else None
+    backend = (state.get("spec") or {}).get("ram_backend", "file")
+    return Target(
+        name=state["name"], pid=pid, hva=_hva_cache[key], ram_size=int(state["ram_size"]),
+        disk=image.rootfs if image else None, disk_key=image.recipe_hash if image else None,
+        ram_file=Path(state["ram"]) if backend == "file" and state.get("ram") else None,
+    )
+
+
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise HarnessError("accounting reads physical frame numbers from pagemap: run as root")
