@@ -522,7 +522,9 @@ def group_frames(pfn: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndar
     n = len(pfn)
     if n == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    order = np.lexsort((rank, pfn))
+    # one uint64 key (PFNs have 55 bits): argsort of it is ~3x faster than a two-key lexsort
+    key = (np.asarray(pfn, dtype=np.uint64) << np.uint64(2)) | (np.asarray(rank, np.int64) + 1).astype(np.uint64)
+    order = np.argsort(key)
     sp = pfn[order]
     first = np.ones(n, dtype=bool)
     first[1:] = sp[1:] != sp[:-1]
