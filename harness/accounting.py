@@ -565,8 +565,8 @@ def measure(
     c0 = time.process_time()
     with contextlib.ExitStack() as stack:
         if pause:
-            for v in vms:
-                if not isinstance(v, Target):
+            for v in vms:  # VMs paused already stay paused afterwards
+                if not isinstance(v, Target) and v.qmp("query-status").get("running"):
                     v.qmp("stop")
                     stack.callback(v.qmp, "cont")
         sv = read_store(store) if store is not None else None
