@@ -86,7 +86,8 @@ def test_no_sharing_file_backend_measures_without_allocating(image):
         try:
             blocks = [os.stat(vm.ram_path).st_blocks for vm in vms]
             s = accounting.measure(vms)
-            s2 = accounting.measure(vms)
+            s2 = accounting.measure(vms, pause=True)  # paused already: stay paused
+            assert not any(vm.qmp("query-status")["running"] for vm in vms)
             after = [os.stat(vm.ram_path).st_blocks for vm in vms]
         finally:
             for vm in vms:
@@ -102,6 +103,9 @@ def test_no_sharing_file_backend_measures_without_allocating(image):
         assert s.M_disk >= 10_000 and s.M > s.M_disk  # yet much could be shared
         assert s.G_disk >= 2 * 10_240  # the 40 MB read by each guest
         assert (s2.G, s2.F, s2.C) == (s.G, s.F, s.C)  # paused guests: a sample is reproducible
+        s3 = accounting.measure(vms, pause=True)  # running guests: held, then running again
+        assert all(vm.qmp("query-status")["running"] for vm in vms)
+        assert abs(s3.G - s.G) <= 0.05 * s.G
     finally:
         for vm in vms:
             vm.shutdown()
