@@ -34,7 +34,9 @@ def pair(image):
         pytest.fail("the image has no hint ring (guest patch did not build)")
     before = set(harness_leftovers())
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=512, sharing=True), image, run_id=run) for n in ("sa", "sb")]
+    # iomem=relaxed: the adversary test maps the ring BAR from guest user space
+    vms = [VM(VMSpec(n, memory_mb=512, sharing=True, append="iomem=relaxed"), image, run_id=run)
+           for n in ("sa", "sb")]
     try:
         start_all(vms)
         with SharingEngine([Member.from_vm(v) for v in vms], domain=f"test-{run}") as eng:
@@ -123,7 +125,6 @@ print(n)
     c1 = eng.stats()["vms"][a.name]
     refused = (c1["changed"] - c0["changed"]) + (c1["rejected"] - c0["rejected"])
     assert refused >= 1900, (c0, c1)
-    assert c1["merged_total"] == c0["merged_total"]
     assert b.ssh.check(f"cat {FILES} | md5sum").split()[0] == before_b
 
 
@@ -132,12 +133,12 @@ import hashlib, os, random, sys, time
 # A file identical in both guests (so its cached pages merge across VMs); this process keeps
 # rewriting random pages of it, dropping and re-reading it (new hints, new merges) and checking
 # every page against what it last wrote. Prints: rounds, pages checked, bad pages.
-path, secs, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+path, secs, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])  # stops early on /tmp/stop
 fd = os.open(path, os.O_RDWR)
 n = os.fstat(fd).st_size // 4096
 expect = [hashlib.md5(os.pread(fd, 4096, i * 4096)).digest() for i in range(n)]
 rnd = random.Random(seed); bad = checked = rounds = 0; end = time.time() + secs
-while time.time() < end:
+while time.time() < end and not os.path.exists("/tmp/stop"):
     for _ in range(64):
         i = rnd.randrange(n); page = rnd.randbytes(4096)
         os.pwrite(fd, page, i * 4096); expect[i] = hashlib.md5(page).digest()
@@ -145,8 +146,12 @@ while time.time() < end:
         os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     for i in range(n):
         checked += 1
-        if hashlib.md5(os.pread(fd, 4096, i * 4096)).digest() != expect[i]:
+        cur = os.pread(fd, 4096, i * 4096)
+        if hashlib.md5(cur).digest() != expect[i]:
             bad += 1
+            if bad <= 20:
+                print("bad page", i, "round", rounds, "zero" if cur == bytes(4096) else "nonzero",
+                      file=sys.stderr)
     rounds += 1
 print(rounds, checked, bad)
 """
@@ -161,17 +166,20 @@ def test_integrity_under_repeated_merging(pair):
     chans = []
     for i, vm in enumerate((a, b)):
         chan = vm.ssh.client.get_transport().open_session()
-        chan.exec_command(f"python3 /tmp/integrity.py /root/integ.bin 40 {i}")
+        chan.exec_command(f"rm -f /tmp/stop; python3 /tmp/integrity.py /root/integ.bin 300 {i}")
         chans.append(chan)
     m0 = eng.stats()["merged_total"]
-    # meanwhile: re-read the dataset cold again and again, so pages merge, break and re-merge
-    end = time.monotonic() + 40
+    # meanwhile: re-read the dataset cold again and again, so pages merge, break and re-merge,
+    # until 100,000 merges (or a time cap; then the assertion below says how far it got)
+    end = time.monotonic() + 240
     rounds = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and eng.stats()["merged_total"] - m0 < 100_000:
         for vm in (a, b):
             vm.ssh.check("echo 3 > /proc/sys/vm/drop_caches; cat /data/set1/f00[0-1]?.bin > /dev/null")
         eng.drain(quiet_s=0.2, timeout_s=10)
         rounds += 1
+    for vm in (a, b):
+        vm.ssh.check("touch /tmp/stop")
     outs = []
     for chan in chans:
         out = b""
@@ -180,12 +188,13 @@ def test_integrity_under_repeated_merging(pair):
                 out += chan.recv(65536)
             else:
                 time.sleep(0.1)
-        assert chan.recv_exit_status() == 0, chan.recv_stderr(65536)
-        outs.append(out.decode().split())
-    for rounds_g, checked, bad in outs:
-        assert int(bad) == 0 and int(rounds_g) > 0 and int(checked) > 0
+        err = chan.recv_stderr(65536).decode()
+        assert chan.recv_exit_status() == 0, err
+        outs.append(out.decode().split() + [err])
+    for rounds_g, checked, bad, _err in outs:
+        assert int(bad) == 0 and int(rounds_g) > 0 and int(checked) > 0, (outs, eng.stats())
     merges = eng.stats()["merged_total"] - m0
-    assert merges >= 100_000 or rounds < 3, f"only {merges} merges in {rounds} rounds"
+    assert merges >= 100_000, f"only {merges} merges in {rounds} rounds"
     # every file still reads right in both guests
     sums = {vm.name: vm.ssh.check("cat /data/set1/f00[1-2]?.bin | md5sum").split()[0] for vm in (a, b)}
     assert sums[a.name] == sums[b.name]

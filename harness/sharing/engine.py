@@ -175,7 +175,8 @@ class SharingEngine:
         self.slot_of: dict[int, int] = {}
         self.candidate: dict[int, tuple[int, int]] = {}
         self.slot_hash: list[int] = []
-        self.slot_refs: list[int] = []
+        self.slot_refs: list[int] = []  # the engine's count of pages merged per slot
+        self.maybe_free: set[int] = set()  # slots whose count fell to 0: freed once the agents agree
         self._saved_max_map: int | None = None
         self._last_break_check = 0.0
         self.t_first_hint: float | None = None
@@ -293,16 +294,16 @@ class SharingEngine:
         h64 = xxhash.xxh64_intdigest
         for gpa, h in zip(gpas, hashes, strict=True):
             cur = st.merged.get(gpa)
-            if cur is not None:
-                if self.slot_hash[cur] == h:
-                    continue  # already merged with this content
-                # the guest reused a merged page: its write broke copy-on-write first
-                self._unref(st, gpa)
-                st.c.broken += 1
+            if cur is not None and self.slot_hash[cur] == h:
+                continue  # already merged (or planned) with this content
             page = st.read_page(gpa)
             if h64(page) != h:
-                st.c.changed += 1
+                st.c.changed += 1  # stale or forged: the page does not hold what the record says
                 continue
+            if cur is not None:
+                # a merged page now holds other bytes: the guest wrote it (copy-on-write broke)
+                self._unref(st, gpa)
+                st.c.broken += 1
             self._place(st, gpa, h, page)
 
     def _place(self, st: _VMState, gpa: int, h: int, page: bytes) -> None:
@@ -334,21 +335,29 @@ class SharingEngine:
         st.merged[gpa] = slot
         st.remapped.add(gpa)
         self.slot_refs[slot] += 1
+        self.maybe_free.discard(slot)
         if len(st.pending) >= self.batch_pages:
             self._flush(st)
 
     def _unref(self, st: _VMState, gpa: int) -> None:
         slot = st.merged.pop(gpa)
         self.slot_refs[slot] -= 1
-        if self.slot_refs[slot] == 0:
-            self._free_slot(slot)
+        if self.slot_refs[slot] <= 0:
+            self.maybe_free.add(slot)
 
-    def _free_slot(self, slot: int) -> None:
-        h = self.slot_hash[slot]
-        if self.slot_of.get(h) == slot:
-            del self.slot_of[h]
-        if self.store is not None:
-            self.store.free(slot)
+    def _free_unused_slots(self, live: set[int]) -> int:
+        """Free the store slots no VM maps: ``live`` are the slots the agents report mapped
+        (their own view, not the engine's bookkeeping) plus those of planned merges."""
+        freed = 0
+        for slot in sorted(self.maybe_free - live):
+            h = self.slot_hash[slot]
+            if self.slot_of.get(h) == slot:
+                del self.slot_of[h]
+            if self.store is not None:
+                self.store.free(slot)
+            freed += 1
+        self.maybe_free &= live
+        return freed
 
     # ---------------------------------------------------------------- plans -> agent
     def _flush(self, st: _VMState) -> None:
@@ -395,18 +404,35 @@ class SharingEngine:
                 self._unref(st, gpa)
 
     def check_breaks(self) -> int:
-        """Find merged pages the guests have written since (copy-on-write broken); free slots."""
+        """Take each agent's word for which pages still map the store (not faulted private):
+        pages the guests wrote since are copy-on-write breaks; slots nobody maps are freed.
+
+        The engine's own bookkeeping is reset to the agents' view, so a stale or forged hint
+        can never make the engine free a store page that some guest still maps.
+        """
         broken = 0
+        live: set[int] = set()
         for st in self.vms:
-            if not st.merged:
-                continue
-            planned = {g for g, _ in st.pending}
-            mapped = self._mapped_now(st)
-            for gpa in [g for g in st.merged if g not in planned and g not in mapped]:
+            planned = dict((g, s // PAGE) for g, s in st.pending)
+            mapped = self._mapped_now(st) if (st.merged or self.maybe_free) else {}
+            live.update(mapped.values())
+            live.update(planned.values())
+            for gpa, slot in list(st.merged.items()):
+                if planned.get(gpa) == slot or mapped.get(gpa) == slot:
+                    continue
                 self._unref(st, gpa)
                 st.c.broken += 1
                 broken += 1
+            for gpa, slot in mapped.items():
+                if st.merged.get(gpa) != slot:  # mapped, though the engine had let go of it
+                    if gpa in st.merged:
+                        self._unref(st, gpa)
+                    st.merged[gpa] = slot
+                    self.slot_refs[slot] += 1
+                    self.maybe_free.discard(slot)
             st.c.merged = len(st.merged)
+        if self.maybe_free:
+            self._free_unused_slots(live)
         return broken
 
     # ---------------------------------------------------------------- figures
