@@ -248,6 +248,87 @@ def cmd_share(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- experiments
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run an experiment config; print the summary table and where results and plots are."""
+    from harness import report
+    from harness.config import load_config
+    from harness.experiment import Runner
+
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    cfg = load_config(path)
+    runner = Runner(cfg, path, Path(args.out) if args.out else None,
+                    log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+    try:
+        folder = runner.run()
+    finally:
+        if runner.runs:
+            table, files = report.report(runner.out)
+            print()
+            print(table)
+            print(f"\nresults: {runner.out}/results.json; plots and summary: "
+                  + ", ".join(str(f) for f in files))
+    return 0 if folder else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Per VM and per sharing domain: what `satori share` did and what the memory holds now."""
+    from harness import accounting
+    from harness.paths import runtime_dir
+    from harness.vm import load_states
+
+    states = [s for s in load_states() if s["alive"]]
+    shares = {}
+    for f in runtime_dir().glob("share-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            st = json.loads(f.read_text())
+            shares[st["domain"]] = st
+    while True:
+        out: dict = {"vms": {}, "domains": {}}
+        for dom, st in shares.items():
+            names = [n for n in st["vms"] if any(s["name"] == n for s in states)]
+            targets = [accounting.target_from_state(s) for s in states if s["name"] in names]
+            merged = {}
+            for s in states:
+                if s["name"] in names and s.get("agent"):
+                    from harness.sharing.agent import AgentClient
+
+                    with contextlib.suppress(Exception), AgentClient(s["agent"], connect_timeout=1) as ag:
+                        merged[s["name"]] = ag.merged_ranges()
+            sample = accounting.measure(targets, store=st.get("store_path"), merged=merged) if targets else None
+            d = sample.as_dict() if sample else {}
+            out["domains"][dom] = {k: d.get(k) for k in ("G", "F", "C", "E", "E_disk")} | {
+                "store_pages": st.get("store_pages")}
+            for n, v in st["vms"].items():
+                out["vms"][n] = {"domain": dom, "hinted": v["hinted"], "merged": v["merged"],
+                                 "broken": v["broken"], "rejected": v["rejected"] + v["changed"]}
+        for s in states:
+            out["vms"].setdefault(s["name"], {"domain": None, "hinted": None, "merged": 0, "broken": 0,
+                                              "rejected": None})
+        if args.json:
+            print(json.dumps(out, indent=2))
+            return 0
+        print(f"{'VM':10} {'DOMAIN':16} {'HINTED':>9} {'MERGED':>9} {'BROKEN':>8} {'REJECTED':>9}")
+        for n, v in out["vms"].items():
+            print(f"{n:10} {str(v['domain']):16} {v['hinted'] or 0:>9} {v['merged']:>9} {v['broken']:>8} "
+                  f"{v['rejected'] or 0:>9}")
+        for dom, d in out["domains"].items():
+            e = "n/a" if d["E"] is None else f"{d['E']:.3f}"
+            ed = "n/a" if d["E_disk"] is None else f"{d['E_disk']:.3f}"
+            print(f"domain {dom}: G {d['G']} F {d['F']} C {d['C']} E {e} E_disk {ed} store {d['store_pages']} pages")
+        if not shares:
+            print("no sharing engine running (satori share NAME...)")
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+        print()
+
+
 # ---------------------------------------------------------------- demo (main job for now)
 
 
@@ -354,6 +435,29 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--batch", type=int, default=4096, help="pages per merge batch")
     sh.add_argument("--interval", type=float, default=0.2, help="max seconds a planned merge waits")
     sh.set_defaults(func=cmd_share)
+
+    st = sub.add_parser("status", help="per VM and per domain sharing figures now")
+    st.add_argument("--json", action="store_true", help="one snapshot as JSON")
+    st.add_argument("--watch", type=float, default=0, help="refresh every N seconds")
+    st.set_defaults(func=cmd_status)
+
+    run = sub.add_parser("run", help="run an experiment config (default: configs/quickstart.yaml)")
+    run.add_argument("config", nargs="?")
+    run.add_argument("--out", help="result folder (default: the config's output or results/<name>-<time>)")
+    run.set_defaults(func=cmd_run)
+
+    from harness.config import cmd_config_check, cmd_config_schema
+    from harness.report import cmd_report
+
+    cf = sub.add_parser("config", help="experiment configs").add_subparsers(dest="sub", required=True)
+    ck = cf.add_parser("check", help="validate config files")
+    ck.add_argument("file", nargs="+")
+    ck.set_defaults(func=cmd_config_check)
+    sc = cf.add_parser("schema", help="print the JSON schema of a config")
+    sc.set_defaults(func=cmd_config_schema)
+    rp = sub.add_parser("report", help="summary table, CSV and plots of result folders; compare several")
+    rp.add_argument("dirs", nargs="+")
+    rp.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="build the image, boot two VMs, read a guest page from the host")
     demo.add_argument("--memory", type=int, default=512)

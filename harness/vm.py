@@ -286,7 +286,10 @@ class VM:
         if self.spec.sharing:
             from harness.sharing import agent
 
-            env.update(agent.agent_env(self.paths.agent, self.paths.ram))
+            if self.spec.ram_backend == "file":
+                env.update(agent.agent_env(self.paths.agent, self.paths.ram))
+            else:  # anonymous RAM (satori+ksm): the agent finds the RAM block by its size
+                env.update(agent.agent_env(self.paths.agent, None, ram_size=self.ram_size))
         for attempt in range(3):
             self.ssh_port = free_port()
             self.cmdline = build_cmdline(self.spec, self.image, self.paths, self.accel.accel, self.ssh_port)

@@ -116,7 +116,7 @@ class _VMState:
         self.m = m
         self.ring = HintRing(m.ring_path, m.ram_size)
         self.agent = AgentClient(m.agent_socket)
-        self.ram_fd = os.open(m.ram_path, os.O_RDONLY)
+        self.ram_fd = os.open(m.ram_path, os.O_RDONLY) if m.ram_path.exists() else -1
         self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
         self.hva = gpa2hva(m.qmp)
         self.merged: dict[int, int] = {}  # gpa -> store slot (merged or planned)
@@ -135,7 +135,8 @@ class _VMState:
         its private copy after a write): read it through /proc/<pid>/mem, which at worst maps
         the store page that is already there.
         """
-        if gpa in self.remapped:
+        if self.ram_fd < 0 or gpa in self.remapped:
+            # anonymous RAM (satori+ksm): a read fault there maps the zero page, allocates nothing
             return os.pread(self.mem_fd, PAGE, self.hva + gpa)
         return os.pread(self.ram_fd, PAGE, gpa)
 
@@ -143,8 +144,9 @@ class _VMState:
         self.ring.close()
         self.agent.close()
         for fd in (self.ram_fd, self.mem_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 class SharingEngine:

@@ -1,0 +1,394 @@
+"""One experiment (a YAML config) end to end: for every repetition and mode, boot the VMs, start
+the mode, run the workloads, sample the METRICS.md figures, shut down; then results and report.
+
+Modes (METRICS.md): ``none`` (stock driver, no sharing), ``ksm`` / ``ksm-fast`` (anonymous RAM
+marked mergeable, ksmd at 100 or 1000 pages per 20 ms), ``satori`` (hint ring + merge agent +
+sharing engine), ``satori+ksm`` (both: hints merge what reads reveal, ksmd the rest).
+
+Repetitions are interleaved: repetition r runs the modes rotated by r, so drift of the machine
+hits every mode alike. While a mode runs, one background thread steps the sharing engines and,
+every ``sample_interval_s``, takes a sample (accounting + oracle) and updates the surplus
+manager: one thread, so a sample never races a merge. Workloads run in the main thread over SSH.
+
+Results are written after every mode (``results.json``), so a run stopped by Ctrl-C keeps what
+was measured; every QEMU process, socket, store and /dev/shm file is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness import accounting, ksm, report
+from harness.config import ExperimentConfig, config_as_run, load_config
+from harness.errors import HarnessError
+from harness.image import Image, ensure_image
+from harness.sharing.engine import Member, SharingEngine
+from harness.surplus import Budget, SurplusManager
+from harness.vm import VM, VMSpec, new_run_id, start_all
+from harness.workloads import RunContext, make
+
+SATORI_MODES = ("satori", "satori+ksm")
+KSM_MODES = ("ksm", "ksm-fast", "satori+ksm")
+SETTLE_TAIL_S = 3.0  # sampling after the last workload
+
+
+@dataclasses.dataclass
+class ModeRun:
+    """What one (mode, repetition) produced."""
+
+    mode: str
+    rep: int
+    samples: list[dict[str, Any]]
+    workloads: list[dict[str, Any]]
+    events: list[tuple[float, str]]
+    t0: float | None  # seconds from mode start to the first workload read
+    engine: dict[str, Any] | None
+    ksm: dict[str, float] | None
+    cpu: dict[str, float]
+    merged_pages: int
+    boot_s: dict[str, float]
+    surplus: list[dict[str, Any]]
+    error: str | None = None
+
+
+class _Loop(threading.Thread):
+    """Steps the engines; samples and moves balloons every interval. One thread: no races."""
+
+    def __init__(self, vms: list[VM], engines: dict[str, SharingEngine], domains: dict[str, list[str]],
+                 interval: float, surplus: SurplusManager | None, t_start: float,
+                 ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None]) -> None:
+        super().__init__(daemon=True, name="satori-loop")
+        self.vms = {v.name: v for v in vms}
+        self.engines = engines
+        self.domains = domains
+        self.interval = interval
+        self.surplus = surplus
+        self.t_start = t_start
+        self.ksm_ctl = ksm_ctl
+        self.log = log
+        self.samples: list[dict[str, Any]] = []
+        self.stop_evt = threading.Event()
+        self.error: BaseException | None = None
+        self.engine_cpu = 0.0
+        self.sample_cpu = 0.0
+        self.idle = threading.Event()
+        self._disk_sets: dict[str, Any] = {}
+
+    def run(self) -> None:
+        try:
+            next_sample = time.monotonic()
+            while not self.stop_evt.is_set():
+                c0 = time.thread_time()
+                taken = sum(e.step() for e in self.engines.values())
+                self.engine_cpu += time.thread_time() - c0
+                if taken == 0:
+                    self.idle.set()
+                else:
+                    self.idle.clear()
+                if time.monotonic() >= next_sample:
+                    next_sample += self.interval
+                    c0 = time.thread_time()
+                    self.sample()
+                    self.sample_cpu += time.thread_time() - c0
+                if taken == 0:
+                    time.sleep(0.02)
+            for e in self.engines.values():
+                e.flush_all()
+        except BaseException as e:  # noqa: BLE001 - reported by the runner
+            self.error = e
+            self.idle.set()
+
+    def sample(self) -> None:
+        t = round(time.monotonic() - self.t_start, 3)
+        row: dict[str, Any] = {"t": t}
+        saving = 0
+        credits: dict[str, float] = {}
+        for dom, names in self.domains.items():
+            eng = self.engines.get(dom)
+            merged = eng.merged_ranges() if eng else None
+            s = accounting.measure([self.vms[n] for n in names], store=eng.store_path if eng else None,
+                                   merged=merged)
+            d = s.as_dict()
+            pre = "" if len(self.domains) == 1 else f"{dom}."
+            for k in ("G", "F", "C", "R", "M", "E", "E_nonzero", "E_disk", "R_disk", "M_disk",
+                      "G_disk", "zero_pages", "store_pages"):
+                if k in d:
+                    row[pre + k] = d[k]
+            saving += int(d.get("R") or 0)
+            # credit each VM by its pages in G beyond what the domain pays for them: a simple,
+            # additive proxy of (n-1)/n per shared page, from the per-VM counts
+            per_vm = s.per_vm()
+            total_g = sum(per_vm.values()) or 1
+            for n, g in per_vm.items():
+                credits[n] = max(0.0, float(d.get("R") or 0)) * g / total_g
+        if len(self.domains) > 1:
+            for k in ("G", "F", "C", "R", "M"):
+                row[k] = sum(row.get(f"{dom}.{k}", 0) or 0 for dom in self.domains)
+            row["E"] = (row["R"] / row["M"]) if row.get("M") else None
+        if self.surplus is not None:
+            self.surplus.update(saving, credits)
+            row.update(self.surplus.snapshot())
+        if self.ksm_ctl is not None:
+            k = self.ksm_ctl.sample()
+            row["ksm_pages_sharing"] = k.pages_sharing
+            row["ksmd_cpu_s"] = round(k.ksmd_cpu_s, 3)
+        for dom, eng in self.engines.items():
+            st = eng.stats()
+            row[("" if len(self.engines) == 1 else f"{dom}.") + "merged_total"] = st["merged_total"]
+        self.samples.append(row)
+
+    def settle(self, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
+        """Wait until the engines saw no new hint for ``quiet_s`` (no-op without engines)."""
+        if not self.engines:
+            return
+        end = time.monotonic() + timeout_s
+        quiet_since = None
+        while time.monotonic() < end and self.error is None:
+            if self.idle.is_set():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= quiet_s:
+                    return
+            else:
+                quiet_since = None
+            time.sleep(0.05)
+
+
+class Runner:
+    """``satori run CONFIG``: every mode and repetition, then results and report."""
+
+    def __init__(self, cfg: ExperimentConfig, config_path: Path | None = None,
+                 out: Path | None = None, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.out = out or cfg.output_dir()
+        self.log = log
+        self.runs: list[ModeRun] = []
+        self.image: Image | None = None
+        self.accel = None
+
+    # ------------------------------------------------------------ one mode
+    def _specs(self, mode: str) -> list[VMSpec]:
+        specs = []
+        for v in self.cfg.vm_list():
+            specs.append(VMSpec(
+                name=v.name, memory_mb=v.memory_mb, vcpus=v.vcpus,
+                hints=mode in SATORI_MODES, sharing=mode in SATORI_MODES,
+                ram_backend=ksm.ram_backend(mode), disk_iops=v.disk_iops, disk_bps=v.disk_bps,
+            ))
+        return specs
+
+    def run_mode(self, mode: str, rep: int) -> ModeRun:
+        assert self.image is not None
+        cfg = self.cfg
+        run_id = new_run_id()
+        t_start = time.monotonic()
+        cpu0 = time.process_time()
+        with contextlib.ExitStack() as stack:
+            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log) for s in self._specs(mode)]
+            for vm in vms:
+                stack.callback(vm.shutdown)
+            self.log(f"[{mode} #{rep + 1}] booting {len(vms)} VMs")
+            start_all(vms)
+            self.accel = vms[0].accel
+            boot = {vm.name: round(vm.boot_seconds or 0.0, 2) for vm in vms}
+            self.log(f"[{mode} #{rep + 1}] booted in {max(boot.values()):.1f} s")
+            budgets = [Budget.from_mb(v.name, v.entitlement_mb, v.memory_mb) for v in cfg.vm_list()]
+            surplus = None
+            if any(b.entitlement < b.max for b in budgets):
+                surplus = SurplusManager(budgets, {vm.name: vm.qmp for vm in vms},
+                                         enabled=cfg.surplus and mode != "none")
+                surplus.start()
+                self._wait_balloons(vms, surplus)
+            ksm_ctl = None
+            if mode in KSM_MODES:
+                ksm_ctl = stack.enter_context(ksm.KSMControl(mode))
+            ksm0 = ksm_ctl.sample() if ksm_ctl else None
+            engines: dict[str, SharingEngine] = {}
+            if mode in SATORI_MODES:
+                by_name = {vm.name: vm for vm in vms}
+                for dom, names in cfg.domains().items():
+                    engines[dom] = stack.enter_context(SharingEngine(
+                        [Member.from_vm(by_name[n]) for n in names], domain=f"{dom}-{run_id}", log=self.log))
+            t_mode = time.monotonic()
+            loop = _Loop(vms, engines, cfg.domains(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log)
+            loop.start()
+            stack.callback(loop.join, 30)
+            stack.callback(loop.stop_evt.set)
+            ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
+            results = []
+            error = None
+            try:
+                for i, w in enumerate(cfg.workloads):
+                    wl = make(w.name, w.params.model_dump() if hasattr(w.params, "model_dump") else dict(w.params or {}),
+                              seed=cfg.seed + rep)
+                    self.log(f"[{mode} #{rep + 1}] workload {i + 1}/{len(cfg.workloads)}: {w.name}")
+                    r = wl.run(vms, ctx)
+                    if loop.error:
+                        raise loop.error
+                    results.append(dataclasses.asdict(r))
+                    self.log(f"[{mode} #{rep + 1}] {w.name}: {r.time_s:.2f} s")
+                end = time.monotonic() + SETTLE_TAIL_S
+                while time.monotonic() < end and loop.error is None:
+                    time.sleep(0.1)
+            except KeyboardInterrupt:
+                error = "interrupted"
+                raise
+            finally:
+                loop.stop_evt.set()
+                loop.join(30)
+                if surplus is not None:
+                    with contextlib.suppress(Exception):
+                        surplus.release()
+                eng_stats = {d: e.stats() for d, e in engines.items()} or None
+                ksm_delta = ksm_ctl.sample().since(ksm0) if ksm_ctl and ksm0 else None
+                merged_pages = sum(s["merged_total"] for s in (eng_stats or {}).values())
+                agent_s = sum(v["agent_ns"] for s in (eng_stats or {}).values() for v in s["vms"].values()) / 1e9
+                ksm_pages = max((s.get("ksm_pages_sharing", 0) for s in loop.samples), default=0)
+                cpu = {
+                    "harness_s": round(time.process_time() - cpu0, 3),
+                    "engine_s": round(loop.engine_cpu, 3),
+                    "sampling_s": round(loop.sample_cpu, 3),
+                    "agent_s": round(agent_s, 3),
+                    "ksmd_s": round(ksm_delta["ksmd_cpu_s"], 3) if ksm_delta else 0.0,
+                    "wall_s": round(time.monotonic() - t_start, 3),
+                }
+                starts = [t for t, label in ctx.events if "start" in label or "read" in label or "warm" in label]
+                run = ModeRun(
+                    mode=mode, rep=rep, samples=loop.samples, workloads=results, events=ctx.events,
+                    t0=starts[0] if starts else None, engine=eng_stats, ksm=ksm_delta, cpu=cpu,
+                    merged_pages=merged_pages + ksm_pages, boot_s=boot,
+                    surplus=surplus.series() if surplus else [], error=error,
+                )
+                self.runs.append(run)
+                self.write()
+            if loop.error:
+                raise HarnessError(f"mode {mode}: sampling/sharing loop failed: {loop.error}") from loop.error
+        return run
+
+    def _wait_balloons(self, vms: list[VM], surplus: SurplusManager, timeout: float = 60.0) -> None:
+        """Wait until each guest's balloon reached its entitlement (the guest frees memory)."""
+        end = time.monotonic() + timeout
+        for vm in vms:
+            target = surplus.targets[vm.name] * 4096
+            while time.monotonic() < end:
+                if abs(int(vm.qmp("query-balloon")["actual"]) - target) < (8 << 20):
+                    break
+                time.sleep(0.5)
+            else:
+                self.log(f"VM {vm.name}: balloon did not reach {target >> 20} MB in {timeout:.0f} s")
+
+    # ------------------------------------------------------------ all
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.image = ensure_image(log=self.log)
+        modes = list(self.cfg.modes)
+        total = len(modes) * self.cfg.repetitions
+        k = 0
+        try:
+            for rep in range(self.cfg.repetitions):
+                order = modes[rep % len(modes):] + modes[:rep % len(modes)]
+                for mode in order:
+                    k += 1
+                    self.log(f"=== {k}/{total}: mode {mode}, repetition {rep + 1}/{self.cfg.repetitions}")
+                    self.run_mode(mode, rep)
+        except KeyboardInterrupt:
+            self.log("interrupted: everything started was stopped; writing what was measured")
+            self.write()
+            raise
+        self.write()
+        return self.out
+
+    # ------------------------------------------------------------ results
+    def results(self) -> dict[str, Any]:
+        by_mode: dict[str, dict[str, Any]] = {}
+        for r in self.runs:
+            m = by_mode.setdefault(r.mode, {"reps": []})
+            m["reps"].append(_rep_figures(r))
+        none_times = [rep["workload_time_s"] for rep in by_mode.get("none", {}).get("reps", [])
+                      if rep["workload_time_s"]]
+        base = sorted(none_times)[len(none_times) // 2] if none_times else None
+        modes: dict[str, Any] = {}
+        for mode, m in by_mode.items():
+            reps = m["reps"]
+            fig: dict[str, Any] = {}
+            for key in ("E_final", "E_nonzero_final", "E_disk_final", "time_to_90_s", "opportunity_captured",
+                        "cpu_per_merged_page_s", "workload_time_s", "hint_drops", "hint_rejects",
+                        "merged_pages", "cpu_total_pct_core", "agent_us_per_page", "boot_s"):
+                vals = [rep.get(key) for rep in reps]
+                fig[key] = vals if len(vals) > 1 else vals[0]
+            wt = [rep["workload_time_s"] for rep in reps]
+            if base:
+                slow = [t / base if t else None for t in wt]
+                gain = [base / t if t else None for t in wt]
+                fig["guest_slowdown"] = slow if len(slow) > 1 else slow[0]
+                fig["macro_gain"] = gain if len(gain) > 1 else gain[0]
+            else:
+                fig["guest_slowdown"] = None
+                fig["macro_gain"] = None
+            fig["samples"] = [rep["samples"] for rep in reps] if len(reps) > 1 else reps[0]["samples"]
+            fig["t0"] = [rep["t0"] for rep in reps] if len(reps) > 1 else reps[0]["t0"]
+            fig["runs"] = [{k: v for k, v in rep.items() if k != "samples"} for rep in reps]
+            modes[mode] = fig
+        meta = report.collect_meta(
+            config_as_run(self.cfg), self.accel.accel if self.accel else None,
+            self.image.abi if self.image else None, self.image.recipe_hash if self.image else None,
+        )
+        if self.accel:
+            meta["accel_reason"] = self.accel.reason
+        meta["config_file"] = str(self.config_path) if self.config_path else None
+        meta["seed"] = self.cfg.seed
+        return {"name": self.cfg.name, "meta": meta, "modes": modes,
+                "complete": len(self.runs) == len(self.cfg.modes) * self.cfg.repetitions}
+
+    def write(self) -> None:
+        report.write_results(self.out, self.results())
+
+
+def _rep_figures(r: ModeRun) -> dict[str, Any]:
+    s = r.samples
+    last = s[-1] if s else {}
+    wt = sum(w["time_s"] for w in r.workloads) if r.workloads else None
+    drops = rejects = 0
+    for st in (r.engine or {}).values():
+        for v in st["vms"].values():
+            drops += v["dropped"]
+            rejects += v["rejected"] + v["changed"]
+    cpu_s = r.cpu["engine_s"] + r.cpu["agent_s"] + r.cpu["ksmd_s"]
+    agent_pages = sum(v["merged_total"] + v["mismatched"] for st in (r.engine or {}).values()
+                      for v in st["vms"].values())
+    return {
+        "rep": r.rep,
+        "E_final": last.get("E"),
+        "E_nonzero_final": last.get("E_nonzero"),
+        "E_disk_final": last.get("E_disk"),
+        "time_to_90_s": report.time_to_threshold(s, "E_disk", 0.9, r.t0 or 0.0) if s else None,
+        "opportunity_captured": report.opportunity_captured(s, t0=r.t0) if s else None,
+        "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages else None,
+        "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2) if r.cpu["wall_s"] else None,
+        "agent_us_per_page": (r.cpu["agent_s"] * 1e6 / agent_pages) if agent_pages else None,
+        "workload_time_s": wt,
+        "hint_drops": drops,
+        "hint_rejects": rejects,
+        "merged_pages": r.merged_pages,
+        "boot_s": max(r.boot_s.values()) if r.boot_s else None,
+        "cpu": r.cpu,
+        "ksm": r.ksm,
+        "engine": r.engine,
+        "workloads": r.workloads,
+        "events": r.events,
+        "surplus": r.surplus,
+        "error": r.error,
+        "t0": r.t0,
+        "samples": s,
+    }
+
+
+def run_config(path: Path, out: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    cfg = load_config(path)
+    return Runner(cfg, path, out, log).run()
