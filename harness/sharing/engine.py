@@ -389,14 +389,24 @@ class SharingEngine:
             self._reconcile(st, {int(g) for g, _ in pairs.tolist()})
         st.c.merged = len(st.merged)
 
+    def _mapped_arrays(self, st: _VMState) -> tuple[np.ndarray, np.ndarray]:
+        """(gpas, slots) of every page the agent maps from the store, not faulted private;
+        sorted by gpa. Expanded from the agent's ranges with numpy: no per-page Python."""
+        ranges = st.agent.merged_ranges(exclude_private=True).astype(np.int64).reshape(-1, 3)
+        if not len(ranges):
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        n = ranges[:, 2]
+        starts = np.repeat(np.cumsum(n) - n, n)
+        k = np.arange(int(n.sum()), dtype=np.int64) - starts
+        gpas = np.repeat(ranges[:, 0], n) + k * PAGE
+        slots = np.repeat(ranges[:, 1] // PAGE, n) + k
+        order = np.argsort(gpas, kind="stable")
+        return gpas[order], slots[order]
+
     def _mapped_now(self, st: _VMState) -> dict[int, int]:
         """gpa -> store slot of every page the agent has mapped from the store, not private."""
-        ranges = st.agent.merged_ranges(exclude_private=True)
-        out: dict[int, int] = {}
-        for g, s, n in ranges.tolist():
-            for k in range(n):
-                out[g + k * PAGE] = s // PAGE + k
-        return out
+        g, sl = self._mapped_arrays(st)
+        return dict(zip(g.tolist(), sl.tolist(), strict=True))
 
     def _reconcile(self, st: _VMState, gpas: set[int]) -> None:
         """After a batch with misses: drop the planned pages the agent did not map."""
@@ -410,31 +420,45 @@ class SharingEngine:
         pages the guests wrote since are copy-on-write breaks; slots nobody maps are freed.
 
         The engine's own bookkeeping is reset to the agents' view, so a stale or forged hint
-        can never make the engine free a store page that some guest still maps.
+        can never make the engine free a store page that some guest still maps. Vectorised:
+        only the pages that differ are touched in Python.
         """
         broken = 0
-        live: set[int] = set()
+        live: list[np.ndarray] = []
         for st in self.vms:
-            planned = dict((g, s // PAGE) for g, s in st.pending)
-            mapped = self._mapped_now(st) if (st.merged or self.maybe_free) else {}
-            live.update(mapped.values())
-            live.update(planned.values())
-            for gpa, slot in list(st.merged.items()):
-                if planned.get(gpa) == slot or mapped.get(gpa) == slot:
+            if not st.merged and not self.maybe_free:
+                continue
+            planned = {g: s // PAGE for g, s in st.pending}
+            g, sl = self._mapped_arrays(st)
+            live.append(sl)
+            live.append(np.fromiter(planned.values(), np.int64, len(planned)))
+            keys = np.fromiter(st.merged.keys(), np.int64, len(st.merged))
+            vals = np.fromiter(st.merged.values(), np.int64, len(st.merged))
+            # engine says merged, agent does not (with that slot): broken, unless still planned
+            idx = np.minimum(np.searchsorted(g, keys), max(len(g) - 1, 0))
+            ok = (g[idx] == keys) & (sl[idx] == vals) if len(g) else np.zeros(len(keys), bool)
+            for gpa, slot in zip(keys[~ok].tolist(), vals[~ok].tolist(), strict=True):
+                if planned.get(gpa) == slot:
                     continue
                 self._unref(st, gpa)
                 st.c.broken += 1
                 broken += 1
-            for gpa, slot in mapped.items():
-                if st.merged.get(gpa) != slot:  # mapped, though the engine had let go of it
+            # agent maps it, engine had let go of it: take the agent's word
+            if len(g):
+                order = np.argsort(keys, kind="stable")
+                ks, vs = keys[order], vals[order]
+                j = np.minimum(np.searchsorted(ks, g), max(len(ks) - 1, 0))
+                known = (ks[j] == g) & (vs[j] == sl) if len(ks) else np.zeros(len(g), bool)
+                for gpa, slot in zip(g[~known].tolist(), sl[~known].tolist(), strict=True):
                     if gpa in st.merged:
                         self._unref(st, gpa)
                     st.merged[gpa] = slot
+                    st.remapped.add(gpa)
                     self.slot_refs[slot] += 1
                     self.maybe_free.discard(slot)
             st.c.merged = len(st.merged)
         if self.maybe_free:
-            self._free_unused_slots(live)
+            self._free_unused_slots(set(np.concatenate(live).tolist()) if live else set())
         return broken
 
     # ---------------------------------------------------------------- figures
