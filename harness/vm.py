@@ -439,7 +439,9 @@ def harness_leftovers() -> list[str]:
     vms = runtime_dir() / "vms"
     if vms.exists():
         left += [f"vm folder: {p}" for p in vms.iterdir()]
-    out = subprocess.run(["pgrep", "-a", "-f", f"^{QEMU} .*satori-"], capture_output=True, text=True).stdout
+    # QEMUs of this runtime folder (their QMP sockets live there)
+    out = subprocess.run(["pgrep", "-a", "-f", f"^{QEMU} .*{runtime_dir()}/"], capture_output=True,
+                         text=True).stdout
     left += [f"process: {line[:160]}" for line in out.splitlines()]
     return left
 

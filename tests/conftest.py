@@ -4,10 +4,29 @@ harness may remain."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 
 from harness.image import Image, ensure_image
 from harness.vm import harness_leftovers
+
+# This test session's own runtime folder and /dev/shm folder: its leak checks then see only what
+# it made, even while other harness runs (a benchmark, another session) use the same machine.
+_SESSION = f"satori-test-{os.getpid()}"
+os.environ["SATORI_RUNTIME"] = str(Path("/tmp") / _SESSION)
+os.environ["SATORI_SHM"] = str(Path("/dev/shm") / _SESSION)
+Path(os.environ["SATORI_SHM"]).mkdir(exist_ok=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    left = harness_leftovers()
+    if left:
+        print("\nleft behind by the test session:\n" + "\n".join(left))
+    for var in ("SATORI_SHM", "SATORI_RUNTIME"):
+        shutil.rmtree(os.environ[var], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
