@@ -174,12 +174,15 @@ class Runner:
 
     # ------------------------------------------------------------ one mode
     def _specs(self, mode: str) -> list[VMSpec]:
+        # the adversary maps its hint ring BAR from guest user space: the kernel must allow it
+        append = "iomem=relaxed" if any(w.name == "adversary" for w in self.cfg.workloads) else ""
         specs = []
         for v in self.cfg.vm_list():
             specs.append(VMSpec(
                 name=v.name, memory_mb=v.memory_mb, vcpus=v.vcpus,
                 hints=mode in SATORI_MODES, sharing=mode in SATORI_MODES,
                 ram_backend=ksm.ram_backend(mode), disk_iops=v.disk_iops, disk_bps=v.disk_bps,
+                append=append,
             ))
         return specs
 

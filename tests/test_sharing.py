@@ -13,6 +13,7 @@ import pytest
 
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
+from harness.workloads import integrity
 
 pytestmark = pytest.mark.integration
 
@@ -128,41 +129,11 @@ print(n)
     assert b.ssh.check(f"cat {FILES} | md5sum").split()[0] == before_b
 
 
-INTEGRITY = r"""
-import hashlib, os, random, sys, time
-# A file identical in both guests (so its cached pages merge across VMs); this process keeps
-# rewriting random pages of it, dropping and re-reading it (new hints, new merges) and checking
-# every page against what it last wrote. Prints: rounds, pages checked, bad pages.
-path, secs, seed = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])  # stops early on /tmp/stop
-fd = os.open(path, os.O_RDWR)
-n = os.fstat(fd).st_size // 4096
-expect = [hashlib.md5(os.pread(fd, 4096, i * 4096)).digest() for i in range(n)]
-rnd = random.Random(seed); bad = checked = rounds = 0; end = time.time() + secs
-while time.time() < end and not os.path.exists("/tmp/stop"):
-    for _ in range(64):
-        i = rnd.randrange(n); page = rnd.randbytes(4096)
-        os.pwrite(fd, page, i * 4096); expect[i] = hashlib.md5(page).digest()
-    if rounds % 2 == 0:
-        os.fsync(fd); os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    for i in range(n):
-        checked += 1
-        cur = os.pread(fd, 4096, i * 4096)
-        if hashlib.md5(cur).digest() != expect[i]:
-            bad += 1
-            if bad <= 20:
-                print("bad page", i, "round", rounds, "zero" if cur == bytes(4096) else "nonzero",
-                      file=sys.stderr)
-    rounds += 1
-print(rounds, checked, bad)
-"""
-
-
 def test_integrity_under_repeated_merging(pair):
     """Guests check every page while the engine merges files they re-read and they rewrite."""
     (a, b), eng = pair
     for vm in (a, b):
-        vm.ssh.put(INTEGRITY.encode(), "/tmp/integrity.py")
-        vm.ssh.check("cat /data/set1/f004[0-7].bin > /root/integ.bin; sync; echo 3 > /proc/sys/vm/drop_caches")
+        integrity.prepare(vm, 32)  # 32 MB of dataset files, identical in both guests
     chans = []
     for i, vm in enumerate((a, b)):
         chan = vm.ssh.client.get_transport().open_session()
@@ -190,9 +161,9 @@ def test_integrity_under_repeated_merging(pair):
                 time.sleep(0.1)
         err = chan.recv_stderr(65536).decode()
         assert chan.recv_exit_status() == 0, err
-        outs.append(out.decode().split() + [err])
-    for rounds_g, checked, bad, _err in outs:
-        assert int(bad) == 0 and int(rounds_g) > 0 and int(checked) > 0, (outs, eng.stats())
+        outs.append((integrity.parse(out.decode()), err))
+    for r, _err in outs:
+        assert r["bad_pages"] == 0 and r["rounds"] > 0 and r["checked"] > 0, (outs, eng.stats())
     merges = eng.stats()["merged_total"] - m0
     assert merges >= 100_000, f"only {merges} merges in {rounds} rounds"
     # every file still reads right in both guests

@@ -99,10 +99,19 @@ def timed(vm, command: str, timeout: float = 1800) -> float:
 
 
 def registry() -> dict[str, type[Workload]]:
-    from harness.workloads import boot_storm, identical_readers, macro, short_lived, web
+    from harness.workloads import (
+        adversary,
+        boot_storm,
+        identical_readers,
+        integrity,
+        macro,
+        short_lived,
+        web,
+    )
 
     return {w.kind: w for w in (identical_readers.IdenticalReaders, short_lived.ShortLived,
-                                 macro.Macro, web.Web, boot_storm.BootStorm)}
+                                 macro.Macro, web.Web, boot_storm.BootStorm, integrity.Integrity,
+                                 adversary.Adversary)}
 
 
 def make(kind: str, params: dict[str, Any] | None = None, seed: int = 0) -> Workload:
