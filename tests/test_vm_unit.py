@@ -7,6 +7,7 @@ import pytest
 from harness.accel import decide
 from harness.errors import HarnessError
 from harness.image import Image
+from harness.paths import shm_dir
 from harness.vm import VMPaths, VMSpec, build_cmdline
 
 
@@ -31,7 +32,7 @@ def test_cmdline_shared_file_backend_and_ports():
     assert "virtio-balloon-pci,id=balloon0" in opt(cmd, "-device")
     assert len(opt(cmd, "-qmp")) == 2
     assert opt(cmd, "-smp") == ["2"]
-    assert str(paths.ram).startswith("/dev/shm/satori-r1-a")
+    assert paths.ram == shm_dir() / "satori-r1-a-ram"
     # the hint ring: an ivshmem-plain device over its own shared file
     assert any(o.startswith("memory-backend-file,id=hintring") and f"mem-path={paths.ring}" in o for o in objs)
     assert "ivshmem-plain,memdev=hintring,id=hintdev" in opt(cmd, "-device")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from harness.accounting import ram_hva
 from harness.errors import AgentError, HarnessError
 from harness.hints import HintRing
 from harness.paths import shm_dir
@@ -101,15 +101,6 @@ class VMCounters:
     agent_ns: int = 0
 
 
-def gpa2hva(qmp: Callable[..., Any]) -> int:
-    """Host virtual address of guest-physical 0 in the QEMU process (HMP ``gpa2hva``)."""
-    out = qmp("human-monitor-command", **{"command-line": "gpa2hva 0"})
-    m = re.search(r"is (0x[0-9a-f]+)", str(out))
-    if not m:
-        raise HarnessError(f"gpa2hva: unexpected reply {out!r}")
-    return int(m.group(1), 16)
-
-
 class _VMState:
     def __init__(self, idx: int, m: Member) -> None:
         self.idx = idx
@@ -118,7 +109,7 @@ class _VMState:
         self.agent = AgentClient(m.agent_socket)
         self.ram_fd = os.open(m.ram_path, os.O_RDONLY) if m.ram_path.exists() else -1
         self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
-        self.hva = gpa2hva(m.qmp)
+        self.hva = ram_hva(m)  # HMP gpa2hva, as the accounting reads it
         self.merged: dict[int, int] = {}  # gpa -> store slot (merged or planned)
         # gpas ever mapped from the store: their bytes live in QEMU's private mapping (store page
         # or, after a copy-on-write break, an anonymous copy), no longer in the RAM file
