@@ -19,9 +19,9 @@
 
 How memory is read, so that measuring never allocates guest memory:
 
-- guest page contents: ``process_vm_readv`` from QEMU at ``hva + offset`` for present pages
-  only, runs of consecutive pages in one iovec (the same access as a ``pread`` of
-  ``/proc/<pid>/mem``, with one copy instead of two: *measured* 7x faster). A page that stops
+- guest page contents: ``preadv`` of ``/proc/<pid>/mem`` at ``hva + offset`` for present pages
+  only, runs of consecutive pages in one read (not ``process_vm_readv``: its read-only pins
+  unshare KSM-merged pages, see :func:`harness.oracle.hash_process_pages`). A page that stops
   being present between the pagemap read and the content read would be faulted in by that
   read: a narrow race with a running guest; pass ``pause=True`` to hold the vCPUs with QMP
   ``stop``/``cont`` around the sample.
