@@ -321,6 +321,7 @@ class Runner:
             reps = m["reps"]
             fig: dict[str, Any] = {}
             for key in ("E_final", "E_nonzero_final", "E_disk_final", "time_to_90_s", "opportunity_captured",
+                        "opportunity_disk",
                         "cpu_per_merged_page_s", "workload_time_s", "hint_drops", "hint_rejects",
                         "merged_pages", "cpu_total_pct_core", "agent_us_per_page", "boot_s"):
                 vals = [rep.get(key) for rep in reps]
@@ -372,6 +373,8 @@ def _rep_figures(r: ModeRun) -> dict[str, Any]:
         "E_disk_final": last.get("E_disk"),
         "time_to_90_s": report.time_to_threshold(s, "E_disk", 0.9, r.t0 or 0.0) if s else None,
         "opportunity_captured": report.opportunity_captured(s, t0=r.t0) if s else None,
+        # the same over disk pages only: what reads can reveal (satori's target)
+        "opportunity_disk": report.opportunity_captured(s, r_key="R_disk", m_key="M_disk", t0=r.t0) if s else None,
         "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages else None,
         "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2) if r.cpu["wall_s"] else None,
         "agent_us_per_page": (r.cpu["agent_s"] * 1e6 / agent_pages) if agent_pages else None,

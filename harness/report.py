@@ -98,6 +98,7 @@ FIGURES: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("E_disk_final", "E_disk", _pct),
     ("time_to_90_s", "time to 90%", _secs),
     ("opportunity_captured", "opportunity", _pct),
+    ("opportunity_disk", "opportunity disk", _pct),
     ("cpu_per_merged_page_s", "CPU/merged page", _us),
     ("guest_slowdown", "slowdown", _ratio),
     ("workload_time_s", "workload time", _secs),
