@@ -73,8 +73,10 @@ def test_quickstart_is_what_the_readme_promises() -> None:
 def test_macro_entitlement_is_below_the_working_set() -> None:
     cfg = load_config(HERE.parent / "configs" / "macro.yaml", host_mem_mb=4096)
     ws = 4 * cfg.workloads[0].params.files  # MB: 4 MiB files
+    guest = 100  # MB the guest itself needs (kernel, init, sshd, fio and its libraries), roughly
     for v in cfg.vm_list():
-        assert v.entitlement_mb < ws <= v.memory_mb
+        # the page cache left at the entitlement is too small for the working set; at max it fits
+        assert v.entitlement_mb - guest < ws <= v.memory_mb - guest
         assert v.disk_iops and v.disk_bps
     assert cfg.surplus
 
