@@ -10,6 +10,7 @@ import os
 import time
 
 import pytest
+import xxhash
 
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
@@ -84,17 +85,23 @@ def test_copy_on_write_keeps_each_side_right(pair):
     (a, b), eng = pair
     path = "/data/set1/f0000.bin"
     orig = a.ssh.check(f"md5sum {path}").split()[0]
-    ranges = eng.merged_ranges()[a.name]
-    assert len(ranges), "nothing merged in A"
-    g, s, _ = (int(x) for x in ranges[0])
-    store_page = eng.store.read(s // 4096)
+    assert len(eng.merged_ranges()[a.name]), "nothing merged in A"
     # A overwrites the file in place (page cache pages merged from the store)
     a.ssh.check(f"dd if=/dev/urandom of={path} bs=4096 count=1024 conv=notrunc status=none; sync")
     eng.run_for(1.5)
     new_a = a.ssh.check(f"md5sum {path}").split()[0]
     assert new_a != orig
     assert b.ssh.check(f"md5sum {path}").split()[0] == orig
-    assert eng.store.read(s // 4096) == store_page, "the store page changed"
+    # every store page a guest still maps (not written since) holds exactly the content it was
+    # stored with; a page nobody needs any more may have been freed: that is the engine's job
+    checked = 0
+    for ranges in eng.merged_ranges(exclude_private=True).values():
+        for _g, s, n in ranges.tolist()[:200]:
+            for k in range(n):
+                slot = s // 4096 + k
+                assert xxhash.xxh64_intdigest(eng.store.read(slot)) == eng.slot_hash[slot], slot
+                checked += 1
+    assert checked > 0
     assert a.ssh.check(f"echo 3 > /proc/sys/vm/drop_caches; md5sum {path}").split()[0] == new_a
     assert eng.stats()["vms"][a.name]["broken"] > 0
 

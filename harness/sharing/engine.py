@@ -453,9 +453,11 @@ class SharingEngine:
         return broken
 
     # ---------------------------------------------------------------- figures
-    def merged_ranges(self) -> dict[str, np.ndarray]:
-        """Per VM: the (guest_off, store_off, npages) ranges mapped from the store now."""
-        return {st.m.name: st.agent.merged_ranges() for st in self.vms}
+    def merged_ranges(self, exclude_private: bool = False) -> dict[str, np.ndarray]:
+        """Per VM: the (guest_off, store_off, npages) ranges mapped from the store now; with
+        ``exclude_private`` without the pages the guest has written since (copy-on-write
+        broken: they hold a private copy and no longer need the store page)."""
+        return {st.m.name: st.agent.merged_ranges(exclude_private) for st in self.vms}
 
     def stats(self) -> dict[str, Any]:
         vms = {st.m.name: dataclasses.asdict(st.c) for st in self.vms}
