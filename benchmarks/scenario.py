@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+")
     ap.add_argument("--keep", type=float, help="override keep_s of every workload that has it")
     ap.add_argument("--vms", type=int, help="override vms.count")
+    ap.add_argument("--surplus", choices=["on", "off"], help="override surplus")
     ap.add_argument("--out")
     a = ap.parse_args()
     path = Path(a.config)
@@ -62,6 +63,9 @@ def main() -> int:
     if a.vms and isinstance(data.get("vms"), dict):
         data["vms"]["count"] = a.vms
         data["name"] = f"{data['name']}-{a.vms}vm"
+    if a.surplus:
+        data["surplus"] = a.surplus == "on"
+        data["name"] = f"{data['name']}-surplus-{a.surplus}"
     if a.keep is not None:
         for w in data["workloads"]:
             if "keep_s" in (w.get("params") or {}):
