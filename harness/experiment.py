@@ -78,7 +78,6 @@ class _Loop(threading.Thread):
         self.engine_cpu = 0.0
         self.sample_cpu = 0.0
         self.idle = threading.Event()
-        self._disk_sets: dict[str, Any] = {}
 
     def run(self) -> None:
         try:
@@ -220,12 +219,10 @@ class Runner:
                         [Member.from_vm(by_name[n]) for n in names], domain=f"{dom}-{run_id}", log=self.log))
             t_mode = time.monotonic()
             loop = _Loop(vms, engines, cfg.domains(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log)
-            loop.start()
-            stack.callback(loop.join, 30)
-            stack.callback(loop.stop_evt.set)
             ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
             results = []
             error = None
+            loop.start()  # stopped and joined in the finally below
             try:
                 for i, w in enumerate(cfg.workloads):
                     wl = make(w.name, w.params.model_dump() if hasattr(w.params, "model_dump") else dict(w.params or {}),

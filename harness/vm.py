@@ -401,7 +401,7 @@ class VM:
             with contextlib.suppress(Exception):
                 self._qmp.close()
             self._qmp = None
-        remove_vm_files(self.paths)
+        remove_vm_files([self.paths.ram, self.paths.ring], self.paths.work)
 
 
 def _wait_or_kill(proc: subprocess.Popen, timeout: float) -> None:
@@ -446,11 +446,13 @@ def harness_leftovers() -> list[str]:
     return left
 
 
-def remove_vm_files(paths: VMPaths) -> None:
-    for p in (paths.ram, paths.ring):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
-    shutil.rmtree(paths.work, ignore_errors=True)
+def remove_vm_files(shm_files: list[Path | str | None], work: Path | str) -> None:
+    """Remove a VM's /dev/shm files (RAM, hint ring) and its work folder; missing ones are fine."""
+    for p in shm_files:
+        if p:
+            with contextlib.suppress(FileNotFoundError):
+                Path(p).unlink()
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def qmp_connect(sock: Path, timeout: float = 10.0) -> QEMUMonitorProtocol:
@@ -534,8 +536,4 @@ def stop_background(state: dict, timeout: float = 15.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
             time.sleep(1)
-    for key in ("ram", "ring"):
-        if state.get(key):
-            with contextlib.suppress(FileNotFoundError):
-                Path(state[key]).unlink()
-    shutil.rmtree(state["work"], ignore_errors=True)
+    remove_vm_files([state.get("ram"), state.get("ring")], state["work"])

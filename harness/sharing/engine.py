@@ -394,16 +394,15 @@ class SharingEngine:
         order = np.argsort(gpas, kind="stable")
         return gpas[order], slots[order]
 
-    def _mapped_now(self, st: _VMState) -> dict[int, int]:
-        """gpa -> store slot of every page the agent has mapped from the store, not private."""
-        g, sl = self._mapped_arrays(st)
-        return dict(zip(g.tolist(), sl.tolist(), strict=True))
-
     def _reconcile(self, st: _VMState, gpas: set[int]) -> None:
         """After a batch with misses: drop the planned pages the agent did not map."""
-        mapped = self._mapped_now(st)
+        g, sl = self._mapped_arrays(st)
         for gpa in gpas:
-            if gpa in st.merged and mapped.get(gpa) != st.merged[gpa]:
+            slot = st.merged.get(gpa)
+            if slot is None:
+                continue
+            i = int(np.searchsorted(g, gpa))
+            if not (i < len(g) and g[i] == gpa and sl[i] == slot):
                 self._unref(st, gpa)
 
     def check_breaks(self) -> int:
