@@ -52,6 +52,7 @@ import numpy as np
 
 from harness import oracle
 from harness.errors import HarnessError
+from harness.surplus import credits_from_frames
 
 PAGE = 4096
 PM_PRESENT = np.uint64(1 << 63)
@@ -484,6 +485,10 @@ class Sample:
     frames_read: int = 0  # distinct frames whose content was read (each frame is read once)
     cpu_seconds: float = 0.0  # CPU time of the harness process taking it (a loaded host shows
     # a wall time far above this)
+    # per VM: the frames its pages share with other pages, (n-1)/n for each of its pages on a
+    # frame held n times (harness.surplus.credits_from_frames); they add up to G minus the
+    # distinct frames behind G
+    credits: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def per_vm(self) -> dict[str, int]:
         return {v.name: v.G for v in self.vms}
@@ -657,6 +662,7 @@ def measure(
         zero_pages=int(np.count_nonzero(oracle.is_zero_hash(hashes))),
         store_pages=len(s_frames), store_only_pages=store_only,
         vms=tuple(per_vm), frames_read=read, cpu_seconds=time.process_time() - c0,
+        credits=credits_from_frames(frames, vm_of, [t.name for t in targets]),
     )
 
 

@@ -175,6 +175,12 @@ def test_store_backed_pages_count_after_real_merges(image):
         assert before.E_disk == 0.0
         assert s.E_disk >= 0.9 and s.R_disk >= 0.9 * len(common)
         assert s.C == before.C  # contents did not change
+        # surplus credits: (n-1)/n per page on a frame held n times; they add up to the frames
+        # G saves, and two VMs sharing pairs of pages earn alike
+        assert sum(before.credits.values()) == pytest.approx(before.G - (before.F - before.store_only_pages))
+        assert sum(s.credits.values()) == pytest.approx(s.G - (s.F - s.store_only_pages))
+        assert min(s.credits.values()) >= 0.45 * 0.9 * len(common)
+        assert sum(s.credits.values()) >= sum(before.credits.values()) + 0.9 * len(common)
         # guests touch their merged pages again (reads): present now, on the store's frames
         _read_everywhere(vms)
         with AgentClient(vms[0].agent_socket) as c0, AgentClient(vms[1].agent_socket) as c1:
