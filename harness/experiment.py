@@ -28,7 +28,7 @@ from harness import accounting, ksm, report
 from harness.config import ExperimentConfig, config_as_run, load_config
 from harness.errors import HarnessError
 from harness.image import Image, ensure_image
-from harness.sharing.engine import Member, SharingEngine
+from harness.sharing.engine import IdlePoll, Member, SharingEngine
 from harness.surplus import Budget, SurplusManager
 from harness.vm import VM, VMSpec, new_run_id, start_all
 from harness.workloads import RunContext, make
@@ -82,6 +82,7 @@ class _Loop(threading.Thread):
     def run(self) -> None:
         try:
             next_sample = time.monotonic()
+            idle = IdlePoll(0.02, 0.1)
             while not self.stop_evt.is_set():
                 c0 = time.thread_time()
                 taken = sum(e.step() for e in self.engines.values())
@@ -95,8 +96,7 @@ class _Loop(threading.Thread):
                     c0 = time.thread_time()
                     self.sample()
                     self.sample_cpu += time.thread_time() - c0
-                if taken == 0:
-                    time.sleep(0.02)
+                idle.wait(taken)  # 20 ms while hints flow, backing off to 100 ms when quiet
             for e in self.engines.values():
                 e.flush_all()
         except BaseException as e:  # noqa: BLE001 - reported by the runner
@@ -120,12 +120,8 @@ class _Loop(threading.Thread):
                 if k in d:
                     row[pre + k] = d[k]
             saving += int(d.get("R") or 0)
-            # credit each VM by its pages in G beyond what the domain pays for them: a simple,
-            # additive proxy of (n-1)/n per shared page, from the per-VM counts
-            per_vm = s.per_vm()
-            total_g = sum(per_vm.values()) or 1
-            for n, g in per_vm.items():
-                credits[n] = max(0.0, float(d.get("R") or 0)) * g / total_g
+            # each VM's contribution: (n-1)/n for each of its pages on a frame held n times
+            credits.update(s.credits)
         if len(self.domains) > 1:
             for k in ("G", "F", "C", "R", "M"):
                 row[k] = sum(row.get(f"{dom}.{k}", 0) or 0 for dom in self.domains)
@@ -248,13 +244,18 @@ class Runner:
                 eng_stats = {d: e.stats() for d, e in engines.items()} or None
                 ksm_delta = ksm_ctl.sample().since(ksm0) if ksm_ctl and ksm0 else None
                 merged_pages = sum(s["merged_total"] for s in (eng_stats or {}).values())
-                agent_s = sum(v["agent_ns"] for s in (eng_stats or {}).values() for v in s["vms"].values()) / 1e9
+                vm_stats = [v for s in (eng_stats or {}).values() for v in s["vms"].values()]
+                # the agents' thread CPU (every request: merges and the engine's LISTs); their
+                # merge time alone where an agent could not say
+                agent_s = sum(v.get("agent_cpu_ns") or v["agent_ns"] for v in vm_stats) / 1e9
+                agent_merge_s = sum(v["agent_ns"] for v in vm_stats) / 1e9
                 ksm_pages = max((s.get("ksm_pages_sharing", 0) for s in loop.samples), default=0)
                 cpu = {
                     "harness_s": round(time.process_time() - cpu0, 3),
                     "engine_s": round(loop.engine_cpu, 3),
                     "sampling_s": round(loop.sample_cpu, 3),
                     "agent_s": round(agent_s, 3),
+                    "agent_merge_s": round(agent_merge_s, 3),
                     "ksmd_s": round(ksm_delta["ksmd_cpu_s"], 3) if ksm_delta else 0.0,
                     "wall_s": round(time.monotonic() - t_start, 3),
                 }
@@ -374,7 +375,8 @@ def _rep_figures(r: ModeRun) -> dict[str, Any]:
         "opportunity_disk": report.opportunity_captured(s, r_key="R_disk", m_key="M_disk", t0=r.t0) if s else None,
         "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages else None,
         "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2) if r.cpu["wall_s"] else None,
-        "agent_us_per_page": (r.cpu["agent_s"] * 1e6 / agent_pages) if agent_pages else None,
+        "agent_us_per_page": (r.cpu.get("agent_merge_s", r.cpu["agent_s"]) * 1e6 / agent_pages)
+        if agent_pages else None,
         "workload_time_s": wt,
         "hint_drops": drops,
         "hint_rejects": rejects,

@@ -80,32 +80,41 @@ def _find_compiler() -> str | None:
 
 def agent_library_path() -> Path:
     """Where the agent built from the current source lives (it may not exist yet)."""
-    digest = hashlib.sha256(agent_source().read_bytes()).hexdigest()[:16]
-    return cache_dir() / "agent" / digest / LIB_NAME
+    return library_path(agent_source(), "agent", LIB_NAME)
+
+
+def library_path(source: Path, folder: str, lib_name: str) -> Path:
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    return cache_dir() / folder / digest / lib_name
 
 
 def ensure_agent() -> Path:
     """Compile ``agent.c`` once per source hash into the cache; return the library path."""
-    out = agent_library_path()
+    return build_library(agent_source(), agent_library_path(), "the merge agent")
+
+
+def build_library(source: Path, out: Path, what: str) -> Path:
+    """Compile one C file into a shared library at ``out`` (the cache, keyed by its source hash)
+    unless it is there already; a missing compiler or a compile error is a clear error."""
     if out.is_file():
         return out
     cc = _find_compiler()
     if cc is None:
         raise ToolMissing(
-            "no C compiler (cc or gcc) found to build the merge agent: install the package gcc"
+            f"no C compiler (cc or gcc) found to build {what}: install the package gcc"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{LIB_NAME}.tmp.{os.getpid()}")
-    cmd = [cc, *CFLAGS, "-o", str(tmp), str(agent_source())]
+    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+    cmd = [cc, *CFLAGS, "-o", str(tmp), str(source)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         tmp.unlink(missing_ok=True)
-        raise AgentError("compiling the merge agent failed", f"{' '.join(cmd)}\n{e}") from e
+        raise AgentError(f"compiling {what} failed", f"{' '.join(cmd)}\n{e}") from e
     if proc.returncode != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise AgentError(
-            "compiling the merge agent failed",
+            f"compiling {what} failed",
             f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}".rstrip(),
         )
     os.replace(tmp, out)  # atomic: a concurrent build of the same source is harmless

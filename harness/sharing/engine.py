@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
 
 from harness.accounting import ram_hva
 from harness.errors import AgentError, HarnessError
 from harness.hints import HintRing
 from harness.paths import shm_dir
+from harness.sharing import verify
 from harness.sharing.agent import AgentClient
 from harness.sharing.store import PAGE, ContentStore
 
@@ -83,6 +83,24 @@ class Member:
                    Path(state["ring"]), Path(state["agent"]), qmp)
 
 
+class IdlePoll:
+    """Sleep between polls of the hint rings: ``poll_s`` while hints flow, growing by half each
+    idle step up to ``max_s`` (an idle engine costs little CPU; the first hint after a quiet
+    spell waits at most ``max_s``)."""
+
+    def __init__(self, poll_s: float = 0.02, max_s: float = 0.1) -> None:
+        self.poll_s = poll_s
+        self.max_s = max(poll_s, max_s)
+        self.cur = poll_s
+
+    def wait(self, taken: int) -> None:
+        if taken:
+            self.cur = self.poll_s
+            return
+        time.sleep(self.cur)
+        self.cur = min(self.max_s, self.cur * 1.5)
+
+
 @dataclasses.dataclass
 class VMCounters:
     """Per-VM counters; ``merged`` is pages merged now, the rest are totals."""
@@ -98,7 +116,8 @@ class VMCounters:
     broken: int = 0  # copy-on-write breaks seen
     batches: int = 0
     paused_s: float = 0.0
-    agent_ns: int = 0
+    agent_ns: int = 0  # wall time of the agent's merges
+    agent_cpu_ns: int = 0  # CPU of the agent's thread in QEMU: every request (merges, lists)
 
 
 class _VMState:
@@ -110,13 +129,19 @@ class _VMState:
         self.ram_fd = os.open(m.ram_path, os.O_RDONLY) if m.ram_path.exists() else -1
         self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
         self.hva = ram_hva(m)  # HMP gpa2hva, as the accounting reads it
+        # where verify.verify reads a page: source 0 is the RAM file, 1 QEMU's memory
+        self.fds = np.array([self.ram_fd, self.mem_fd], dtype=np.int32)
+        self.buf: np.ndarray | None = None  # verify's page buffer, reused (no page faults per batch)
         self.merged: dict[int, int] = {}  # gpa -> store slot (merged or planned)
-        # gpas ever mapped from the store: their bytes live in QEMU's private mapping (store page
-        # or, after a copy-on-write break, an anonymous copy), no longer in the RAM file
-        self.remapped: set[int] = set()
+        # per guest page, whether it was ever mapped from the store: its bytes live in QEMU's
+        # private mapping (store page or, after a copy-on-write break, an anonymous copy), no
+        # longer in the RAM file
+        self.remapped = np.zeros(m.ram_size // PAGE, dtype=bool)
         self.pending: list[tuple[int, int]] = []
         self.pending_since = 0.0
         self.c = VMCounters()
+        self.version = 0  # bumped whenever ``merged`` changes
+        self.checked: tuple[int, bytes] | None = None  # (version, LIST reply) of the last check
 
     def read_page(self, gpa: int) -> bytes:
         """The guest page's bytes now, without ever allocating host memory.
@@ -126,10 +151,20 @@ class _VMState:
         its private copy after a write): read it through /proc/<pid>/mem, which at worst maps
         the store page that is already there.
         """
-        if self.ram_fd < 0 or gpa in self.remapped:
+        if self.ram_fd < 0 or self.remapped[gpa // PAGE]:
             # anonymous RAM (satori+ksm): a read fault there maps the zero page, allocates nothing
             return os.pread(self.mem_fd, PAGE, self.hva + gpa)
         return os.pread(self.ram_fd, PAGE, gpa)
+
+    def sources(self, gpas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For ``verify``: per page, which of ``fds`` holds its bytes and at what offset (as
+        ``read_page`` decides, for a whole batch)."""
+        if self.ram_fd < 0:
+            src = np.ones(len(gpas), dtype=np.uint8)
+        else:
+            src = self.remapped[gpas // PAGE].astype(np.uint8)
+        offs = np.where(src == 1, gpas + np.uint64(self.hva), gpas)
+        return src, offs
 
     def close(self) -> None:
         self.ring.close()
@@ -232,10 +267,7 @@ class SharingEngine:
         """Take every VM's new hints, plan merges, flush due batches. Returns records taken."""
         taken = 0
         for st in self.vms:
-            batch = st.ring.poll()
-            s = st.ring.stats()
-            st.c.rejected = int(s.get("rejected", 0))
-            st.c.dropped = int(s.get("dropped", 0))
+            batch = st.ring.poll()  # (its rejected/dropped counters are read by stats())
             if len(batch):
                 if self.t_first_hint is None:
                     self.t_first_hint = time.monotonic()
@@ -252,9 +284,9 @@ class SharingEngine:
 
     def run(self, stop: Callable[[], bool], poll_s: float = 0.02) -> None:
         """Step until ``stop()`` is true (Ctrl-C propagates; merged pages stay correct)."""
+        idle = IdlePoll(poll_s)
         while not stop():
-            if self.step() == 0:
-                time.sleep(poll_s)
+            idle.wait(self.step())
         self.flush_all()
 
     def run_for(self, seconds: float, poll_s: float = 0.02) -> None:
@@ -282,51 +314,87 @@ class SharingEngine:
     # ---------------------------------------------------------------- hints -> plans
     def _ingest(self, st: _VMState, batch: np.ndarray) -> None:
         st.c.hinted += len(batch)
-        gpas = batch["gpa"].tolist()
-        hashes = batch["hash"].tolist()
-        h64 = xxhash.xxh64_intdigest
-        for gpa, h in zip(gpas, hashes, strict=True):
-            cur = st.merged.get(gpa)
-            if cur is not None and self.slot_hash[cur] == h:
-                continue  # already merged (or planned) with this content
-            page = st.read_page(gpa)
-            if h64(page) != h:
-                st.c.changed += 1  # stale or forged: the page does not hold what the record says
-                continue
+        gpas = np.ascontiguousarray(batch["gpa"], dtype=np.uint64)
+        hashes = np.ascontiguousarray(batch["hash"], dtype=np.uint64)
+        if st.merged:  # pages already merged (or planned) with this very content: nothing to do
+            get, sh = st.merged.get, self.slot_hash
+            fresh = np.fromiter(
+                ((c := get(g)) is None or sh[c] != h for g, h in zip(gpas.tolist(), hashes.tolist(), strict=True)),
+                dtype=bool, count=len(gpas),
+            )
+            gpas, hashes = gpas[fresh], hashes[fresh]
+        if not len(gpas):
+            return
+        # the guest's word is checked against the page's bytes, for the whole batch in C
+        src, offs = st.sources(gpas)
+        pages, ok = verify.verify(st.fds, src, offs, hashes, out=st.buf)
+        st.buf = pages
+        st.c.changed += int(len(ok) - np.count_nonzero(ok))  # stale or forged: dropped
+        idx = np.flatnonzero(ok)
+        self._place(st, idx.tolist(), gpas[idx].tolist(), hashes[idx].tolist(), pages)
+
+    def _place(self, st: _VMState, idx: list[int], gpas: list[int], hashes: list[int], pages: np.ndarray) -> None:
+        """Verified records -> plans. Per record: already merged with this content (skip), a
+        content in the store (plan), a first holder (remember it), or the second holder of a
+        content whose first holder still holds the same bytes (store the page, plan both).
+
+        The hot loop of the engine: kept flat, with locals, no per-record function calls but
+        the dict and list operations it needs (``_plan`` inlined for ``st``)."""
+        merged, slot_of, candidate, slot_hash, slot_refs = st.merged, self.slot_of, self.candidate, \
+            self.slot_hash, self.slot_refs
+        pending, maybe_free, me, remapped = st.pending, self.maybe_free, st.idx, st.remapped
+        store = self.store
+        assert store is not None
+        planned = 0
+        for i, gpa, h in zip(idx, gpas, hashes, strict=True):
+            cur = merged.get(gpa)
             if cur is not None:
+                if slot_hash[cur] == h:
+                    continue  # a second record of this page in the batch
                 # a merged page now holds other bytes: the guest wrote it (copy-on-write broke)
                 self._unref(st, gpa)
                 st.c.broken += 1
-            self._place(st, gpa, h, page)
-
-    def _place(self, st: _VMState, gpa: int, h: int, page: bytes) -> None:
-        slot = self.slot_of.get(h)
-        if slot is not None:
-            self._plan(st, gpa, slot)
-            return
-        cand = self.candidate.get(h)
-        if cand is None or cand == (st.idx, gpa):
-            self.candidate[h] = (st.idx, gpa)
-            return
-        other = self.vms[cand[0]]
-        if cand[1] in other.merged or other.read_page(cand[1]) != page:
-            self.candidate[h] = (st.idx, gpa)  # the first holder changed since: we are first now
-            return
-        del self.candidate[h]
-        assert self.store is not None
-        slot = self.store.append(page)
-        self.slot_of[h] = slot
-        self.slot_hash.append(h)
-        self.slot_refs.append(0)
-        self._plan(other, cand[1], slot)
-        self._plan(st, gpa, slot)
+            slot = slot_of.get(h)
+            if slot is None:
+                cand = candidate.get(h)
+                if cand is None or (cand[0] == me and cand[1] == gpa):
+                    candidate[h] = (me, gpa)
+                    continue
+                other = self.vms[cand[0]]
+                data = pages[i].tobytes()  # a copy: the store keeps it until its next sync
+                if cand[1] in other.merged or other.read_page(cand[1]) != data:
+                    candidate[h] = (me, gpa)  # the first holder changed since: we are first now
+                    continue
+                del candidate[h]
+                slot = store.append(data)
+                slot_of[h] = slot
+                slot_hash.append(h)
+                slot_refs.append(0)
+                self._plan(other, cand[1], slot)
+            # _plan(st, gpa, slot), inlined
+            if not pending:
+                st.pending_since = time.monotonic()
+            pending.append((gpa, slot * PAGE))
+            merged[gpa] = slot
+            remapped[gpa >> 12] = True
+            slot_refs[slot] += 1
+            if maybe_free:
+                maybe_free.discard(slot)
+            planned += 1
+            if len(pending) >= self.batch_pages:
+                st.version += planned
+                planned = 0
+                self._flush(st)
+                pending = st.pending  # _flush starts a new list
+        st.version += planned
 
     def _plan(self, st: _VMState, gpa: int, slot: int) -> None:
         if not st.pending:
             st.pending_since = time.monotonic()
         st.pending.append((gpa, slot * PAGE))
         st.merged[gpa] = slot
-        st.remapped.add(gpa)
+        st.version += 1
+        st.remapped[gpa // PAGE] = True
         self.slot_refs[slot] += 1
         self.maybe_free.discard(slot)
         if len(st.pending) >= self.batch_pages:
@@ -334,6 +402,7 @@ class SharingEngine:
 
     def _unref(self, st: _VMState, gpa: int) -> None:
         slot = st.merged.pop(gpa)
+        st.version += 1
         self.slot_refs[slot] -= 1
         if self.slot_refs[slot] <= 0:
             self.maybe_free.add(slot)
@@ -356,6 +425,8 @@ class SharingEngine:
     def _flush(self, st: _VMState) -> None:
         pairs = np.array(st.pending, dtype="<u8").reshape(-1, 2)
         st.pending = []
+        assert self.store is not None
+        self.store.sync()  # the agent compares with (and maps) the store's bytes
         t0 = time.monotonic()
         st.m.qmp("stop")
         try:
@@ -380,10 +451,13 @@ class SharingEngine:
             self._reconcile(st, {int(g) for g, _ in pairs.tolist()})
         st.c.merged = len(st.merged)
 
-    def _mapped_arrays(self, st: _VMState) -> tuple[np.ndarray, np.ndarray]:
+    def _mapped_arrays(self, st: _VMState, ranges: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(gpas, slots) of every page the agent maps from the store, not faulted private;
-        sorted by gpa. Expanded from the agent's ranges with numpy: no per-page Python."""
-        ranges = st.agent.merged_ranges(exclude_private=True).astype(np.int64).reshape(-1, 3)
+        sorted by gpa. Expanded from the agent's ranges (asked for unless given) with numpy:
+        no per-page Python."""
+        if ranges is None:
+            ranges = st.agent.merged_ranges(exclude_private=True)
+        ranges = ranges.astype(np.int64).reshape(-1, 3)
         if not len(ranges):
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         n = ranges[:, 2]
@@ -418,8 +492,12 @@ class SharingEngine:
         for st in self.vms:
             if not st.merged and not self.maybe_free:
                 continue
+            ranges = st.agent.merged_ranges(exclude_private=True)
+            key = (st.version, ranges.tobytes())
+            if key == st.checked and not st.pending and not self.maybe_free:
+                continue  # the agent maps what it mapped at the last check, the engine agrees
             planned = {g: s // PAGE for g, s in st.pending}
-            g, sl = self._mapped_arrays(st)
+            g, sl = self._mapped_arrays(st, ranges)
             live.append(sl)
             live.append(np.fromiter(planned.values(), np.int64, len(planned)))
             keys = np.fromiter(st.merged.keys(), np.int64, len(st.merged))
@@ -443,10 +521,12 @@ class SharingEngine:
                     if gpa in st.merged:
                         self._unref(st, gpa)
                     st.merged[gpa] = slot
-                    st.remapped.add(gpa)
+                    st.version += 1
+                    st.remapped[gpa // PAGE] = True
                     self.slot_refs[slot] += 1
                     self.maybe_free.discard(slot)
             st.c.merged = len(st.merged)
+            st.checked = (st.version, ranges.tobytes()) if not st.pending else None
         if self.maybe_free:
             self._free_unused_slots(set(np.concatenate(live).tolist()) if live else set())
         return broken
@@ -459,6 +539,11 @@ class SharingEngine:
         return {st.m.name: st.agent.merged_ranges(exclude_private) for st in self.vms}
 
     def stats(self) -> dict[str, Any]:
+        for st in self.vms:
+            s = st.ring.snapshot()
+            st.c.rejected, st.c.dropped = int(s.rejected), int(s.dropped)
+            with contextlib.suppress(AgentError, OSError, ValueError, KeyError):
+                st.c.agent_cpu_ns = int(st.agent.stats()["thread_cpu_ns"])
         vms = {st.m.name: dataclasses.asdict(st.c) for st in self.vms}
         merged_total = sum(v["merged_total"] for v in vms.values())
         cpu = time.process_time() - self.cpu_start
