@@ -89,6 +89,7 @@ def test_copy_on_write_keeps_each_side_right(pair):
     # A overwrites the file in place (page cache pages merged from the store)
     a.ssh.check(f"dd if=/dev/urandom of={path} bs=4096 count=1024 conv=notrunc status=none; sync")
     eng.run_for(1.5)
+    eng.check_breaks()  # (a quiet engine looks for breaks every 1-8 s: look now)
     new_a = a.ssh.check(f"md5sum {path}").split()[0]
     assert new_a != orig
     assert b.ssh.check(f"md5sum {path}").split()[0] == orig

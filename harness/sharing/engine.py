@@ -207,6 +207,8 @@ class SharingEngine:
         self.maybe_free: set[int] = set()  # slots whose count fell to 0: freed once the agents agree
         self._saved_max_map: int | None = None
         self._last_break_check = 0.0
+        self._break_interval = break_check_interval_s
+        self._quiet_check = True  # set by check_breaks: every agent's view was as last time
         self.t_first_hint: float | None = None
         self.t_start = time.monotonic()
         self.cpu_start = time.process_time()
@@ -277,9 +279,16 @@ class SharingEngine:
         for st in self.vms:
             if st.pending and (len(st.pending) >= self.batch_pages or now - st.pending_since >= self.flush_interval_s):
                 self._flush(st)
-        if now - self._last_break_check >= self.break_check_interval_s:
+        if taken:
+            self._break_interval = self.break_check_interval_s
+        if now - self._last_break_check >= self._break_interval:
             self._last_break_check = now
+            self._quiet_check = True
             self.check_breaks()
+            # nothing moved since the last look: look less often (up to 8x), while no hint comes;
+            # each look is a pagemap walk over every merged page in every agent
+            self._break_interval = (min(8 * self.break_check_interval_s, 2 * self._break_interval)
+                                    if self._quiet_check else self.break_check_interval_s)
         return taken
 
     def run(self, stop: Callable[[], bool], poll_s: float = 0.02) -> None:
@@ -496,6 +505,7 @@ class SharingEngine:
             key = (st.version, ranges.tobytes())
             if key == st.checked and not st.pending and not self.maybe_free:
                 continue  # the agent maps what it mapped at the last check, the engine agrees
+            self._quiet_check = False
             planned = {g: s // PAGE for g, s in st.pending}
             g, sl = self._mapped_arrays(st, ranges)
             live.append(sl)
