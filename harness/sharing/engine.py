@@ -380,6 +380,7 @@ class SharingEngine:
                 slot_hash.append(h)
                 slot_refs.append(0)
                 self._plan(other, cand[1], slot)
+                pending = st.pending  # (other may be st itself, and _plan may have flushed it)
             # _plan(st, gpa, slot), inlined
             if not pending:
                 st.pending_since = time.monotonic()
