@@ -35,15 +35,17 @@ def _sigterm_to_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def find_in_ram(ram_path: Path, needle: bytes) -> list[int]:
-    """Page-aligned offsets in a guest RAM file whose page starts with ``needle``."""
+def find_in_ram(ram_path: Path, page: bytes) -> list[int]:
+    """Page-aligned offsets in a guest RAM file that hold all of ``page``. Found by its first 64
+    bytes, then compared whole: a transient copy the guest freed (an SFTP or socket buffer being
+    zeroed) may share the start and not the rest."""
     hits = []
     with open(ram_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
-        pos = m.find(needle)
+        pos = m.find(page[:64])
         while pos != -1:
-            if pos % 4096 == 0:
+            if pos % 4096 == 0 and m[pos:pos + len(page)] == page:
                 hits.append(pos)
-            pos = m.find(needle, pos + 1)
+            pos = m.find(page[:64], pos + 1)
     return hits
 
 
@@ -352,8 +354,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for vm in vms:
             marker = secrets.token_bytes(4096)
             vm.ssh.put(marker, "/tmp/satori-marker")  # tmpfs: stays in guest RAM
-            good = [off for off in find_in_ram(vm.ram_path, marker[:64])
-                    if _read_page(vm.ram_path, off) == marker]
+            good = find_in_ram(vm.ram_path, marker)
             if not good:
                 raise HarnessError(f"VM {vm.name}: marker page not found in {vm.ram_path}")
             print(f"VM {vm.name}: a 4 KiB page the guest wrote is at guest-physical 0x{good[0]:x}, "
@@ -369,12 +370,6 @@ def _managed(vm):
         yield vm
     finally:
         vm.shutdown()
-
-
-def _read_page(path: Path, off: int) -> bytes:
-    with open(path, "rb") as f:
-        f.seek(off)
-        return f.read(4096)
 
 
 def _xxh(data: bytes) -> str:
