@@ -38,8 +38,8 @@ class Timed:
             self._wrap(eng, name)
         self._wrap(verify, "verify")  # the C part of _ingest (module function, patched for the run)
 
-    def _wrap(self, eng, name: str) -> None:
-        fn = getattr(eng, name)
+    def _wrap(self, obj, name: str) -> None:
+        fn = getattr(obj, name)
 
         def timed(*a, **k):
             c0 = time.thread_time()
@@ -53,7 +53,7 @@ class Timed:
                 if self.stack:
                     self.stack[-1] += spent
 
-        setattr(eng, name, timed)
+        setattr(obj, name, timed)
 
 
 def main() -> int:

@@ -62,15 +62,6 @@ def test_verify_accepts_true_records_and_rejects_the_rest(pagefile):
         verify.verify([fd], np.full(16, 1), offs, hashes)  # src names a missing descriptor
 
 
-def test_same_compares_bytes(pagefile):
-    fd, data = pagefile
-    offs = np.arange(16, dtype=np.uint64) * PAGE
-    pages = np.frombuffer(data, np.uint8).reshape(16, PAGE).copy()
-    pages[9, 100] ^= 0xFF
-    eq = verify.same([fd], np.zeros(16), offs, pages)
-    assert eq.tolist() == [i != 9 for i in range(16)]
-
-
 def test_store_writes_appended_pages_at_sync(tmp_path):
     store = ContentStore(tmp_path / "store")
     try:

@@ -208,7 +208,7 @@ class SharingEngine:
         self._saved_max_map: int | None = None
         self._last_break_check = 0.0
         self._break_interval = break_check_interval_s
-        self._quiet_check = True  # set by check_breaks: every agent's view was as last time
+        self._quiet_check = True  # set by check_breaks: every agent's view was as at the last one
         self.t_first_hint: float | None = None
         self.t_start = time.monotonic()
         self.cpu_start = time.process_time()
@@ -283,7 +283,6 @@ class SharingEngine:
             self._break_interval = self.break_check_interval_s
         if now - self._last_break_check >= self._break_interval:
             self._last_break_check = now
-            self._quiet_check = True
             self.check_breaks()
             # nothing moved since the last look: look less often (up to 8x), while no hint comes;
             # each look is a pagemap walk over every merged page in every agent
@@ -347,14 +346,10 @@ class SharingEngine:
         content in the store (plan), a first holder (remember it), or the second holder of a
         content whose first holder still holds the same bytes (store the page, plan both).
 
-        The hot loop of the engine: kept flat, with locals, no per-record function calls but
-        the dict and list operations it needs (``_plan`` inlined for ``st``)."""
-        merged, slot_of, candidate, slot_hash, slot_refs = st.merged, self.slot_of, self.candidate, \
-            self.slot_hash, self.slot_refs
-        pending, maybe_free, me, remapped = st.pending, self.maybe_free, st.idx, st.remapped
-        store = self.store
+        The hot loop of the engine (dict and list lookups bound to locals)."""
+        merged, slot_of, candidate, slot_hash = st.merged, self.slot_of, self.candidate, self.slot_hash
+        me, store = st.idx, self.store
         assert store is not None
-        planned = 0
         for i, gpa, h in zip(idx, gpas, hashes, strict=True):
             cur = merged.get(gpa)
             if cur is not None:
@@ -378,25 +373,9 @@ class SharingEngine:
                 slot = store.append(data)
                 slot_of[h] = slot
                 slot_hash.append(h)
-                slot_refs.append(0)
+                self.slot_refs.append(0)
                 self._plan(other, cand[1], slot)
-                pending = st.pending  # (other may be st itself, and _plan may have flushed it)
-            # _plan(st, gpa, slot), inlined
-            if not pending:
-                st.pending_since = time.monotonic()
-            pending.append((gpa, slot * PAGE))
-            merged[gpa] = slot
-            remapped[gpa >> 12] = True
-            slot_refs[slot] += 1
-            if maybe_free:
-                maybe_free.discard(slot)
-            planned += 1
-            if len(pending) >= self.batch_pages:
-                st.version += planned
-                planned = 0
-                self._flush(st)
-                pending = st.pending  # _flush starts a new list
-        st.version += planned
+            self._plan(st, gpa, slot)
 
     def _plan(self, st: _VMState, gpa: int, slot: int) -> None:
         if not st.pending:
@@ -499,12 +478,13 @@ class SharingEngine:
         """
         broken = 0
         live: list[np.ndarray] = []
+        self._quiet_check = True
         for st in self.vms:
             if not st.merged and not self.maybe_free:
                 continue
             ranges = st.agent.merged_ranges(exclude_private=True)
-            key = (st.version, ranges.tobytes())
-            if key == st.checked and not st.pending and not self.maybe_free:
+            reply = ranges.tobytes()
+            if (st.version, reply) == st.checked and not st.pending and not self.maybe_free:
                 continue  # the agent maps what it mapped at the last check, the engine agrees
             self._quiet_check = False
             planned = {g: s // PAGE for g, s in st.pending}
@@ -537,7 +517,7 @@ class SharingEngine:
                     self.slot_refs[slot] += 1
                     self.maybe_free.discard(slot)
             st.c.merged = len(st.merged)
-            st.checked = (st.version, ranges.tobytes()) if not st.pending else None
+            st.checked = (st.version, reply) if not st.pending else None
         if self.maybe_free:
             self._free_unused_slots(set(np.concatenate(live).tolist()) if live else set())
         return broken

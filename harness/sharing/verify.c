@@ -120,18 +120,3 @@ size_t satori_verify(const int *fds, const uint8_t *src, const uint64_t *offs, c
     }
     return good;
 }
-
-/* Compare n pairs of pages already in memory: eq[i] = pages a+i*4096 and b[i] hold the same bytes
- * read from fds[src[i]] at offs[i] (the first holder of a content, re-read before it is stored). */
-size_t satori_same(const int *fds, const uint8_t *src, const uint64_t *offs, const uint8_t *a, size_t n,
-                   uint8_t *eq)
-{
-    uint8_t buf[PAGE];
-    size_t same = 0;
-    for (size_t i = 0; i < n; i++) {
-        ssize_t r = pread(fds[src[i]], buf, PAGE, (off_t)offs[i]);
-        eq[i] = r == PAGE && memcmp(buf, a + i * (size_t)PAGE, PAGE) == 0;
-        same += eq[i];
-    }
-    return same;
-}

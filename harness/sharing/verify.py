@@ -3,8 +3,6 @@
 The engine checks every record against the page's real bytes: ``verify`` preads each page
 (from the VM's RAM file, or from ``/proc/<pid>/mem`` for pages QEMU maps privately) into one
 numpy buffer and compares its XXH64 with the record's hash, for a whole batch in one call.
-``same`` re-reads pages and compares them with bytes in hand (the first holder of a content,
-before its bytes go to the store).
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ def _lib() -> ctypes.CDLL:
     lib.satori_xxh64.restype = ctypes.c_uint64
     lib.satori_verify.argtypes = [_i32p, _u8p, _u64p, _u64p, ctypes.c_size_t, _u8p, _u8p]
     lib.satori_verify.restype = ctypes.c_size_t
-    lib.satori_same.argtypes = [_i32p, _u8p, _u64p, _u8p, ctypes.c_size_t, _u8p]
-    lib.satori_same.restype = ctypes.c_size_t
     return lib
 
 
@@ -79,15 +75,3 @@ def verify(fds, src, offs, hashes, out: np.ndarray | None = None) -> tuple[np.nd
         _lib().satori_verify(fds, src, offs, hashes, n, pages.reshape(-1), ok)
     return pages, ok.astype(bool)
 
-
-def same(fds, src, offs, pages: np.ndarray) -> np.ndarray:
-    """Whether the page at ``fds[src[i]]``/``offs[i]`` holds exactly ``pages[i]`` now."""
-    fds, src, offs = _args(fds, src, offs)
-    pages = np.ascontiguousarray(pages, dtype=np.uint8).reshape(-1, PAGE)
-    n = len(offs)
-    if len(pages) != n:
-        raise ValueError("pages and offs differ in length")
-    eq = np.zeros(n, dtype=np.uint8)
-    if n:
-        _lib().satori_same(fds, src, offs, pages.reshape(-1), n, eq)
-    return eq.astype(bool)
