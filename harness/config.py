@@ -35,8 +35,8 @@ every VM its entitlement at once; surplus above it only ever comes out of realiz
 Workload parameters are checked loosely: each kind has a fixed set of known keys, all optional,
 with the type their default implies. The workload modules own them (``PARAMS`` of each class in
 :func:`harness.workloads.registry`: the defaults there are the defaults here, and the config as
-run records them); kinds without a module yet (``integrity``, ``adversary``: the runner drives
-them) are declared in :data:`RUNNER_KINDS`. An unknown key is an error.
+run records them). An unknown key is an error. The modes are the table of
+:mod:`harness.modes`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import datetime as _dt
 import difflib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -54,33 +55,17 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, create_model
 
+from harness import modes
 from harness.errors import ConfigError
 
-MODES: tuple[str, ...] = ("none", "ksm", "ksm-fast", "satori", "satori+ksm")
-Mode = Literal["none", "ksm", "ksm-fast", "satori", "satori+ksm"]
+MODES: tuple[str, ...] = modes.NAMES
+Mode = Literal[MODES]  # type: ignore[valid-type]
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # the same rule as harness.vm.VMSpec
 DEFAULT_MEMORY_MB = 512
 MAX_LOWMEM_MB = 3072  # must equal harness.vm.MAX_LOWMEM_MB (a test checks it)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-ATTACKS = Literal["wrong-hash", "bad-address", "flood", "changed-page"]
-
-# Kinds the runner drives itself until a workload module registers them: param -> (type, default).
-RUNNER_KINDS: dict[str, dict[str, tuple[Any, Any]]] = {
-    "integrity": {
-        "mb": (int, 128),  # random data each guest writes, re-reads and checks
-        "duration_s": (float, 600.0),
-        "check_interval_s": (float, 1.0),
-    },
-    "adversary": {
-        "attacker": (str | None, None),  # the VM that forges hint records (default: the last VM)
-        "attacks": (list[ATTACKS], ["wrong-hash", "bad-address", "flood", "changed-page"]),
-        "rate": (int, 10000),  # forged records per second
-        "duration_s": (float, 60.0),
-    },
-}
-
+MAX_TEXT_BYTES = 4 << 20  # a config is a few KB; a bigger file is a mistake, not a config
 
 def _param_type(default: Any) -> Any:
     """The type a parameter's default implies (a float parameter also takes a whole number)."""
@@ -94,12 +79,11 @@ def _param_type(default: Any) -> Any:
 
 
 def _workload_params() -> dict[str, dict[str, tuple[Any, Any]]]:
-    """kind -> {param: (type, default)}: the workload modules' ``PARAMS`` plus :data:`RUNNER_KINDS`."""
+    """kind -> {param: (type, default)}: the workload modules' ``PARAMS``."""
     from harness.workloads import registry
 
-    out = {kind: {name: (_param_type(d), d) for name, d in cls.PARAMS.items()}
-           for kind, cls in registry().items()}
-    return out | {k: dict(v) for k, v in RUNNER_KINDS.items() if k not in out}
+    return {kind: {name: (_param_type(d), d) for name, d in cls.PARAMS.items()}
+            for kind, cls in registry().items()}
 
 
 # The one table of workload kinds and their parameters; a workload module's PARAMS is the truth.
@@ -603,6 +587,32 @@ def validate(
     raise ConfigError("\n".join(out))
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """The text of a file a user named; a missing, unreadable, non-regular, binary or non-UTF-8
+    file is one clear :class:`ConfigError` (the CLI prints it, exit status 1)."""
+    p = Path(path)
+    try:
+        if not stat.S_ISREG(os.stat(p).st_mode):  # a FIFO or device would block or never end
+            kind = "a folder" if p.is_dir() else "not a regular file"
+            raise ConfigError(f"{path}: {kind}: a {what} must be a YAML text file")
+        with open(p, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what}: {e.strerror or e}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_TEXT_BYTES >> 20} MiB: not a {what}")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}: binary data (a NUL byte at offset {nul}), not a {what}: "
+                          "expected YAML text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}): a {what} must be YAML text") from None
+
+
 def load_config(path: str | os.PathLike, host_mem_mb: int | None = None) -> ExperimentConfig:
     """Load and validate an experiment YAML file.
 
@@ -611,10 +621,7 @@ def load_config(path: str | os.PathLike, host_mem_mb: int | None = None) -> Expe
     """
     p = Path(path)
     source = str(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read: {e.strerror}") from None
+    text = read_text(p, "config")
     data, lines, dups = load_yaml(text, source)
     return validate(data, source=source, lines=lines, host_mem_mb=host_mem_mb,
                     config_dir=p.parent, extra_problems=dups)

@@ -1,9 +1,9 @@
 """One experiment (a YAML config) end to end: for every repetition and mode, boot the VMs, start
 the mode, run the workloads, sample the METRICS.md figures, shut down; then results and report.
 
-Modes (METRICS.md): ``none`` (stock driver, no sharing), ``ksm`` / ``ksm-fast`` (anonymous RAM
-marked mergeable, ksmd at 100 or 1000 pages per 20 ms), ``satori`` (hint ring + merge agent +
-sharing engine), ``satori+ksm`` (both: hints merge what reads reveal, ksmd the rest).
+Modes are the table of :mod:`harness.modes`: how the VMs are built (RAM backend, hints), whether
+KSM scans and with which settings, whether the sharing engine runs. A mode this host cannot run
+(``Mode.unavailable()``: no KSM, a kernel without the advisor) is skipped and the reason recorded.
 
 Repetitions are interleaved: repetition r runs the modes rotated by r, so drift of the machine
 hits every mode alike. While a mode runs, one background thread steps the sharing engines and,
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import accounting, ksm, report
+from harness import accounting, ksm, modes, report
 from harness.config import ExperimentConfig, config_as_run, load_config
 from harness.errors import HarnessError
 from harness.image import Image, ensure_image
@@ -33,8 +33,6 @@ from harness.surplus import Budget, SurplusManager
 from harness.vm import VM, VMSpec, new_run_id, start_all
 from harness.workloads import RunContext, make
 
-SATORI_MODES = ("satori", "satori+ksm")
-KSM_MODES = ("ksm", "ksm-fast", "satori+ksm")
 SETTLE_TAIL_S = 3.0  # sampling after the last workload
 
 
@@ -164,19 +162,20 @@ class Runner:
         self.out = out or cfg.output_dir()
         self.log = log
         self.runs: list[ModeRun] = []
+        self.skipped: dict[str, str] = {}  # mode -> why this host cannot run it
         self.image: Image | None = None
         self.accel = None
 
     # ------------------------------------------------------------ one mode
-    def _specs(self, mode: str) -> list[VMSpec]:
+    def _specs(self, mode: modes.Mode) -> list[VMSpec]:
         # the adversary maps its hint ring BAR from guest user space: the kernel must allow it
         append = "iomem=relaxed" if any(w.name == "adversary" for w in self.cfg.workloads) else ""
         specs = []
         for v in self.cfg.vm_list():
             specs.append(VMSpec(
                 name=v.name, memory_mb=v.memory_mb, vcpus=v.vcpus,
-                hints=mode in SATORI_MODES, sharing=mode in SATORI_MODES,
-                ram_backend=ksm.ram_backend(mode), disk_iops=v.disk_iops, disk_bps=v.disk_bps,
+                hints=mode.hints == "guest", sharing=mode.engine,
+                ram_backend=mode.ram_backend, disk_iops=v.disk_iops, disk_bps=v.disk_bps,
                 append=append,
             ))
         return specs
@@ -188,7 +187,8 @@ class Runner:
         t_start = time.monotonic()
         cpu0 = time.process_time()
         with contextlib.ExitStack() as stack:
-            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log) for s in self._specs(mode)]
+            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log)
+                   for s in self._specs(modes.get(mode))]
             for vm in vms:
                 stack.callback(vm.shutdown)
             self.log(f"[{mode} #{rep + 1}] booting {len(vms)} VMs")
@@ -204,11 +204,11 @@ class Runner:
                 surplus.start()
                 self._wait_balloons(vms, surplus)
             ksm_ctl = None
-            if mode in KSM_MODES:
+            if modes.get(mode).scans:
                 ksm_ctl = stack.enter_context(ksm.KSMControl(mode))
             ksm0 = ksm_ctl.sample() if ksm_ctl else None
             engines: dict[str, SharingEngine] = {}
-            if mode in SATORI_MODES:
+            if modes.get(mode).engine:
                 by_name = {vm.name: vm for vm in vms}
                 for dom, names in cfg.domains().items():
                     engines[dom] = stack.enter_context(SharingEngine(
@@ -287,13 +287,18 @@ class Runner:
     # ------------------------------------------------------------ all
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        for m in self.cfg.modes:
+            why = modes.get(m).unavailable()
+            if why:
+                self.skipped[m] = why
+                self.log(f"mode {m} skipped: {why}")
+        runnable = [m for m in self.cfg.modes if m not in self.skipped]
         self.image = ensure_image(log=self.log)
-        modes = list(self.cfg.modes)
-        total = len(modes) * self.cfg.repetitions
+        total = len(runnable) * self.cfg.repetitions
         k = 0
         try:
             for rep in range(self.cfg.repetitions):
-                order = modes[rep % len(modes):] + modes[:rep % len(modes)]
+                order = runnable[rep % len(runnable):] + runnable[:rep % len(runnable)] if runnable else []
                 for mode in order:
                     k += 1
                     self.log(f"=== {k}/{total}: mode {mode}, repetition {rep + 1}/{self.cfg.repetitions}")
@@ -314,7 +319,7 @@ class Runner:
         none_times = [rep["workload_time_s"] for rep in by_mode.get("none", {}).get("reps", [])
                       if rep["workload_time_s"]]
         base = sorted(none_times)[len(none_times) // 2] if none_times else None
-        modes: dict[str, Any] = {}
+        modes_out: dict[str, Any] = {}
         for mode, m in by_mode.items():
             reps = m["reps"]
             fig: dict[str, Any] = {}
@@ -336,7 +341,9 @@ class Runner:
             fig["samples"] = [rep["samples"] for rep in reps] if len(reps) > 1 else reps[0]["samples"]
             fig["t0"] = [rep["t0"] for rep in reps] if len(reps) > 1 else reps[0]["t0"]
             fig["runs"] = [{k: v for k, v in rep.items() if k != "samples"} for rep in reps]
-            modes[mode] = fig
+            modes_out[mode] = fig
+        for mode, why in self.skipped.items():
+            modes_out[mode] = {"skipped": why}
         meta = report.collect_meta(
             config_as_run(self.cfg), self.accel.accel if self.accel else None,
             self.image.abi if self.image else None, self.image.recipe_hash if self.image else None,
@@ -345,8 +352,9 @@ class Runner:
             meta["accel_reason"] = self.accel.reason
         meta["config_file"] = str(self.config_path) if self.config_path else None
         meta["seed"] = self.cfg.seed
-        return {"name": self.cfg.name, "meta": meta, "modes": modes,
-                "complete": len(self.runs) == len(self.cfg.modes) * self.cfg.repetitions}
+        done = len(self.runs) == (len(self.cfg.modes) - len(self.skipped)) * self.cfg.repetitions
+        return {"name": self.cfg.name, "meta": meta, "modes": modes_out,
+                "complete": done, "partial": not done}
 
     def write(self) -> None:
         report.write_results(self.out, self.results())

@@ -6,9 +6,12 @@ Use::
         ...
         s = ksm.sample()                        # pages_sharing, full_scans, ksmd CPU seconds ...
 
-Modes (METRICS.md): ``ksm`` is the kernel's default rate, 100 pages every 20 ms; ``ksm-fast`` is
-1000 pages every 20 ms; ``satori+ksm`` scans at ``ksm``'s rate. ``none`` and ``satori`` stop
-ksmd (``run=0``: pages it merged earlier stay merged) so that no scanner helps them.
+The values each mode writes are the mode table's (:data:`harness.modes.MODES`, ``Mode.ksm``):
+``ksm`` is the kernel's default rate, ``ksm-fast`` ten times it, ``ksm-advisor`` lets the kernel's
+scan-time advisor (Linux >= 6.8) pick the rate, ``satori+ksm`` scans at ``ksm``'s rate; ``none``
+and ``satori`` stop ksmd (``run=0``: pages it merged earlier stay merged). Values are numbers,
+or words for the files that offer a choice (``advisor_mode``: the kernel shows ``[none]
+scan-time``, the harness reads ``none``).
 
 Every sysfs value the control writes is read first and written back on exit, whatever ends the
 block (an exception, Ctrl-C: SIGINT/SIGTERM are held back while the values are restored). The
@@ -18,7 +21,7 @@ is gone and restores the values it holds, which are the machine's real ones. Two
 run at once on a machine: a lock file serialises them (``lock_timeout``).
 
 KSM only scans anonymous memory marked mergeable, so VMs of KSM modes need
-``memory-backend-ram,merge=on`` (``VMSpec(ram_backend="ram-merge")``, see :func:`ram_backend`).
+``memory-backend-ram,merge=on`` (``VMSpec(ram_backend="ram-merge")``: ``Mode.ram_backend``).
 """
 
 from __future__ import annotations
@@ -32,32 +35,22 @@ import signal
 import time
 from pathlib import Path
 
+from harness import modes
 from harness.errors import HarnessError
+from harness.modes import KSM_SYSFS
 from harness.paths import runtime_dir
 
-KSM_SYSFS = Path("/sys/kernel/mm/ksm")
-
-# mode -> sysfs values written for the run (written in this order; run last)
-MODES: dict[str, dict[str, int]] = {
-    "none": {"run": 0},
-    "satori": {"run": 0},
-    "ksm": {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 1},
-    "ksm-fast": {"pages_to_scan": 1000, "sleep_millisecs": 20, "run": 1},
-    "satori+ksm": {"pages_to_scan": 100, "sleep_millisecs": 20, "run": 1},
-}
-KSM_MODES = ("ksm", "ksm-fast", "satori+ksm")  # modes whose VMs need a mergeable RAM backend
+Value = int | str
+# written first when restoring: switching the advisor resets pages_to_scan
+RESTORE_FIRST = ("advisor_mode",)
+# values the kernel changes by itself while a mode runs (the advisor sets pages_to_scan): saved
+# and restored although the mode does not write them
+CHANGED_BY = {"advisor_mode": ("pages_to_scan",)}
 
 SAMPLE_FIELDS = (
     "pages_sharing", "pages_shared", "pages_unshared", "pages_volatile", "full_scans",
     "pages_scanned", "ksm_zero_pages",
 )
-
-
-def ram_backend(mode: str) -> str:
-    """The ``VMSpec.ram_backend`` the VMs of ``mode`` need."""
-    if mode not in MODES:
-        raise HarnessError(f"unknown sharing mode {mode!r}: one of {', '.join(MODES)}")
-    return "ram-merge" if mode in KSM_MODES else "file"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +85,8 @@ def _check_sysfs(root: Path) -> None:
     if not (root / "run").exists():
         raise HarnessError(
             f"KSM is not available: {root} is missing (host kernel built without CONFIG_KSM?); "
-            "the ksm, ksm-fast and satori+ksm modes cannot run on this host"
+            f"the modes that scan ({', '.join(m.name for m in modes.MODES.values() if m.scans)}) "
+            "cannot run on this host"
         )
 
 
@@ -105,7 +99,22 @@ def _read_int(root: Path, name: str) -> int:
         raise HarnessError(f"cannot read {root / name}: {e}") from None
 
 
-def _write(root: Path, name: str, value: int) -> None:
+def _read_value(root: Path, name: str) -> Value:
+    """A sysfs value: a number, or the chosen word of a choice file (``[none] scan-time``)."""
+    try:
+        text = (root / name).read_text().strip()
+    except OSError as e:
+        raise HarnessError(f"cannot read {root / name}: {e.strerror or e}") from None
+    if "[" in text:
+        chosen = text[text.index("[") + 1:text.find("]")]
+        return chosen
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        return text
+
+
+def _write(root: Path, name: str, value: Value) -> None:
     try:
         (root / name).write_text(f"{value}\n")
     except PermissionError:
@@ -175,23 +184,26 @@ class KSMControl:
     def __init__(
         self,
         mode: str,
-        overrides: dict[str, int] | None = None,
+        overrides: dict[str, Value] | None = None,
         root: Path = KSM_SYSFS,
         state_dir: Path | None = None,
         lock_timeout: float = 300.0,
     ) -> None:
-        if mode not in MODES:
-            raise HarnessError(f"unknown sharing mode {mode!r}: one of {', '.join(MODES)}")
+        m = modes.get(mode)
+        if m.ksm is None:
+            raise HarnessError(f"mode {mode!r} leaves KSM alone: nothing to control")
         self.mode = mode
         self.root = Path(root)
-        values = dict(MODES[mode])
+        values = dict(m.ksm)
         run = values.pop("run")
         values.update(overrides or {})
         values["run"] = run  # start (or stop) the scanner after its rate is set
-        self.values = values
+        self.values: dict[str, Value] = values
+        # what is saved and restored: what the mode writes and what the kernel then changes
+        self.keys = list(values) + [k for w in values for k in CHANGED_BY.get(w, ()) if k not in values]
         self.state_dir = Path(state_dir) if state_dir else None
         self.lock_timeout = lock_timeout
-        self.saved: dict[str, int] | None = None
+        self.saved: dict[str, Value] | None = None
         self._lock_fd: int | None = None
 
     # -- files
@@ -249,16 +261,18 @@ class KSMControl:
         self.saved_file.unlink(missing_ok=True)
 
     # -- apply / restore
-    def _restore(self, saved: dict[str, int]) -> list[str]:
-        """Write saved values back (run first when it stops ksmd, last when it starts it)."""
+    def _restore(self, saved: dict[str, Value]) -> list[str]:
+        """Write saved values back (run first when it stops ksmd, last when it starts it; the
+        advisor before the rate it resets)."""
         errors = []
-        order = [k for k in saved if k != "run"]
+        order = [k for k in RESTORE_FIRST if k in saved] + [k for k in saved if k not in RESTORE_FIRST
+                                                             and k != "run"]
         if "run" in saved:
             order = (["run"] + order) if int(saved["run"]) == 0 else (order + ["run"])
         for name in order:
             try:
-                if _read_int(self.root, name) != int(saved[name]):
-                    _write(self.root, name, int(saved[name]))
+                if _read_value(self.root, name) != saved[name]:
+                    _write(self.root, name, saved[name])
             except HarnessError as e:
                 errors.append(str(e))
         return errors
@@ -268,10 +282,10 @@ class KSMControl:
         self._lock()
         try:
             self._recover_stale()
-            missing = [k for k in self.values if not (self.root / k).exists()]
+            missing = [k for k in self.keys if not (self.root / k).exists()]
             if missing:
                 raise HarnessError(f"KSM on this kernel has no {', '.join(missing)} in {self.root}")
-            self.saved = {k: _read_int(self.root, k) for k in self.values}
+            self.saved = {k: _read_value(self.root, k) for k in self.keys}
             tmp = self.saved_file.with_suffix(".tmp")
             tmp.write_text(json.dumps({"pid": os.getpid(), "mode": self.mode, "values": self.saved}))
             tmp.rename(self.saved_file)
@@ -307,6 +321,6 @@ class KSMControl:
     def sample(self) -> KSMSample:
         return sample(self.root)
 
-    def current(self) -> dict[str, int]:
+    def current(self) -> dict[str, Value]:
         """The sysfs values this control manages, as they are now."""
-        return {k: _read_int(self.root, k) for k in self.values}
+        return {k: _read_value(self.root, k) for k in self.keys}

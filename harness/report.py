@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness import modes as _modes
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,6 @@ PLOT_SHARING = "sharing.png"
 PLOT_SURPLUS = "surplus.png"
 PLOT_WORKLOAD = "workload_times.png"
 PAGES_PER_MB = 256
-MODE_ORDER = ("none", "ksm", "ksm-fast", "satori", "satori+ksm")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -222,8 +222,7 @@ def load_results(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def modes_in_order(results: Mapping[str, Any]) -> list[str]:
-    modes = list(results["modes"])
-    return sorted(modes, key=lambda m: (MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER), modes.index(m)))
+    return sorted(results["modes"], key=_modes.order_key)
 
 
 def runs(mode: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
@@ -495,6 +494,11 @@ def summary_markdown(results: Mapping[str, Any], plots: Iterable[Path] = ()) -> 
     lines = [f"# {results.get('name', 'satori run')}", ""]
     if results.get("partial"):
         lines += ["**Partial run**: stopped before the end; figures cover what was measured.", ""]
+    skipped = {m: v["skipped"] for m, v in results["modes"].items() if isinstance(v, Mapping) and v.get("skipped")}
+    for m, why in skipped.items():
+        lines += [f"- mode {m} was skipped: {why}"]
+    if skipped:
+        lines.append("")
     lines += _meta_lines(results.get("meta") or {})
     lines += ["", f"Figures of METRICS.md per mode; with {reps} repetitions: median [min–max]." if reps > 1
               else "Figures of METRICS.md per mode.", "", summary_table(results), ""]
@@ -537,7 +541,7 @@ def compare(folders: Sequence[str | os.PathLike]) -> str:
     modes: list[str] = []
     for r in all_results:
         modes += [m for m in modes_in_order(r) if m not in modes]
-    modes.sort(key=lambda m: MODE_ORDER.index(m) if m in MODE_ORDER else len(MODE_ORDER))
+    modes.sort(key=_modes.order_key)
     lines += ["", "| mode | figure | " + " | ".join(labels) + " |",
               "|---|---|" + "---:|" * len(labels)]
     for m in modes:

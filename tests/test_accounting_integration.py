@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from harness import accounting, ksm
+from harness import accounting, ksm, modes
 from harness.vm import VM, VMSpec, start_all
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def test_ksm_fast_merges_readers_and_restores_sysfs(image):
     with pytest.raises(RuntimeError, match="end of the test body"):
         with ksm.KSMControl("ksm-fast") as k:
             assert int((ksm.KSM_SYSFS / "pages_to_scan").read_text()) == 1000
-            vms = [VM(VMSpec(f"ksm{i}", memory_mb=384, hints=False, ram_backend=ksm.ram_backend("ksm-fast")),
+            vms = [VM(VMSpec(f"ksm{i}", memory_mb=384, hints=False, ram_backend=modes.get("ksm-fast").ram_backend),
                       image) for i in range(2)]
             try:
                 start_all(vms)

@@ -164,3 +164,27 @@ def test_cmd_config_check(capsys: pytest.CaptureFixture[str], monkeypatch: pytes
     bad = str(HERE / "bad_configs" / "unknown-mode.yaml")
     with pytest.raises(ConfigError, match="unknown mode 'kms'"):
         config.cmd_config_check(argparse.Namespace(file=[ok, bad]))
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"\x7fELF\x02\x01\x01\x00" + bytes(64), "binary data (a NUL byte at offset 7), not a config"),
+    (b"name: x\nvms: caf\xe9\n", "bad.yaml:2: not UTF-8 text (byte 0xe9 at offset 16)"),
+])
+def test_a_binary_or_non_utf8_config_is_one_clear_error(tmp_path: Path, content: bytes, expect: str) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(content)
+    with pytest.raises(ConfigError) as exc:
+        load_config(p, host_mem_mb=HOST_MB)
+    assert expect in exc.value.message and "\n" not in exc.value.message
+
+
+def test_a_folder_or_fifo_config_is_one_clear_error(tmp_path: Path) -> None:
+    import os
+
+    with pytest.raises(ConfigError, match="a folder: a config must be"):
+        load_config(tmp_path)
+    os.mkfifo(tmp_path / "pipe.yaml")
+    with pytest.raises(ConfigError, match="not a regular file"):  # and does not block on open
+        load_config(tmp_path / "pipe.yaml")
+    with pytest.raises(ConfigError, match="cannot read the config: No such file"):
+        load_config(tmp_path / "missing.yaml")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from harness import ksm
+from harness import ksm, modes
 from harness.errors import HarnessError
 
 START = {"run": 0, "pages_to_scan": 37, "sleep_millisecs": 200, "use_zero_pages": 0,
@@ -84,7 +84,7 @@ def test_sample_and_ram_backend(sysfs):
     assert (s.pages_sharing, s.pages_shared, s.full_scans) == (5, 2, 9)
     assert s.pages_unshared == -1  # not in the fake sysfs
     assert s.ksmd_cpu_s >= 0
-    assert ksm.ram_backend("ksm-fast") == "ram-merge" and ksm.ram_backend("satori") == "file"
+    assert modes.get("ksm-fast").ram_backend == "ram-merge" and modes.get("satori").ram_backend == "file"
 
 
 def test_process_cpu_seconds_of_self():
@@ -94,12 +94,16 @@ def test_process_cpu_seconds_of_self():
 
 @pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/ksm/run") or os.geteuid() != 0,
                     reason="needs the host's KSM and root")
-def test_real_sysfs_roundtrip():
+@pytest.mark.parametrize("mode", ["ksm-fast", "ksm-advisor"])
+def test_real_sysfs_roundtrip(mode):
+    if modes.get(mode).unavailable():
+        pytest.skip(modes.get(mode).unavailable())
     root = ksm.KSM_SYSFS
-    names = ("run", "pages_to_scan", "sleep_millisecs")
+    names = [n for n in ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode", "smart_scan",
+                         "advisor_target_scan_time") if (root / n).exists()]
     before = {n: (root / n).read_text() for n in names}
-    with ksm.KSMControl("ksm-fast"):
-        assert int((root / "pages_to_scan").read_text()) == 1000
+    with ksm.KSMControl(mode) as k:
+        assert k.current() == {**k.current(), **modes.get(mode).ksm}
         assert int((root / "run").read_text()) == 1
         assert ksm.ksmd_pid() is not None
     assert {n: (root / n).read_text() for n in names} == before

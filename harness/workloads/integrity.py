@@ -54,7 +54,7 @@ def parse(out: str) -> dict:
 
 class Integrity(Workload):
     kind = "integrity"
-    PARAMS = {"mb": 128, "duration_s": 600.0, "check_interval_s": 1.0}
+    PARAMS = {"mb": 128, "duration_s": 600.0}
 
     def run(self, vms: list, ctx: RunContext) -> WorkloadResult:
         on_all(vms, lambda vm: prepare(vm, int(self.p["mb"])))
