@@ -222,9 +222,15 @@ def _share_status_path(domain: str) -> Path:
 
 def cmd_share(args: argparse.Namespace) -> int:
     """Run the sharing engine in the foreground over background VMs."""
+    from harness.config import DOMAIN_HELP, check_domain_name
     from harness.sharing.engine import Member, SharingEngine
     from harness.vm import find_state
 
+    if args.domain is None:
+        raise HarnessError(f"satori share needs --domain NAME: sharing is opt-in, and {DOMAIN_HELP}. "
+                           f"Give the VMs that trust each other a domain name, e.g. "
+                           f"satori share {' '.join(args.names)} --domain trusted")
+    check_domain_name(args.domain)  # before it names the store and the status file
     members = [Member.from_state(find_state(n)) for n in args.names]
     status = _share_status_path(args.domain)
     with SharingEngine(members, domain=args.domain, batch_pages=args.batch,
@@ -264,6 +270,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = Path(args.config) if args.config else DEFAULT_CONFIG
     cfg = load_config(path)
+    for note in cfg.domain_notes():
+        print(note, flush=True)
     runner = Runner(cfg, path, Path(args.out) if args.out else None,
                     log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
     try:
@@ -426,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("share", help="run the sharing engine over running VMs (foreground)")
     sh.add_argument("names", nargs="+")
-    sh.add_argument("--domain", default="default", help="sharing domain name")
+    sh.add_argument("--domain", metavar="NAME",
+                    help="required: the sharing domain these VMs form (letters, digits, '-', '_'); "
+                         "sharing is opt-in, only VMs that trust each other may share (README, Security)")
     sh.add_argument("--batch", type=int, default=4096, help="pages per merge batch")
     sh.add_argument("--interval", type=float, default=0.2, help="max seconds a planned merge waits")
     sh.set_defaults(func=cmd_share)

@@ -21,7 +21,8 @@ What this module owns:
   same load that made the data; pydantic's error ``loc`` paths are mapped onto it;
 - checks pydantic cannot make alone: memory larger than the host can give (``MemAvailable`` of
   ``/proc/meminfo``, or ``host_mem_mb=`` for tests), entitlement above max, duplicate VM names,
-  a VM named in a sharing domain that does not exist (or in two domains), a mode listed twice,
+  a VM named in a sharing domain that does not exist (or in two domains), a mode that merges
+  through the engine with no sharing domain named (sharing is opt-in), a mode listed twice,
   an adversary that is not one of the VMs, surplus on with no VM below its max, an image recipe
   that does not exist, a key given twice in one YAML mapping;
 - the CLI functions ``satori config check FILE`` (:func:`cmd_config_check`) and ``satori config
@@ -33,10 +34,14 @@ frees memory to give back (default: the max, i.e. no balloon). The host must be 
 every VM its entitlement at once; surplus above it only ever comes out of realized sharing.
 
 Workload parameters are checked loosely: each kind has a fixed set of known keys, all optional,
-with the type their default implies. The workload modules own them (``PARAMS`` of each class in
-:func:`harness.workloads.registry`: the defaults there are the defaults here, and the config as
-run records them). An unknown key is an error. The modes are the table of
-:mod:`harness.modes`.
+with the type their default implies (or the one a module declares in ``PARAM_TYPES``: the
+adversary's ``attacks`` is a list of the four known attacks). The workload modules own them
+(``PARAMS`` of each class in :func:`harness.workloads.registry`: the defaults there are the
+defaults here, and the config as run records them). An unknown key is an error. The modes are
+the table of :mod:`harness.modes`.
+
+Sharing domains (``sharing_domains: {name: [VM, ...]}``) are opt-in: see :data:`DOMAIN_HELP`.
+A domain name is checked (:func:`check_domain_name`) before it reaches any path.
 """
 
 from __future__ import annotations
@@ -62,10 +67,19 @@ MODES: tuple[str, ...] = modes.NAMES
 Mode = Literal[MODES]  # type: ignore[valid-type]
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]+$"  # the same rule as harness.vm.VMSpec
+DOMAIN_NAME_MAX = 64  # a domain name goes into file names and QEMU options: short and plain
+# Modes that merge pages across VMs through the sharing engine: they need sharing domains (opt-in).
+# Modes whose ksmd scans merge across every mergeable process of the host: domains cannot bound them.
+ENGINE_MODES: tuple[str, ...] = tuple(m.name for m in modes.MODES.values() if m.engine)
+KSM_MODES: tuple[str, ...] = tuple(m.name for m in modes.MODES.values() if m.scans)
+DOMAIN_HELP = ("a sharing domain is a group of VMs that trust each other: only VMs of one domain are "
+               "ever merged together, because merging is a timing side channel (a write to a merged "
+               "page is slow, so a VM can tell whether another VM of its domain holds a page)")
 DEFAULT_MEMORY_MB = 512
 MAX_LOWMEM_MB = 3072  # must equal harness.vm.MAX_LOWMEM_MB (a test checks it)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_TEXT_BYTES = 4 << 20  # a config is a few KB; a bigger file is a mistake, not a config
+
 
 def _param_type(default: Any) -> Any:
     """The type a parameter's default implies (a float parameter also takes a whole number)."""
@@ -82,7 +96,7 @@ def _workload_params() -> dict[str, dict[str, tuple[Any, Any]]]:
     """kind -> {param: (type, default)}: the workload modules' ``PARAMS``."""
     from harness.workloads import registry
 
-    return {kind: {name: (_param_type(d), d) for name, d in cls.PARAMS.items()}
+    return {kind: {name: (cls.PARAM_TYPES.get(name) or _param_type(d), d) for name, d in cls.PARAMS.items()}
             for kind, cls in registry().items()}
 
 
@@ -185,14 +199,28 @@ class VMConfig:
     disk_bps: int | None
 
 
+DomainName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=DOMAIN_NAME_MAX)]
+
+
+def check_domain_name(name: str) -> str:
+    """``name`` if it may name a sharing domain (letters, digits, '-', '_'; 1-64 characters);
+    otherwise a ConfigError, before the name reaches any path or QEMU option."""
+    if not isinstance(name, str) or not 1 <= len(name) <= DOMAIN_NAME_MAX or not all(
+            c.isascii() and (c.isalnum() or c in "-_") for c in name):
+        raise ConfigError(f"sharing domain name {name!r}: use letters, digits, '-' and '_' only, "
+                          f"1-{DOMAIN_NAME_MAX} characters (the name goes into file names)")
+    return name
+
+
 class ExperimentConfig(_Model):
     """One experiment: what the ``satori run`` of a YAML file does."""
 
     name: str = Field(pattern=NAME_PATTERN, description="names the result folder")
     description: str = ""
     vms: VMs = Field(description="`count: N` with shared settings, or a list of named VMs")
-    sharing_domains: dict[str, Annotated[list[str], Field(min_length=1)]] | None = Field(
-        None, description="domain -> VM names; only VMs of one domain share; default: one domain of every VM"
+    sharing_domains: dict[DomainName, Annotated[list[str], Field(min_length=1)]] | None = Field(
+        None, description="domain -> VM names; only VMs of one domain are ever merged together; "
+                          "required by the modes that merge through the engine (sharing is opt-in)"
     )
     modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
     workloads: list[Workload] = Field(min_length=1)  # type: ignore[valid-type]
@@ -219,10 +247,28 @@ class ExperimentConfig(_Model):
         ]
 
     def domains(self) -> dict[str, list[str]]:
-        """Sharing domains; the default is one domain, ``default``, of every VM."""
-        if self.sharing_domains is None:
-            return {"default": [v.name for v in self.vm_list()]}
-        return {d: list(names) for d, names in self.sharing_domains.items()}
+        """The sharing domains the config names (none: nothing is merged by the engine)."""
+        return {d: list(names) for d, names in (self.sharing_domains or {}).items()}
+
+    def groups(self) -> dict[str, list[str]]:
+        """The groups of VMs measured together: the sharing domains, or without any (allowed
+        only when no mode merges through the engine) one group, ``all``, of every VM."""
+        return self.domains() or {"all": [v.name for v in self.vm_list()]}
+
+    def domain_notes(self) -> list[str]:
+        """What the config's modes can and cannot isolate (for ``config check`` and ``run``)."""
+        ksm = [m for m in self.modes if m in KSM_MODES]
+        domains = self.domains()
+        outside = [v.name for v in self.vm_list() if not any(v.name in n for n in domains.values())]
+        if not ksm or not domains or (len(domains) < 2 and not outside):
+            return []
+        apart = ", ".join(domains) + (f" and VMs outside every domain ({', '.join(outside)})"
+                                      if outside else "")
+        mixed = [m for m in ksm if m in ENGINE_MODES]
+        both = (f" (in {', '.join(mixed)} the engine honours domains, the KSM part does not)"
+                if mixed else "")
+        return [f"note: mode(s) {', '.join(ksm)} run KSM, which merges across every mergeable process "
+                f"on the host: it cannot keep sharing domains {apart} apart{both}"]
 
     def output_dir(self, now: _dt.datetime | None = None) -> Path:
         if self.output:
@@ -370,6 +416,11 @@ def _message(err: dict, loc: Loc, data: Any) -> tuple[Loc, str]:
     t = err["type"]
     v = err.get("input")
     ctx = err.get("ctx") or {}
+    if loc and loc[-1] == "[key]":
+        if len(loc) == 3 and loc[0] == "sharing_domains":
+            return loc[:-1], (f"sharing domain name {_show(v)}: use letters, digits, '-' and '_' only, "
+                              f"1-{DOMAIN_NAME_MAX} characters (the name goes into file names)")
+        return loc[:-1], f"bad key {_show(v)}"
     if t == "missing":
         return loc, "required"
     if t == "extra_forbidden":
@@ -530,6 +581,7 @@ def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Prob
         for i, m in enumerate(modes):
             if isinstance(m, str) and m in modes[:i]:
                 probs.append(_Problem(("modes", i), f"mode {m!r} is listed twice"))
+    probs += _opt_in_problems(data, names)
 
     workloads = data.get("workloads")
     if isinstance(workloads, list):
@@ -541,6 +593,26 @@ def _semantic_problems(data: dict, host_mb: int, config_dir: Path) -> list[_Prob
                     probs.append(_Problem(("workloads", i, "params", "attacker"),
                                           f"no VM named {att!r} (VMs: {', '.join(names) or 'none'})"))
     return probs
+
+
+def _opt_in_problems(data: dict, names: list[str]) -> list[_Problem]:
+    """Sharing is opt-in: a mode that merges across VMs through the engine needs named domains."""
+    if data.get("sharing_domains") is not None:
+        return []
+    modes = data.get("modes", list(MODES))
+    if not isinstance(modes, list):
+        return []
+    engine = [(i, m) for i, m in enumerate(modes) if isinstance(m, str) and m in ENGINE_MODES]
+    if not engine:
+        return []
+    i, m = engine[0]
+    loc: Loc = ("modes", i) if "modes" in data else ("modes",)
+    which = f"mode {m!r}" if "modes" in data else f"the default modes (all: {', '.join(MODES)}) include {m!r}, which"
+    example = ", ".join(names[:2]) if names else "vm1, vm2"
+    return [_Problem(loc, f"{which} merges pages across VMs, but no sharing domain is named: sharing "
+                          f"is opt-in. {DOMAIN_HELP[0].upper()}{DOMAIN_HELP[1:]}. Name the VMs that may "
+                          f"share, e.g. `sharing_domains: {{trusted: [{example}]}}`, or leave out the "
+                          f"modes {', '.join(ENGINE_MODES)}")]
 
 
 # ---------------------------------------------------------------- entry points
@@ -640,6 +712,7 @@ def config_as_run(cfg: ExperimentConfig) -> dict:
     d = cfg.model_dump(mode="json")
     d["vm_list"] = [dataclasses.asdict(v) for v in cfg.vm_list()]
     d["domains"] = cfg.domains()
+    d["groups"] = cfg.groups()
     return d
 
 
@@ -660,7 +733,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
         print(f"{f}: ok: {cfg.name}: {len(vms)} VMs "
               f"({', '.join(f'{v.name} {v.entitlement_mb}/{v.memory_mb} MB' for v in vms)}), "
               f"modes {', '.join(cfg.modes)}, workloads {', '.join(w.name for w in cfg.workloads)}, "
-              f"{cfg.repetitions} repetition(s)")
+              f"{cfg.repetitions} repetition(s), sharing domains "
+              f"{', '.join(f'{d} ({len(n)} VMs)' for d, n in cfg.domains().items()) or 'none'}")
+        for note in cfg.domain_notes():
+            print(f"{f}: {note}")
     if errors:
         raise ConfigError("\n".join(errors))
     return 0

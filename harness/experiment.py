@@ -214,7 +214,7 @@ class Runner:
                     engines[dom] = stack.enter_context(SharingEngine(
                         [Member.from_vm(by_name[n]) for n in names], domain=f"{dom}-{run_id}", log=self.log))
             t_mode = time.monotonic()
-            loop = _Loop(vms, engines, cfg.domains(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log)
+            loop = _Loop(vms, engines, cfg.groups(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log)
             ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
             results = []
             error = None

@@ -83,11 +83,12 @@ def test_macro_entitlement_is_below_the_working_set() -> None:
 
 def test_defaults_and_resolution() -> None:
     cfg = validate({"name": "d", "vms": {"count": 3, "memory_mb": 256},
+                    "sharing_domains": {"d1": ["vm1", "vm2", "vm3"]},
                     "workloads": [{"name": "boot-storm"}]}, host_mem_mb=HOST_MB)
     vms = cfg.vm_list()
     assert [v.name for v in vms] == ["vm1", "vm2", "vm3"]
     assert all(v.entitlement_mb == 256 and v.vcpus == 1 and v.disk_iops is None for v in vms)
-    assert cfg.domains() == {"default": ["vm1", "vm2", "vm3"]}
+    assert cfg.domains() == cfg.groups() == {"d1": ["vm1", "vm2", "vm3"]}
     assert cfg.modes == list(config.MODES)
     assert cfg.sample_interval_s == 1.0 and cfg.repetitions == 1 and not cfg.surplus
     assert cfg.workloads[0].params.keep_s == 20.0  # the workload module's default
@@ -111,7 +112,7 @@ def test_list_form_with_entitlement_and_disk() -> None:
 
 def test_validate_without_a_file_names_the_source() -> None:
     with pytest.raises(ConfigError) as exc:
-        validate({"name": "x", "vms": {"count": 1}, "workloads": [], "bogus": 1},
+        validate({"name": "x", "vms": {"count": 1}, "modes": ["none"], "workloads": [], "bogus": 1},
                  source="<test>", host_mem_mb=HOST_MB)
     assert sorted(exc.value.message.splitlines()) == [
         "<test>:1: bogus: unknown key (known: " + ", ".join(ExperimentConfig.model_fields) + ")",

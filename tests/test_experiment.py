@@ -22,6 +22,7 @@ vms:
   count: 2
   memory_mb: 448
   entitlement_mb: 320
+sharing_domains: {pair: [vm1, vm2]}
 modes: [none, satori]
 workloads:
   - name: identical-readers

@@ -56,6 +56,7 @@ class RunContext:
 class Workload:
     kind: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Any]] = {}
+    PARAM_TYPES: ClassVar[dict[str, Any]] = {}  # a type narrower than the default implies
 
     def __init__(self, params: dict[str, Any] | None = None, seed: int = 0) -> None:
         params = dict(params or {})

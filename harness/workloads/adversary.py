@@ -6,18 +6,31 @@ The attacker (``attacker``, default the last VM) maps its own hint ring BAR from
 ``bad-address`` (addresses outside its RAM, unaligned), ``changed-page`` (the real hash of a
 dataset block, claimed for a page that holds something else), ``flood`` (as fast as the ring
 takes). Honest VMs checksum their cached dataset before and after: it must not change.
+
+No config string reaches a shell: ``attacks`` must be a list of :data:`ATTACKS` (the config
+schema and this module both check it), and the parameters go to the guest as a JSON file (written
+through the SSH channel's stdin to a fixed path); the guest command line is a constant.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Annotated, Any, Literal
 
-from harness.errors import HarnessError
+from pydantic import Field
+
+from harness.errors import ConfigError, HarnessError
 from harness.workloads import RunContext, Workload, WorkloadResult, on_all
+
+ATTACKS: tuple[str, ...] = ("wrong-hash", "bad-address", "flood", "changed-page")
+Attack = Literal["wrong-hash", "bad-address", "flood", "changed-page"]
+ARGS_PATH = "/tmp/forge-args.json"
+FORGE_PATH = "/tmp/forge.py"
 
 FORGE = r"""
 import glob, mmap, os, random, struct, sys, time, json
-attacks, rate, secs, seed = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+a = json.load(open(sys.argv[1]))
+attacks, rate, secs, seed = list(a["attacks"]), int(a["rate"]), float(a["duration_s"]), int(a["seed"])
 dev = [d for d in glob.glob('/sys/bus/pci/devices/*') if open(d + '/vendor').read().strip() == '0x1af4'
        and open(d + '/device').read().strip() == '0x1110'][0]
 fd = os.open(dev + '/resource2', os.O_RDWR | os.O_SYNC)
@@ -56,10 +69,30 @@ print(json.dumps({"sent": sent}))
 """
 
 
+def check_attacks(attacks: Any) -> list[str]:
+    """The attack list if every entry is one of :data:`ATTACKS` (at least one); else ConfigError."""
+    if not isinstance(attacks, list | tuple) or not attacks:
+        raise ConfigError(f"adversary: attacks must be a non-empty list of {', '.join(ATTACKS)}")
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        raise ConfigError(f"adversary: unknown attack(s) {', '.join(map(repr, bad))} "
+                          f"(attacks: {', '.join(ATTACKS)})")
+    return list(attacks)
+
+
 class Adversary(Workload):
     kind = "adversary"
-    PARAMS = {"attacker": "", "attacks": ["wrong-hash", "bad-address", "flood", "changed-page"],
-              "rate": 10000, "duration_s": 60.0}
+    PARAMS = {"attacker": "", "attacks": list(ATTACKS), "rate": 10000, "duration_s": 60.0}
+    PARAM_TYPES = {"attacks": Annotated[list[Attack], Field(min_length=1)]}
+
+    def __init__(self, params: dict[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(params, seed)
+        self.p["attacks"] = check_attacks(self.p["attacks"])
+
+    def forge_args(self) -> bytes:
+        """The forger's parameters as the JSON file the guest script reads (no shell involved)."""
+        return json.dumps({"attacks": check_attacks(self.p["attacks"]), "rate": int(self.p["rate"]),
+                           "duration_s": float(self.p["duration_s"]), "seed": int(self.seed)}).encode()
 
     def run(self, vms: list, ctx: RunContext) -> WorkloadResult:
         names = [vm.name for vm in vms]
@@ -70,11 +103,11 @@ class Adversary(Workload):
         honest = [vm for vm in vms if vm is not mal]
         check = "cat /data/set1/*.bin | md5sum"
         before = on_all(honest, lambda vm: vm.ssh.check(check).split()[0])
-        mal.ssh.put(FORGE.encode(), "/tmp/forge.py")
+        mal.ssh.put(FORGE.encode(), FORGE_PATH)
+        mal.ssh.put(self.forge_args(), ARGS_PATH)
         ctx.mark("attack start")
         secs = float(self.p["duration_s"])
-        out = mal.ssh.check(f"python3 /tmp/forge.py {','.join(self.p['attacks'])} {int(self.p['rate'])} "
-                            f"{secs} {self.seed}", timeout=secs + 300)
+        out = mal.ssh.check(f"python3 {FORGE_PATH} {ARGS_PATH}", timeout=secs + 300)
         ctx.mark("attack end")
         ctx.settle()
         after = on_all(honest, lambda vm: vm.ssh.check(check).split()[0])
