@@ -34,6 +34,9 @@ class Result:
         return self.rc == 0
 
 
+PATIENT_AFTER_S = 30.0  # a boot slower than this is a loaded host: give sshd longer per try
+
+
 def wait_banner(
     port: int,
     timeout: float,
@@ -43,20 +46,28 @@ def wait_banner(
     """Poll ``host:port`` until an ``SSH-`` banner arrives. Returns seconds waited.
 
     ``alive`` is called between tries; when it returns False the wait stops early (the VM died).
+    Each try waits 2 s for the banner (slirp may hold a connection while the guest is not up
+    yet: a short try then finds the guest soon after it is). After :data:`PATIENT_AFTER_S` the
+    wait per try grows (x1.5, up to 30 s): on a loaded host a guest's sshd can take longer than
+    2 s per connection, and dropping each try after 2 s piled unauthenticated connections up in
+    the guest until its sshd refused every new one ("Exceeded MaxStartups") and the boot failed.
     """
     t0 = time.monotonic()
     deadline = t0 + timeout
+    per_try = 2.0
     while time.monotonic() < deadline:
         if alive is not None and not alive():
             raise SSHError("the VM exited while waiting for sshd")
         try:
             with socket.create_connection((host, port), timeout=1.0) as s:
-                s.settimeout(2.0)
+                s.settimeout(max(0.1, min(per_try, deadline - time.monotonic())))
                 data = s.recv(64)
                 if data.startswith(b"SSH-"):
                     return time.monotonic() - t0
         except OSError:
             pass
+        if time.monotonic() - t0 >= PATIENT_AFTER_S:
+            per_try = min(30.0, per_try * 1.5)
         time.sleep(0.2)
     raise SSHError(f"no SSH banner on {host}:{port} after {timeout:.0f} s")
 
