@@ -5,12 +5,16 @@ and reach the guest without a shell. (The bad-config corpus holds the exact mess
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from harness import cli, config
 from harness.config import ConfigError, check_domain_name, validate
+from harness.errors import HarnessError
 from harness.workloads import RunContext, make
 from harness.workloads.adversary import ARGS_PATH, ATTACKS, Adversary
 
@@ -146,3 +150,70 @@ def test_adversary_parameters_reach_the_guest_as_a_file_not_a_shell_string() -> 
     assert cmd == f"python3 /tmp/forge.py {ARGS_PATH}"  # a constant: nothing from the config
     assert json.loads(mal.ssh.files[ARGS_PATH]) == {"attacks": ["flood", "changed-page"], "rate": 5,
                                                     "duration_s": 0.1, "seed": 3}
+
+
+# ---------------------------------------------------------------- the side-channel benchmark's probe
+
+
+def _side_channel():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "side_channel.py"
+    spec = importlib.util.spec_from_file_location("side_channel_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_side_channel_probe_builds_and_runs(tmp_path: Path) -> None:
+    """The guest timing program builds static with -Wall -Werror and does what the benchmark
+    parses (here on the host, on a file of its own: a quick test, not the measurement)."""
+    import hashlib
+    import subprocess
+
+    sc = _side_channel()
+    probe = sc.build_probe(tmp_path)
+    assert (probe.stat().st_mode & 0o777) == 0o700
+    headers = subprocess.run(["readelf", "-l", str(probe)], capture_output=True, text=True).stdout
+    assert "LOAD" in headers and "INTERP" not in headers  # static: runs in any x86-64 guest
+    data = os.urandom(16 * 4096)
+    f = tmp_path / "cand.bin"
+    f.write_bytes(data)
+    regions = [sc.Region(str(f), 0, 4), sc.Region(str(f), 8 * 4096, 8)]
+    r = subprocess.run([str(probe), *sc.probe_argv("read", 7, regions)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "", r.stderr
+    r = subprocess.run([str(probe), *sc.probe_argv("write", 7, regions)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    p = sc.parse_probe(r.stdout, regions)
+    assert sorted(zip(p.region.tolist(), p.index.tolist(), strict=True)) == \
+        [(0, i) for i in range(4)] + [(1, i) for i in range(8)]
+    assert (p.ns > 0).all()
+    if os.geteuid() == 0:  # pagemap shows PFNs to root only
+        assert (p.pfn > 0).all()
+    assert hashlib.sha256(f.read_bytes()).digest() == hashlib.sha256(data).digest()  # unchanged
+    for bad in (["write", "1", str(f), "100", "1"], ["write", "x", str(f), "0", "1"], ["scan", "1", str(f), "0", "1"],
+                ["read", "1", str(f), "0"]):
+        assert subprocess.run([str(probe), *bad], capture_output=True).returncode == 2, bad
+    r = subprocess.run([str(probe), "read", "1", str(tmp_path / "missing"), "0", "1"], capture_output=True, text=True)
+    assert r.returncode == 1 and "open" in r.stderr
+
+
+def test_side_channel_output_is_checked_like_any_guest_input() -> None:
+    sc = _side_channel()
+    regions = [sc.Region("/x", 0, 2)]
+    good = "page 0 0 5 100\npage 0 1 6 300\ncalib 0.5\n"
+    p = sc.parse_probe(good, regions)
+    assert p.ns.tolist() == [50.0, 150.0] and p.pfn.tolist() == [5, 6]
+    for bad in ("page 0 0 5 100\ncalib 0.5\n",              # a page missing
+                good.replace("page 0 1", "page 1 1"),        # a region that was not asked for
+                good.replace("page 0 1 6", "page 0 9 6"),    # a page outside the region
+                good + "rm -rf /\n",                         # anything else
+                good.replace("calib 0.5", "calib 0")):       # no clock
+        with pytest.raises(HarnessError):
+            sc.parse_probe(bad, regions)
+    fast = np.array([10.0] * 9 + [200.0])  # a slow tail (TCG TLB refills), as seen in guests
+    thr, how = sc.threshold_from(fast, np.array([4000.0, 4700.0, 5000.0]))
+    assert 200 < thr < 4000 and "own merged" in how
+    thr, how = sc.threshold_from(fast, np.array([40.0]))
+    assert thr == pytest.approx(4 * np.percentile(fast, 90)) and "did not merge" in how
