@@ -217,3 +217,29 @@ def test_side_channel_output_is_checked_like_any_guest_input() -> None:
     assert 200 < thr < 4000 and "own merged" in how
     thr, how = sc.threshold_from(fast, np.array([40.0]))
     assert thr == pytest.approx(4 * np.percentile(fast, 90)) and "did not merge" in how
+
+
+@pytest.mark.integration
+def test_side_channel_probe_runs_in_a_guest(image, tmp_path: Path) -> None:
+    """The probe runs in the guest kernel (static binary, MADV_POPULATE_WRITE, pagemap PFNs
+    inside the guest's RAM) on a dataset region and leaves the file unchanged. Not the
+    measurement: no timing is asserted."""
+    from harness.vm import VM, VMSpec
+
+    sc = _side_channel()
+    probe = sc.build_probe(tmp_path)
+    regions = [sc.Region("/data/set1/f0003.bin", 0, 8), sc.Region("/data/set1/f0004.bin", 65536, 4)]
+    with VM(VMSpec("scprobe", memory_mb=384, hints=False), image) as vm:
+        vm.ssh.put(probe.read_bytes(), sc.GUEST_PROBE)
+        vm.ssh.check(f"chmod 700 {sc.GUEST_PROBE}")
+        before = vm.ssh.check("md5sum /data/set1/f0003.bin /data/set1/f0004.bin")
+        vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches")
+        vm.ssh.check(" ".join([sc.GUEST_PROBE, *sc.probe_argv("read", 1, regions)]))
+        p = sc.parse_probe(vm.ssh.check(" ".join([sc.GUEST_PROBE, *sc.probe_argv("write", 2, regions)])),
+                           regions)
+        vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches")
+        after = vm.ssh.check("md5sum /data/set1/f0003.bin /data/set1/f0004.bin")
+    assert len(p.ns) == 12 and (p.ns > 0).all()
+    assert (p.pfn > 0).all() and (p.pfn * 4096 < 384 << 20).all()  # guest-physical pages of its RAM
+    assert len(set(p.pfn.tolist())) == 12
+    assert before == after
