@@ -70,6 +70,7 @@ class Image:
     abi: str
     recipe_hash: str
     hints: bool  # the initramfs holds the patched virtio_blk and the ring module
+    name: str | None = None  # the recipe's name (manifest), for results
 
     @classmethod
     def load(cls, root: Path) -> Image:
@@ -83,6 +84,7 @@ class Image:
             abi=manifest["abi"],
             recipe_hash=manifest["recipe_hash"],
             hints=bool(manifest.get("hints")),
+            name=manifest.get("name"),
         )
 
     @property
@@ -169,8 +171,98 @@ def pick_mirror(sources: Iterable[AptSource], suite: str) -> str:
     )
 
 
+def archive_mirror(sources: Iterable[AptSource], suite: str) -> str:
+    """The archive URI for ``suite``: the machine's own source that serves it or, when none
+    does (a guest of another Debian release than the host's), the URI that serves the host's
+    own release: one Debian archive serves every release."""
+    sources = list(sources)
+    try:
+        return pick_mirror(sources, suite)
+    except ImageError:
+        pass
+    for s in sources:
+        if any("-" not in x for x in s.suites) and ("main" in s.components or not s.components):
+            return s.uri
+    return pick_mirror(sources, suite)  # the clear error
+
+
+def security_mirror(sources: Iterable[AptSource]) -> str | None:
+    """The URI of the machine's Debian security archive (a suite ``*-security``), if any."""
+    for s in sources:
+        if any(x.endswith("-security") for x in s.suites):
+            return s.uri
+    return None
+
+
 def debian_mirror(suite: str) -> str:
-    return os.environ.get("SATORI_MIRROR") or pick_mirror(host_apt_sources(), suite)
+    return os.environ.get("SATORI_MIRROR") or archive_mirror(host_apt_sources(), suite)
+
+
+# ---------------------------------------------------------------- apt for another release
+
+
+PRIVATE_APT_MAX_AGE_S = 7 * 86400
+
+
+@dataclasses.dataclass(frozen=True)
+class Apt:
+    """How to ask apt about a recipe's suite: the machine's own apt (no options) when its sources
+    serve the suite, else a private apt state for that suite in the cache (its own sources list
+    and package lists; the host's apt configuration and dpkg state are never touched)."""
+
+    options: tuple[str, ...] = ()
+    root: Path | None = None
+
+    def cmd(self, tool: str, *args: str) -> list[str]:
+        return [tool, *self.options, *args]
+
+
+def private_apt_sources(suite: str, mirror: str, security: str | None) -> str:
+    """sources.list of a private apt state for ``suite`` (and its security updates)."""
+    key = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    lines = [f"deb [signed-by={key}] {mirror} {suite} main"]
+    if security:
+        lines.append(f"deb [signed-by={key}] {security} {suite}-security main")
+    return "\n".join(lines) + "\n"
+
+
+def apt_for(suite: str, log: Log = print, refresh: bool = False) -> Apt:
+    """An :class:`Apt` that knows ``suite``; a private one is set up (``apt-get update``, a few
+    MB from the mirror) the first time, or again when ``refresh``."""
+    sources = host_apt_sources()
+    if any(suite in s.suites for s in sources) and not os.environ.get("SATORI_MIRROR"):
+        return Apt()
+    mirror = debian_mirror(suite)
+    root = cache_dir() / "apt" / suite
+    sources_text = private_apt_sources(suite, mirror, security_mirror(sources))
+    opts = (
+        "-o", f"Dir::Etc::SourceList={root / 'sources.list'}",
+        "-o", f"Dir::Etc::SourceParts={root / 'sources.list.d'}",
+        "-o", f"Dir::Etc::Preferences={root / 'preferences'}",
+        "-o", f"Dir::Etc::PreferencesParts={root / 'preferences.d'}",
+        "-o", f"Dir::State={root / 'state'}",
+        "-o", f"Dir::State::status={root / 'status'}",
+        "-o", f"Dir::Cache={root / 'cache'}",
+        "-o", "APT::Sandbox::User=root",  # the cache folder is root's own (0700)
+        "-o", "Acquire::Languages=none",
+    )
+    apt = Apt(opts, root)
+    lists = root / "state" / "lists"
+    stale = not (root / "sources.list").exists() or (root / "sources.list").read_text() != sources_text
+    packages = list(lists.glob("*_Packages*"))
+    stamp = root / "updated"  # written after each update (apt dates the lists by the server)
+    if not stamp.exists() or time.time() - stamp.stat().st_mtime > PRIVATE_APT_MAX_AGE_S:
+        stale = True  # a week old: the kernel it names may be gone from the mirror
+    if refresh or stale or not packages:
+        for d in ("sources.list.d", "preferences.d", "state/lists/partial", "cache/archives/partial"):
+            (root / d).mkdir(parents=True, exist_ok=True)
+        (root / "sources.list").write_text(sources_text)
+        (root / "preferences").touch()
+        (root / "status").touch()
+        log(f"[image] apt-get update for {suite} (private apt state in {root})")
+        _run(apt.cmd("apt-get", "-q", "update"), f"apt-get update ({suite}, {mirror})")
+        stamp.touch()
+    return apt
 
 
 # ---------------------------------------------------------------- recipe + hash
@@ -190,9 +282,12 @@ def load_recipe(path: Path = DEFAULT_RECIPE) -> dict:
 
 
 def recipe_inputs(recipe_path: Path) -> list[Path]:
-    """Every file whose content goes into the image, in a stable order."""
+    """Every file whose content goes into the image, in a stable order (the guest patch only
+    for a recipe that builds it)."""
     files = [recipe_path]
     files += sorted(p for p in IMAGES_DIR.iterdir() if p.is_file() and p != recipe_path and p.suffix != ".yaml")
+    if not load_recipe(recipe_path).get("guest_patch", True):
+        return [*files, Path(__file__)]
     if PATCHES_DIR.is_dir():
         files += sorted(p for p in PATCHES_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     guestmod = REPO_ROOT / "harness" / "guestmod.py"
@@ -257,16 +352,17 @@ def _is_static(path: Path) -> bool:
     return "not a dynamic executable" in (p.stdout + p.stderr) or "statically linked" in p.stdout
 
 
-def resolve_kernel_abi(metapackage: str) -> tuple[str, str]:
+def resolve_kernel_abi(metapackage: str, apt: Apt | None = None) -> tuple[str, str]:
     """``linux-image-amd64`` -> (``6.1.0-NN-amd64``, Debian version of that package)."""
-    out = _run(["apt-cache", "depends", metapackage], f"apt-cache depends {metapackage}")
+    apt = apt or Apt()
+    out = _run(apt.cmd("apt-cache", "depends", metapackage), f"apt-cache depends {metapackage}")
     m = re.search(r"Depends:\s+linux-image-(\S+)", out)
     if not m:
         raise ImageError(
             f"cannot resolve the kernel ABI of {metapackage}: run 'apt-get update' first", context=out
         )
     abi = m.group(1)
-    pol = _run(["apt-cache", "policy", f"linux-image-{abi}"], "apt-cache policy")
+    pol = _run(apt.cmd("apt-cache", "policy", f"linux-image-{abi}"), "apt-cache policy")
     v = re.search(r"Candidate:\s+(\S+)", pol)
     if not v or v.group(1) == "(none)":
         raise ImageError(f"no installable version of linux-image-{abi}", context=pol)
@@ -347,9 +443,10 @@ def _debootstrap_cached(recipe: dict, mirror: str, target: Path, log: Log) -> No
     tmp.rename(tarball)
 
 
-def _apt_download(pkgs: list[str], dest: Path) -> list[Path]:
+def _apt_download(pkgs: list[str], dest: Path, apt: Apt | None = None) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    _run(["apt-get", "download", *pkgs], "apt-get download " + " ".join(pkgs), cwd=dest)
+    apt = apt or Apt()
+    _run(apt.cmd("apt-get", "download", *pkgs), "apt-get download " + " ".join(pkgs), cwd=dest)
     out = []
     for p in pkgs:
         name, _, ver = p.partition("=")
@@ -362,12 +459,14 @@ def _apt_download(pkgs: list[str], dest: Path) -> list[Path]:
     return out
 
 
-def _extract_kernel(abi: str, version: str, work: Path) -> Path:
+def _extract_kernel(abi: str, version: str, work: Path, apt: Apt | None = None) -> Path:
     """Download and extract the kernel package; returns the extraction root."""
-    debs = _apt_download([f"linux-image-{abi}={version}"], cache_dir() / "debs")
+    debs = _apt_download([f"linux-image-{abi}={version}"], cache_dir() / "debs", apt)
     root = work / "kernel"
     root.mkdir()
     _run(["dpkg-deb", "-x", str(debs[0]), str(root)], "dpkg-deb -x kernel")
+    if (root / "usr" / "lib" / "modules").is_dir() and not (root / "lib").exists():
+        (root / "lib").symlink_to("usr/lib")  # merged-/usr kernels (trixie): depmod looks in lib/
     return root
 
 
@@ -454,7 +553,7 @@ def _copy_modules(kroot: Path, abi: str, skip: list[str], rootfs: Path) -> None:
     _run(["depmod", "-b", str(rootfs), abi], "depmod -b rootfs")
 
 
-def _write_dataset(rootfs: Path, spec: dict) -> int:
+def write_dataset(rootfs: Path, spec: dict) -> int:
     """Deterministic pseudo-random files (SHAKE-256 of name+seed): identical in every image."""
     base = rootfs / spec["path"].lstrip("/")
     base.mkdir(parents=True, exist_ok=True)
@@ -508,19 +607,21 @@ def image_root(rhash: str) -> Path:
 def find_image(recipe_path: Path = DEFAULT_RECIPE) -> Image | None:
     """The cached image for the recipe's current hash, or None."""
     recipe = load_recipe(recipe_path)
-    abi, _ = resolve_kernel_abi(recipe["kernel"])
+    abi, _ = resolve_kernel_abi(recipe["kernel"], apt_for(recipe["suite"]))
     root = image_root(recipe_hash(recipe_path, abi))
     if (root / "manifest.json").exists():
         return Image.load(root)
     return None
 
 
-def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: bool = False) -> Image:
+def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: bool = False,
+                _retried: bool = False) -> Image:
     """Build (or reuse) the image of ``recipe_path``. Returns the cached image."""
     t_start = time.monotonic()
     recipe = load_recipe(recipe_path)
     ensure_host_tools(log)
-    abi, kver = resolve_kernel_abi(recipe["kernel"])
+    apt = apt_for(recipe["suite"], log)
+    abi, kver = resolve_kernel_abi(recipe["kernel"], apt)
     rhash = recipe_hash(recipe_path, abi)
     root = image_root(rhash)
     if (root / "manifest.json").exists() and not force:
@@ -540,11 +641,23 @@ def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: boo
         with prog.step("debootstrap"):
             _debootstrap_cached(recipe, mirror, rootfs, log)
         with prog.step("kernel"):
-            kroot = _extract_kernel(abi, kver, work)
-            shutil.copy2(kroot / "boot" / f"vmlinuz-{abi}", out / "vmlinuz")
+            try:
+                kroot: Path | None = _extract_kernel(abi, kver, work, apt)
+            except ImageError:
+                if apt.root is None or _retried:
+                    raise
+                kroot = None  # the private lists named a kernel the mirror has replaced since
+            if kroot is not None:
+                shutil.copy2(kroot / "boot" / f"vmlinuz-{abi}", out / "vmlinuz")
+        if kroot is None:
+            apt_for(recipe["suite"], log, refresh=True)
+            return build_image(recipe_path, log, force, _retried=True)
         patched: dict[str, Path] | None = None
-        with prog.step("guest patch (virtio_blk hints)"):
-            patched = _build_patched(abi, work / "guestmod", log)
+        if recipe.get("guest_patch", True):
+            with prog.step("guest patch (virtio_blk hints)"):
+                patched = _build_patched(abi, work / "guestmod", log)
+        else:
+            log("[image] stock kernel, no guest patch (recipe guest_patch: false): host hints only")
         with prog.step("modules"):
             _copy_modules(kroot, abi, list(recipe.get("skip_module_dirs", [])), rootfs)
             # depmod the extracted tree too, for modprobe --show-depends
@@ -557,7 +670,7 @@ def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: boo
         data_bytes = 0
         with prog.step("datasets"):
             for spec in recipe.get("datasets", []):
-                data_bytes += _write_dataset(rootfs, spec)
+                data_bytes += write_dataset(rootfs, spec)
         with prog.step("mkfs.ext4 -d"):
             size = int(recipe["image_size_mb"])
             _run(
@@ -568,7 +681,8 @@ def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: boo
         manifest = {
             "recipe": str(recipe_path.relative_to(REPO_ROOT) if recipe_path.is_relative_to(REPO_ROOT) else recipe_path),
             "recipe_hash": rhash,
-            "name": recipe.get("name"),
+            "name": recipe.get("name", recipe_path.stem),
+            "suite": recipe["suite"],
             "abi": abi,
             "kernel_version": kver,
             "mirror": mirror,

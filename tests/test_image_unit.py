@@ -89,3 +89,32 @@ def test_recipe_validation(tmp_path: Path):
     r.write_text("suite: [\n")
     with pytest.raises(ImageError, match="not valid YAML"):
         image.load_recipe(r)
+
+
+def test_another_release_comes_from_the_hosts_archive():
+    srcs = image.parse_deb822_sources(DEB822)
+    # no source serves trixie: the archive that serves the host's release serves it too
+    assert image.archive_mirror(srcs, "trixie") == "http://mirror.example/debian"
+    assert image.archive_mirror(srcs, "bookworm-security") == "http://mirror.example/debian-security"
+    assert image.security_mirror(srcs) == "http://mirror.example/debian-security"
+    with pytest.raises(ImageError, match="SATORI_MIRROR"):
+        image.archive_mirror(image.parse_deb822_sources(DEB822.split("\n\n")[1]), "trixie")
+
+
+def test_private_apt_sources_name_the_suite_and_its_security_updates():
+    text = image.private_apt_sources("trixie", "http://m.example/debian", "http://m.example/debian-security")
+    lines = text.splitlines()
+    assert lines[0].endswith("http://m.example/debian trixie main")
+    assert lines[1].endswith("http://m.example/debian-security trixie-security main")
+    assert all("signed-by=/usr/share/keyrings/debian-archive-keyring.gpg" in x for x in lines)
+    assert len(image.private_apt_sources("trixie", "http://m.example/debian", None).splitlines()) == 1
+
+
+def test_second_image_recipe_is_stock_and_shares_the_dataset():
+    trixie = image.load_recipe(image.IMAGES_DIR / "trixie.yaml")
+    bookworm = image.load_recipe(image.DEFAULT_RECIPE)
+    assert trixie["suite"] != bookworm["suite"] and trixie["guest_patch"] is False
+    assert trixie["datasets"] == bookworm["datasets"]  # byte-identical data in both images
+    names = {p.name for p in image.recipe_inputs(image.IMAGES_DIR / "trixie.yaml")}
+    assert "trixie.yaml" in names and "rc.sysinit" in names
+    assert not any(n.endswith(".patch") for n in names)  # the guest patch is not an input
