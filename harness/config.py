@@ -186,6 +186,18 @@ Workload = Annotated[
 ]
 
 
+class SurplusPolicy(_Model):
+    """How the surplus is lent and taken back when sharing collapses (harness.surplus.Policy,
+    docs/isolation.md); the defaults are the policy the project chose."""
+
+    reserve: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the saving never lent")
+    guard: bool = Field(True, description="reclaim ahead of breaks when the host budget is at risk")
+    horizon_s: float = Field(2.0, ge=0.0, description="how far ahead the guard looks at host use")
+    margin: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the budget the guard keeps free")
+    cooldown_s: float = Field(10.0, ge=0.0, description="no new grant this long after the guard acted")
+    budget_cap: bool = Field(True, description="never grant more than the host's headroom below the budget")
+
+
 @dataclasses.dataclass(frozen=True)
 class VMConfig:
     """One VM, resolved: names given, defaults filled in."""
@@ -225,6 +237,7 @@ class ExperimentConfig(_Model):
     modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)
     workloads: list[Workload] = Field(min_length=1)  # type: ignore[valid-type]
     surplus: bool = Field(False, description="give the memory sharing frees back to the VMs via balloons")
+    surplus_policy: SurplusPolicy = Field(default_factory=SurplusPolicy)
     sample_interval_s: float = Field(1.0, ge=0.5, le=10.0)
     repetitions: int = Field(1, ge=1)
     output: str | None = Field(None, description="result folder; default results/<name>-<timestamp>")

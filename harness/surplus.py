@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,6 +170,21 @@ def _split(total: int, weights: Mapping[str, float], caps: Mapping[str, int]) ->
     return alloc
 
 
+def _take_from(grants: list[Grant], vm: str, pages: int) -> list[Grant]:
+    """The ledger with ``pages`` of ``vm``'s grants removed, its newest grants first."""
+    out = list(grants)
+    for i in range(len(out) - 1, -1, -1):
+        if pages <= 0:
+            break
+        g = out[i]
+        if g.vm != vm:
+            continue
+        t = min(g.pages, pages)
+        pages -= t
+        out[i] = dataclasses.replace(g, pages=g.pages - t)
+    return [g for g in out if g.pages > 0]
+
+
 def _reconcile(budgets: Mapping[str, Budget], current: Mapping[str, int],
                ledger: Iterable[Grant]) -> tuple[dict[str, int], list[Grant]]:
     """Clamp current targets into bounds and make the ledger agree with them."""
@@ -201,46 +218,79 @@ def allocate(
     *,
     seq: int = 0,
     min_grant: int = 0,
+    reserve: float = 0.0,
+    take: Mapping[str, int] | None = None,
+    breaks: Mapping[str, float] | None = None,
+    no_grant: Collection[str] = (),
+    headroom: int | None = None,
 ) -> Allocation:
     """New balloon targets (pages) from the saving R and the contribution credits.
 
     ``current``: the targets now (pages; a VM missing is at its entitlement); ``ledger``: the
     outstanding grants, oldest first (from the previous :class:`Allocation`); ``seq``: the number
-    of this decision, stamped on its new grants. See the module docstring for the rule.
+    of this decision, stamped on its new grants. ``reserve``: the fraction of R never lent.
+    ``take``: pages to take back from these VMs now whatever R says (reclaim ahead of breaks,
+    capped at their surplus). ``breaks``: per VM, its recent breaks (pages): when R falls, these
+    VMs give first, in proportion (default: ``take``). ``no_grant``: VMs that get nothing new.
+    ``headroom``: host pages still free below the budget now; new grants never exceed it (a
+    saving the host does not see in its own frames is not lent). See the module docstring.
     """
     budgets = {b.name: b for b in vms}
     R = max(0, int(saving))
+    lendable = R - math.ceil(max(0.0, min(1.0, reserve)) * R)
     surplus, grants = _reconcile(budgets, current, ledger)
     before = {n: budgets[n].entitlement + s for n, s in surplus.items()}
-    outstanding = sum(surplus.values())
     reasons: dict[str, str] = {}
+    take = {n: int(v) for n, v in (take or {}).items() if n in budgets and v > 0}
+    order = {n: float(v) for n, v in (take if breaks is None else breaks).items() if n in budgets and v > 0}
 
-    if outstanding > R:
-        excess = outstanding - R
-        reason = f"saving fell to {R} pages: {excess} pages reclaimed, earliest grants first"
+    ahead = {n: min(surplus[n], v) for n, v in take.items()}
+    for n, v in ahead.items():
+        if v:
+            grants = _take_from(grants, n, v)
+            surplus[n] -= v
+            reasons[n] = f"reclaim ahead: {take[n]} pages of its own breaks, its surplus first"
+    outstanding = sum(surplus.values())
+    if outstanding > lendable:
+        excess = outstanding - lendable
+        reason = (f"saving fell to {R} pages (lendable {lendable}): {excess} pages reclaimed, "
+                  + ("breaking VMs first, then " if order else "") + "earliest grants first")
+        # the VMs that break give first, in proportion to their breaks
+        if order:
+            first = _split(min(excess, sum(surplus[n] for n in order)), order, {n: surplus[n] for n in order})
+            for n, v in first.items():
+                if v:
+                    grants = _take_from(grants, n, v)
+                    surplus[n] -= v
+                    excess -= v
+                    reasons[n] = f"reclaim: saving fell to {R} pages; breaking VM first"
         new: list[Grant] = []
         for g in grants:
-            take = min(g.pages, excess)
-            if take:
-                excess -= take
-                surplus[g.vm] -= take
+            t = min(g.pages, excess)
+            if t:
+                excess -= t
+                surplus[g.vm] -= t
                 reasons.setdefault(g.vm, f"reclaim: saving fell to {R} pages; "
                                          f"earliest grant first (decision {g.seq})")
-            if g.pages - take:
-                new.append(dataclasses.replace(g, pages=g.pages - take))
+            if g.pages - t:
+                new.append(dataclasses.replace(g, pages=g.pages - t))
         grants = new
-    elif outstanding < R:
-        free = R - outstanding
+    elif ahead and any(ahead.values()):
+        reason = f"reclaim ahead of breaks: {sum(ahead.values())} pages"
+    elif outstanding < lendable:
+        free = lendable - outstanding
+        if headroom is not None:
+            free = max(0, min(free, int(headroom)))
         csum = sum(max(0.0, credits.get(n, 0.0)) for n in budgets)
         if csum <= 0:
             reason = f"saving {R} pages, but no VM holds shared pages: nothing given"
         else:
-            room = {n: b.max - b.entitlement for n, b in budgets.items()}
-            fair = {n: min(room[n], int(R * max(0.0, credits.get(n, 0.0)) / csum)) for n in budgets}
+            room = {n: 0 if n in no_grant else b.max - b.entitlement for n, b in budgets.items()}
+            fair = {n: min(room[n], int(lendable * max(0.0, credits.get(n, 0.0)) / csum)) for n in budgets}
             short = {n: max(0, fair[n] - surplus[n]) for n in budgets}
             first = _split(min(free, sum(short.values())), short, short)
             left = free - sum(first.values())
-            head = {n: room[n] - surplus[n] - first[n] for n in budgets}
+            head = {n: max(0, room[n] - surplus[n] - first[n]) for n in budgets}
             second = _split(left, {n: max(0.0, credits.get(n, 0.0)) for n in budgets}, head)
             given = 0
             for n in sorted(budgets):
@@ -254,14 +304,76 @@ def allocate(
                 if second[n]:
                     why = (why + ", and " if why else "") + "what others could not take, by credit"
                 reasons[n] = f"grant: saving grew to {R} pages; {why}"
-            reason = f"saving grew to {R} pages: {given} pages granted"
+            reason = (f"saving grew to {R} pages (lendable {lendable}"
+                      + (f", host headroom {headroom}" if headroom is not None else "")
+                      + f"): {given} pages granted")
     else:
-        reason = f"saving {R} pages, all of it lent out or none to lend: no change"
+        reason = f"saving {R} pages (lendable {lendable}), all of it lent out or none to lend: no change"
 
     targets = {n: budgets[n].entitlement + surplus[n] for n in budgets}
     moves = tuple(Move(n, before[n], targets[n], reasons.get(n, reason))
                   for n in budgets if targets[n] != before[n])
     return Allocation(targets, tuple(grants), moves, R, reason)
+
+
+# ---------------------------------------------------------------- the guard
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How surplus is lent and taken back when sharing collapses (docs/isolation.md).
+
+    ``reserve``: the fraction of the saving R never lent (headroom against breaks). ``guard``:
+    reclaim ahead of breaks, from the host budget (:func:`guard_takes`), between samples.
+    ``horizon_s``: how far ahead the guard looks (host use + growth rate x horizon: about the
+    time a balloon needs to give memory back). ``margin``: the fraction of the budget the guard
+    keeps free. ``cooldown_s``: after the guard acts, no VM gets a new grant for this long.
+    ``budget_cap``: a new grant never exceeds the host's headroom below the budget as last read
+    (a saving the host does not see in its own frames is not lent).
+    """
+
+    reserve: float = 0.0
+    guard: bool = False
+    horizon_s: float = 2.0
+    margin: float = 0.0
+    cooldown_s: float = 10.0
+    budget_cap: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.reserve <= 1.0 or not 0.0 <= self.margin < 1.0:
+            raise HarnessError(f"surplus policy: reserve {self.reserve} must be in 0..1, margin "
+                               f"{self.margin} in 0..1")
+        if self.horizon_s < 0 or self.cooldown_s < 0:
+            raise HarnessError("surplus policy: horizon_s and cooldown_s must be >= 0")
+
+
+def guard_takes(policy: Policy, used: int, budget: int, fresh: Mapping[str, int], dt: float,
+                surplus: Mapping[str, int]) -> tuple[dict[str, int], int]:
+    """Reclaim ahead of breaks (pure): what to take back now, and the host use predicted.
+
+    ``used``: host pages the guests use now; ``budget``: the sum of entitlements (pages);
+    ``fresh``: per VM, pages that got a private frame of their own since the last look ``dt``
+    seconds ago (copy-on-write breaks, KSM unmerges, new pages); ``surplus``: per VM, pages lent.
+    If ``used + sum(fresh) / dt * horizon_s`` would pass ``budget * (1 - margin)``, that excess
+    is taken back, from the VMs holding surplus in proportion to their fresh pages (the VM that
+    breaks pays first), or, if none of them grows, in proportion to their surplus.
+    """
+    rate = sum(max(0, v) for v in fresh.values()) / dt if dt > 0 else 0.0
+    predicted = int(used + rate * policy.horizon_s)
+    need = predicted - int(budget * (1.0 - policy.margin))
+    holders = {n: v for n, v in surplus.items() if v > 0}
+    if need <= 0 or not holders:
+        return {}, predicted
+    weights: dict[str, float] = {n: float(fresh.get(n, 0)) for n in holders if fresh.get(n, 0) > 0}
+    if not weights:
+        weights = {n: float(v) for n, v in holders.items()}
+    first = _split(min(need, sum(holders[n] for n in weights)), weights, {n: holders[n] for n in weights})
+    left = need - sum(first.values())
+    if left > 0:  # the growers gave all they had: the other holders, by surplus
+        rest = {n: holders[n] - first.get(n, 0) for n in holders}
+        more = _split(min(left, sum(rest.values())), {n: float(v) for n, v in rest.items()}, rest)
+        first = {n: first.get(n, 0) + more.get(n, 0) for n in holders}
+    return {n: v for n, v in first.items() if v > 0}, predicted
 
 
 # ---------------------------------------------------------------- applying it
@@ -307,6 +419,7 @@ class SurplusManager:
         *,
         min_grant: int = PAGES_PER_MB,
         enabled: bool = True,
+        policy: Policy | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         missing = [b.name for b in vms if b.name not in qmp]
@@ -316,12 +429,22 @@ class SurplusManager:
         self._qmp = dict(qmp)
         self.min_grant = min_grant
         self.enabled = enabled
+        self.policy = policy or Policy()
+        self.budget = sum(b.entitlement for b in vms)
         self._clock = clock
         self._t0 = clock()
         self.targets: dict[str, int] = {b.name: b.max for b in vms}  # as booted: no balloon yet
         self.ledger: tuple[Grant, ...] = ()
         self.decisions: list[Decision] = []
         self._seq = 0
+        self._saving = 0  # R of the last update, pages
+        self._credits: dict[str, float] = {}
+        self._breaks: dict[str, int] = {}  # fresh private pages per VM since the last update
+        self._frozen_until = -1.0  # no new grants before this (clock), after the guard acted
+        self._used: int | None = None  # host pages the guests use, as last observed
+        self.guard_actions = 0
+        # the sampling loop (update) and the guard (observe) run in different threads
+        self._lock = threading.RLock()
 
     def _apply(self, moves: Iterable[Move]) -> dict[str, str]:
         errors: dict[str, str] = {}
@@ -351,6 +474,10 @@ class SurplusManager:
 
     def start(self) -> Decision:
         """Inflate every balloon to hold its VM at its entitlement."""
+        with self._lock:
+            return self._start()
+
+    def _start(self) -> Decision:
         moves = [Move(b.name, self.targets[b.name], b.entitlement, "start: hold at entitlement")
                  for b in self.vms]
         errors = self._apply(moves)
@@ -359,16 +486,64 @@ class SurplusManager:
 
     def update(self, saving: int, credits: Mapping[str, float]) -> Decision:
         """One step: new targets from the current saving (pages) and credits; QMP for changes."""
+        with self._lock:
+            return self._update(saving, credits)
+
+    def _update(self, saving: int, credits: Mapping[str, float]) -> Decision:
         if not self.enabled:
             return self._record(max(0, int(saving)), credits, [], "surplus off: at entitlement", {})
+        self._saving, self._credits = int(saving), dict(credits)
+        frozen = self._frozen_until >= 0 and self._clock() < self._frozen_until
+        headroom = None
+        if self.policy.budget_cap and self._used is not None:
+            headroom = int(self.budget * (1.0 - self.policy.margin)) - self._used
         a = allocate(self.vms, saving, credits, self.targets, self.ledger,
-                     seq=self._seq, min_grant=self.min_grant)
+                     seq=self._seq, min_grant=self.min_grant, reserve=self.policy.reserve,
+                     breaks=self._breaks, no_grant=[b.name for b in self.vms] if frozen else (),
+                     headroom=headroom)
+        self._breaks = {}
         errors = self._apply(a.moves)
         self.ledger = a.ledger  # reconciled against self.targets on the next call if QMP failed
-        return self._record(a.saving, credits, a.moves, a.reason, errors)
+        return self._record(a.saving, credits, a.moves, a.reason + (" (grants held: guard cooldown)" if frozen else ""),
+                            errors)
+
+    def observe(self, used: int, fresh: Mapping[str, int], dt: float) -> Decision | None:
+        """A look between samples: the host uses ``used`` pages; ``fresh`` per VM are pages that
+        got a private frame in the last ``dt`` seconds. Remembers them as breaks (the next
+        update reclaims from those VMs first) and, with ``policy.guard``, takes surplus back at
+        once when the budget is at risk (:func:`guard_takes`). Returns the decision if it acted."""
+        with self._lock:
+            return self._observe(used, fresh, dt)
+
+    def _observe(self, used: int, fresh: Mapping[str, int], dt: float) -> Decision | None:
+        self._used = int(used)
+        for n, v in fresh.items():
+            if v > 0:
+                self._breaks[n] = self._breaks.get(n, 0) + int(v)
+        if not self.enabled or not self.policy.guard:
+            return None
+        surplus = {b.name: self.targets[b.name] - b.entitlement for b in self.vms}
+        takes, predicted = guard_takes(self.policy, used, self.budget, fresh, dt, surplus)
+        if not takes:
+            return None
+        self._frozen_until = self._clock() + self.policy.cooldown_s
+        self.guard_actions += 1
+        a = allocate(self.vms, self._saving, self._credits, self.targets, self.ledger, seq=self._seq,
+                     min_grant=self.min_grant, reserve=self.policy.reserve, take=takes,
+                     no_grant=[b.name for b in self.vms])
+        errors = self._apply(a.moves)
+        self.ledger = a.ledger
+        return self._record(a.saving, self._credits, a.moves,
+                            f"guard: host use {used} pages, {predicted} predicted in "
+                            f"{self.policy.horizon_s:g} s, budget {self.budget}: {sum(takes.values())} "
+                            "pages taken back ahead of breaks", errors)
 
     def release(self) -> Decision:
         """Take every grant back (end of a run): all VMs at their entitlement."""
+        with self._lock:
+            return self._release()
+
+    def _release(self) -> Decision:
         moves = [Move(b.name, self.targets[b.name], b.entitlement, "end: surplus taken back")
                  for b in self.vms if self.targets[b.name] != b.entitlement]
         errors = self._apply(moves)
@@ -377,6 +552,10 @@ class SurplusManager:
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Balloon targets and surplus per VM now, in MB: the per-VM part of a sample."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[str, dict[str, float]]:
         return {
             "balloon_mb": {b.name: self.targets[b.name] / PAGES_PER_MB for b in self.vms},
             "surplus_mb": {b.name: (self.targets[b.name] - b.entitlement) / PAGES_PER_MB for b in self.vms},
@@ -384,4 +563,5 @@ class SurplusManager:
 
     def series(self) -> list[dict[str, Any]]:
         """The decisions as plain dicts (JSON) for results.json and the surplus plot."""
-        return [d.as_dict() for d in self.decisions]
+        with self._lock:
+            return [d.as_dict() for d in self.decisions]
