@@ -103,6 +103,7 @@ def registry() -> dict[str, type[Workload]]:
     from harness.workloads import (
         adversary,
         boot_storm,
+        collapse,
         identical_readers,
         integrity,
         macro,
@@ -112,7 +113,7 @@ def registry() -> dict[str, type[Workload]]:
 
     return {w.kind: w for w in (identical_readers.IdenticalReaders, short_lived.ShortLived,
                                  macro.Macro, web.Web, boot_storm.BootStorm, integrity.Integrity,
-                                 adversary.Adversary)}
+                                 adversary.Adversary, collapse.Collapse)}
 
 
 def make(kind: str, params: dict[str, Any] | None = None, seed: int = 0) -> Workload:
