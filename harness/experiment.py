@@ -24,16 +24,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import accounting, ksm, modes, report
+from harness import accounting, budget, ksm, modes, report
 from harness.config import ExperimentConfig, config_as_run, load_config
 from harness.errors import HarnessError
 from harness.image import Image, ensure_image
 from harness.sharing.engine import IdlePoll, Member, SharingEngine
-from harness.surplus import Budget, SurplusManager
+from harness.surplus import Budget, Policy, SurplusManager
 from harness.vm import VM, VMSpec, new_run_id, start_all
 from harness.workloads import RunContext, make
 
 SETTLE_TAIL_S = 3.0  # sampling after the last workload
+GUARD_INTERVAL_S = 0.25  # host memory read between samples (the surplus guard acts on it)
+BUDGET_FIGURES = ("peak_overshoot_mb", "peak_overshoot_pct", "overshoot_s", "reclaim_s",
+                  "entitlement_violations", "bystander_job_ratio", "bystander_p99_ratio")
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class ModeRun:
     boot_s: dict[str, float]
     surplus: list[dict[str, Any]]
     error: str | None = None
+    entitlements_mb: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _Loop(threading.Thread):
@@ -60,7 +64,7 @@ class _Loop(threading.Thread):
 
     def __init__(self, vms: list[VM], engines: dict[str, SharingEngine], domains: dict[str, list[str]],
                  interval: float, surplus: SurplusManager | None, t_start: float,
-                 ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None]) -> None:
+                 ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None], budget_pages: int = 0) -> None:
         super().__init__(daemon=True, name="satori-loop")
         self.vms = {v.name: v for v in vms}
         self.engines = engines
@@ -70,6 +74,8 @@ class _Loop(threading.Thread):
         self.t_start = t_start
         self.ksm_ctl = ksm_ctl
         self.log = log
+        self.budget_pages = budget_pages  # the host's promise: the sum of the entitlements
+        self.guard = _Guard(vms, surplus, [e.store_path for e in engines.values()])
         self.samples: list[dict[str, Any]] = []
         self.stop_evt = threading.Event()
         self.error: BaseException | None = None
@@ -106,9 +112,11 @@ class _Loop(threading.Thread):
         row: dict[str, Any] = {"t": t}
         saving = 0
         credits: dict[str, float] = {}
+        all_merged: dict[str, Any] = {}
         for dom, names in self.domains.items():
             eng = self.engines.get(dom)
             merged = eng.merged_ranges() if eng else None
+            all_merged.update(merged or {})
             s = accounting.measure([self.vms[n] for n in names], store=eng.store_path if eng else None,
                                    merged=merged)
             d = s.as_dict()
@@ -124,9 +132,15 @@ class _Loop(threading.Thread):
             for k in ("G", "F", "C", "R", "M"):
                 row[k] = sum(row.get(f"{dom}.{k}", 0) or 0 for dom in self.domains)
             row["E"] = (row["R"] / row["M"]) if row.get("M") else None
+        # the host memory the guests use against the budget (the guard's reading now, with the
+        # pages that turned private since the last sample), and the balloons' actual sizes
+        self.guard.merged = all_merged
+        row["host"] = self.guard.reading().as_dict(self.budget_pages)
         if self.surplus is not None:
             self.surplus.update(saving, credits)
             row.update(self.surplus.snapshot())
+            row["balloon_actual_mb"] = {n: int(vm.qmp("query-balloon")["actual"]) / (1 << 20)
+                                        for n, vm in self.vms.items()}
         if self.ksm_ctl is not None:
             k = self.ksm_ctl.sample()
             row["ksm_pages_sharing"] = k.pages_sharing
@@ -150,6 +164,56 @@ class _Loop(threading.Thread):
             else:
                 quiet_since = None
             time.sleep(0.05)
+
+
+class _Guard(threading.Thread):
+    """Reads the host memory the guests use every ``GUARD_INTERVAL_S`` (pagemaps: cheap, no
+    hashing) and lets the surplus manager's guard act on it, in a thread of its own: a slow
+    sample (the oracle hashes all memory) never delays taking surplus back."""
+
+    def __init__(self, vms: list[VM], surplus: SurplusManager | None, stores: list[Path]) -> None:
+        super().__init__(daemon=True, name="satori-guard")
+        self.meter = budget.HostMeter(vms)
+        self.surplus = surplus
+        self.stores = stores
+        self.merged: dict[str, Any] = {}  # the merge agents' ranges, as the last sample read them
+        self.stop_evt = threading.Event()
+        self.error: BaseException | None = None
+        self.cpu_s = 0.0
+        self._lock = threading.Lock()
+        self._latest: budget.HostUse | None = None
+        self._fresh: dict[str, int] = {}  # per VM, since the last reading() by a sample
+
+    def look(self) -> budget.HostUse:
+        """One reading (the guard thread's, or the first sample's); the manager acts on it."""
+        c0 = time.thread_time()
+        with self._lock:
+            hu = self.meter.read(self.stores, self.merged)
+            self._latest = hu
+            for n, v in hu.fresh.items():
+                self._fresh[n] = self._fresh.get(n, 0) + v
+            dt = self.meter.dt
+        if self.surplus is not None and dt > 0:
+            self.surplus.observe(hu.used, hu.fresh, dt)
+        self.cpu_s += time.thread_time() - c0
+        return hu
+
+    def reading(self) -> budget.HostUse:
+        """The latest reading (at most ``GUARD_INTERVAL_S`` old), with the fresh pages summed
+        since the previous call."""
+        if self._latest is None:
+            self.look()
+        with self._lock:
+            hu = dataclasses.replace(self._latest, fresh=self._fresh)  # type: ignore[arg-type]
+            self._fresh = {}
+        return hu
+
+    def run(self) -> None:
+        try:
+            while not self.stop_evt.wait(GUARD_INTERVAL_S):
+                self.look()
+        except BaseException as e:  # noqa: BLE001 - reported by the runner
+            self.error = e
 
 
 class Runner:
@@ -200,7 +264,8 @@ class Runner:
             surplus = None
             if any(b.entitlement < b.max for b in budgets):
                 surplus = SurplusManager(budgets, {vm.name: vm.qmp for vm in vms},
-                                         enabled=cfg.surplus and mode != "none")
+                                         enabled=cfg.surplus and mode != "none",
+                                         policy=Policy(**cfg.surplus_policy.model_dump()))
                 surplus.start()
                 self._wait_balloons(vms, surplus)
             ksm_ctl = None
@@ -214,11 +279,13 @@ class Runner:
                     engines[dom] = stack.enter_context(SharingEngine(
                         [Member.from_vm(by_name[n]) for n in names], domain=f"{dom}-{run_id}", log=self.log))
             t_mode = time.monotonic()
-            loop = _Loop(vms, engines, cfg.groups(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log)
+            loop = _Loop(vms, engines, cfg.groups(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log,
+                         budget_pages=sum(b.entitlement for b in budgets))
             ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
             results = []
             error = None
             loop.start()  # stopped and joined in the finally below
+            loop.guard.start()
             try:
                 for i, w in enumerate(cfg.workloads):
                     wl = make(w.name, w.params.model_dump() if hasattr(w.params, "model_dump") else dict(w.params or {}),
@@ -227,6 +294,8 @@ class Runner:
                     r = wl.run(vms, ctx)
                     if loop.error:
                         raise loop.error
+                    if loop.guard.error:
+                        raise HarnessError(f"host memory guard failed: {loop.guard.error}")
                     results.append(dataclasses.asdict(r))
                     self.log(f"[{mode} #{rep + 1}] {w.name}: {r.time_s:.2f} s")
                 end = time.monotonic() + SETTLE_TAIL_S
@@ -237,7 +306,9 @@ class Runner:
                 raise
             finally:
                 loop.stop_evt.set()
+                loop.guard.stop_evt.set()
                 loop.join(30)
+                loop.guard.join(30)
                 if surplus is not None:
                     with contextlib.suppress(Exception):
                         surplus.release()
@@ -254,6 +325,7 @@ class Runner:
                     "harness_s": round(time.process_time() - cpu0, 3),
                     "engine_s": round(loop.engine_cpu, 3),
                     "sampling_s": round(loop.sample_cpu, 3),
+                    "guard_s": round(loop.guard.cpu_s, 3),
                     "agent_s": round(agent_s, 3),
                     "agent_merge_s": round(agent_merge_s, 3),
                     "ksmd_s": round(ksm_delta["ksmd_cpu_s"], 3) if ksm_delta else 0.0,
@@ -265,6 +337,7 @@ class Runner:
                     t0=starts[0] if starts else None, engine=eng_stats, ksm=ksm_delta, cpu=cpu,
                     merged_pages=merged_pages + ksm_pages, boot_s=boot,
                     surplus=surplus.series() if surplus else [], error=error,
+                    entitlements_mb={v.name: float(v.entitlement_mb) for v in cfg.vm_list()},
                 )
                 self.runs.append(run)
                 self.write()
@@ -326,7 +399,8 @@ class Runner:
             for key in ("E_final", "E_nonzero_final", "E_disk_final", "time_to_90_s", "opportunity_captured",
                         "opportunity_disk",
                         "cpu_per_merged_page_s", "workload_time_s", "hint_drops", "hint_rejects",
-                        "merged_pages", "cpu_total_pct_core", "agent_us_per_page", "boot_s"):
+                        "merged_pages", "cpu_total_pct_core", "agent_us_per_page", "boot_s",
+                        *BUDGET_FIGURES):
                 vals = [rep.get(key) for rep in reps]
                 fig[key] = vals if len(vals) > 1 else vals[0]
             wt = [rep["workload_time_s"] for rep in reps]
@@ -372,8 +446,13 @@ def _rep_figures(r: ModeRun) -> dict[str, Any]:
     cpu_s = r.cpu["engine_s"] + r.cpu["agent_s"] + r.cpu["ksmd_s"]
     agent_pages = sum(v["merged_total"] + v["mismatched"] for st in (r.engine or {}).values()
                       for v in st["vms"].values())
+    bud = budget.run_figures(s, r.events, r.entitlements_mb, r.surplus)
+    by = next((w["extra"]["bystander"] for w in r.workloads if w.get("extra", {}).get("bystander")), None)
     return {
         "rep": r.rep,
+        **bud,
+        "bystander_job_ratio": by["job_ratio"] if by else None,
+        "bystander_p99_ratio": by["p99_ratio"] if by else None,
         "E_final": last.get("E"),
         "E_nonzero_final": last.get("E_nonzero"),
         "E_disk_final": last.get("E_disk"),
