@@ -78,6 +78,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -130,6 +131,8 @@ static ino_t g_sock_ino;
 static int g_listen_fd = -1;
 
 static int g_ram_fd = -1;           /* the RAM backend file, O_RDWR, for fallocate/remap */
+static dev_t g_ram_dev;             /* its inode: QEMU's own fd of it is recognised by this */
+static ino_t g_ram_ino;
 static uint8_t *g_ram_base;         /* hva of guest offset 0 */
 static uint64_t g_ram_size;         /* bytes */
 static uint64_t *g_track;           /* per guest page: 0, or (store_off | 1) if mapped from store */
@@ -151,6 +154,7 @@ static struct {
     uint64_t mmap_ns, madvise_ns, punch_ns; /* parts of merge_ns; the rest is mostly memcmp */
     uint64_t unmerged, unmerge_failed, punch_errors, madvise_errors, repaired;
     uint64_t requests, bad_requests, last_errno;
+    uint64_t discarded, discard_failed; /* merged pages QEMU discarded (balloon): RAM back */
 } st;
 
 static void logmsg(const char *fmt, ...)
@@ -314,6 +318,12 @@ static int set_ram(uint64_t start, uint64_t size, int fd, const char **why)
     if (!track) {
         *why = "out of memory for the merge table";
         return ENOMEM;
+    }
+    struct stat sb;
+    /* fstat(2): the RAM file's inode, to recognise QEMU's own fd of it (discard_hook) */
+    if (fd >= 0 && fstat(fd, &sb) == 0) {
+        g_ram_dev = sb.st_dev;
+        g_ram_ino = sb.st_ino;
     }
     g_ram_fd = fd;
     g_ram_size = size;
@@ -950,10 +960,139 @@ static int do_stats(int fd, uint16_t op)
                   "\nlast_errno=%" PRIu64 "\nrequests=%" PRIu64 "\nbad_requests=%" PRIu64 "\n",
                   st.punch_errors, st.madvise_errors, st.repaired, st.last_errno, st.requests,
                   st.bad_requests);
+        tb_printf(&b, "discarded=%" PRIu64 "\ndiscard_failed=%" PRIu64 "\n", st.discarded,
+                  st.discard_failed);
     }
     int r = b.p ? reply(fd, op, 0, b.p, b.len) : reply_err(fd, op, ENOMEM, "out of memory");
     free(b.p);
     return r;
+}
+
+/* --------------------------- discards (balloon, free pages) --------------------------- */
+/*
+ * QEMU discards guest pages the guest gave back (virtio-balloon inflation, free page reporting,
+ * virtio-mem): ram_block_discard_range() punches the RAM file (fallocate PUNCH_HOLE) and drops
+ * the range's pages (madvise MADV_DONTNEED). On a page this agent mapped from the store neither
+ * frees anything: the RAM file there is already a hole, and MADV_DONTNEED only drops the page
+ * table entry of the private store mapping, which stays. The page would still be listed as
+ * merged (LIST), so the engine would never free its store page, and the accounting would count
+ * it as a shared guest page: a balloon would take the page from the guest without giving its
+ * frame back to the host.
+ *
+ * So both calls are interposed (this library is preloaded: QEMU's calls resolve here first).
+ * Before the real call, every merged page of the range gets guest RAM mapped back as QEMU had
+ * it (the RAM file, a hole there, or fresh anonymous memory: nothing is allocated, the page
+ * reads as zeros like any discarded page) and leaves the table. Only QEMU's own threads are
+ * looked at: the agent's thread punches and madvises pages it has just merged, and those must
+ * stay merged. The table is shared with the agent's thread: g_state_lock (recursive, as the
+ * agent's own calls come back through here) is held by every request and by this hook.
+ */
+static pthread_mutex_t g_state_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+static __thread int t_agent_thread; /* 1 in the agent's request thread */
+
+/* Give the merged pages among the whole pages of [goff, goff+len) their RAM back and forget
+ * them. Caller holds g_state_lock; g_track is set. */
+static void forget_discarded(uint64_t goff, uint64_t len)
+{
+    if (goff >= g_ram_size)
+        return;
+    if (len > g_ram_size - goff)
+        len = g_ram_size - goff;
+    uint64_t i = (goff + PG - 1) / PG, last = (goff + len) / PG;
+    while (i < last) {
+        if (!g_track[i]) {
+            i++;
+            continue;
+        }
+        uint64_t j = i + 1;
+        while (j < last && g_track[j])
+            j++;
+        uint8_t *hva = g_ram_base + i * PG;
+        uint64_t l = (j - i) * PG;
+        if (map_ram_back(hva, l, i * PG) == MAP_FAILED) {
+            /* the store mapping stays (kernels before 6.12 may have left a hole: repaired) */
+            st.discard_failed += j - i;
+            st.last_errno = (uint64_t)errno;
+            ensure_mapped(hva, l, i * PG);
+        } else {
+            apply_madvise(hva, l, 1); /* the RAM VMA can merge back into one */
+            for (uint64_t k = i; k < j; k++)
+                g_track[k] = 0;
+            st.discarded += j - i;
+        }
+        i = j;
+    }
+}
+
+/* The hook: QEMU discards guest offsets [goff, goff+len). */
+static void discard_hook(uint64_t goff, uint64_t len)
+{
+    pthread_mutex_lock(&g_state_lock);
+    if (g_track && len)
+        forget_discarded(goff, len);
+    pthread_mutex_unlock(&g_state_lock);
+}
+
+/* Is fd the guest RAM file (same inode as the agent's own fd of it)? */
+static int is_ram_fd(int fd)
+{
+    struct stat sb;
+    /* fstat(2): compare the inode; QEMU's fd and the agent's may be different descriptions */
+    return g_ram_ino && fstat(fd, &sb) == 0 && sb.st_ino == g_ram_ino && sb.st_dev == g_ram_dev;
+}
+
+typedef int (*madvise_fn)(void *, size_t, int);
+typedef int (*fallocate_fn)(int, int, off_t, off_t);
+
+int madvise(void *addr, size_t len, int advice)
+{
+    static madvise_fn real;
+    if (!real) {
+        /* dlsym(3) RTLD_NEXT: the C library's madvise, behind this interposer */
+        real = (madvise_fn)dlsym(RTLD_NEXT, "madvise");
+        if (!real) {
+            errno = ENOSYS;
+            return -1;
+        }
+    }
+    if (!t_agent_thread && (advice == MADV_DONTNEED || advice == MADV_REMOVE) && g_ram_base) {
+        uint8_t *a = addr, *b = g_ram_base;
+        if (a < b + g_ram_size && a + len > b) {
+            uint64_t lo = a > b ? (uint64_t)(a - b) : 0;
+            uint64_t hi = (uint64_t)(a + len - b);
+            discard_hook(lo, (hi > g_ram_size ? g_ram_size : hi) - lo);
+        }
+    }
+    return real(addr, len, advice);
+}
+
+static int fallocate_hooked(const char *name, fallocate_fn *real, int fd, int mode, off_t off,
+                            off_t len)
+{
+    if (!*real) {
+        /* dlsym(3) RTLD_NEXT: the C library's fallocate, behind this interposer */
+        *real = (fallocate_fn)dlsym(RTLD_NEXT, name);
+        if (!*real) {
+            errno = ENOSYS;
+            return -1;
+        }
+    }
+    if (!t_agent_thread && (mode & FALLOC_FL_PUNCH_HOLE) && off >= 0 && len > 0 && g_ram_base &&
+        is_ram_fd(fd))
+        discard_hook((uint64_t)off, (uint64_t)len);
+    return (*real)(fd, mode, off, len);
+}
+
+int fallocate(int fd, int mode, off_t off, off_t len)
+{
+    static fallocate_fn real;
+    return fallocate_hooked("fallocate", &real, fd, mode, off, len);
+}
+
+int fallocate64(int fd, int mode, off_t off, off_t len)
+{
+    static fallocate_fn real;
+    return fallocate_hooked("fallocate64", &real, fd, mode, off, len);
 }
 
 /* ------------------------------------ server ----------------------------------- */
@@ -983,6 +1122,7 @@ static int serve_one(int fd)
         return -1;
     }
     int r;
+    pthread_mutex_lock(&g_state_lock); /* QEMU's discards (discard_hook) wait meanwhile */
     if (h.version != AGENT_VERSION) {
         r = reply_err(fd, h.op, EPROTONOSUPPORT, "protocol version %u, agent speaks %u",
                       h.version, AGENT_VERSION);
@@ -1011,6 +1151,7 @@ static int serve_one(int fd)
             r = reply_err(fd, h.op, EOPNOTSUPP, "unknown op %u", h.op);
         }
     }
+    pthread_mutex_unlock(&g_state_lock);
     free(p);
     return r;
 }
@@ -1018,6 +1159,7 @@ static int serve_one(int fd)
 static void *agent_main(void *arg)
 {
     (void)arg;
+    t_agent_thread = 1; /* its own punches and madvises are not QEMU's discards */
     struct pollfd pf[1 + MAX_CLIENTS];
     int nclients = 0;
     pf[0].fd = g_listen_fd;
