@@ -34,7 +34,46 @@ GOALS = {
     "guest_slowdown": ("satori", "<=", 1.02, "guest slowdown <= 2% (satori vs none)"),
     "macro_gain": ("satori", ">=", 2.0, "macrobenchmark gain >= 2x (satori + surplus vs none)"),
     "agent_us_per_page": ("satori", "<=", 3.0, "merge agent <= 3 us/page"),
+    # performance isolation when sharing collapses (configs/collapse.yaml, issue 12)
+    "peak_overshoot_pct": ("satori", "<=", 5.0, "peak overshoot of the host budget <= 5% (satori + surplus)"),
+    "reclaim_s": ("satori", "<=", 5.0, "reclaim time after the collapse <= 5 s (satori + surplus)"),
+    "entitlement_violations": ("satori", "<=", 0, "entitlement violations = 0 (satori + surplus)"),
 }
+
+ISOLATION = (  # figure, label, format
+    ("peak_overshoot_mb", "peak overshoot MB", "{:.0f}"),
+    ("peak_overshoot_pct", "% of budget", "{:.1f}"),
+    ("overshoot_s", "overshoot s", "{:.1f}"),
+    ("reclaim_s", "reclaim s", "{:.1f}"),
+    ("entitlement_violations", "violations", "{:.0f}"),
+    ("bystander_job_ratio", "bystander time vs alone", "{:.2f}"),
+    ("bystander_p99_ratio", "bystander p99 vs alone", "{:.2f}"),
+)
+
+
+def spread(v, fmt: str) -> str:
+    """median [min-max] of a figure over repetitions ("n/a" where a run has none)."""
+    vals = [x for x in (v if isinstance(v, list) else [v]) if x is not None]
+    if not vals:
+        return "n/a"
+    m = fmt.format(statistics.median(vals))
+    return m if len(vals) == 1 else f"{m} [{fmt.format(min(vals))}-{fmt.format(max(vals))}]"
+
+
+def isolation_table(modes: dict) -> str | None:
+    """The collapse figures per mode, side by side (None if no run measured a collapse)."""
+    rows = [m for m in modes if any(x is not None for x in _list(modes[m].get("peak_overshoot_mb")))]
+    if not rows:
+        return None
+    head = "| mode | " + " | ".join(label for _, label, _ in ISOLATION) + " |"
+    out = [head, "|---|" + "---:|" * len(ISOLATION)]
+    for m in rows:
+        out.append(f"| {m} | " + " | ".join(spread(modes[m].get(k), f) for k, _, f in ISOLATION) + " |")
+    return "\n".join(out)
+
+
+def _list(v):
+    return v if isinstance(v, list) else [v]
 
 
 def med(v):
@@ -52,6 +91,8 @@ def main() -> int:
     ap.add_argument("--keep", type=float, help="override keep_s of every workload that has it")
     ap.add_argument("--vms", type=int, help="override vms.count")
     ap.add_argument("--surplus", choices=["on", "off"], help="override surplus")
+    ap.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
+                    help="override surplus_policy entries, e.g. guard=false reserve=0.2")
     ap.add_argument("--out")
     a = ap.parse_args()
     path = Path(a.config)
@@ -66,6 +107,13 @@ def main() -> int:
     if a.surplus:
         data["surplus"] = a.surplus == "on"
         data["name"] = f"{data['name']}-surplus-{a.surplus}"
+    if a.policy:
+        pol = dict(data.get("surplus_policy") or {})
+        for kv in a.policy:
+            k, _, v = kv.partition("=")
+            pol[k] = yaml.safe_load(v)
+        data["surplus_policy"] = pol
+        data["name"] = f"{data['name']}-" + "-".join(a.policy).replace("=", "")
     if a.keep is not None:
         for w in data["workloads"]:
             if "keep_s" in (w.get("params") or {}):
@@ -83,6 +131,10 @@ def main() -> int:
     print(f"\nresults: {out} ({time.monotonic() - t0:.0f} s); plots: {', '.join(f.name for f in files)}")
     print(f"measured on: {res['meta'].get('cpu_model')} x{res['meta'].get('cpus')}, "
           f"accelerator {res['meta'].get('accel')}, host {res['meta'].get('host_kernel')}")
+    iso = isolation_table(modes)
+    if iso:
+        print("\nwhen sharing collapses (host budget = sum of entitlements; median [min-max]):")
+        print(iso)
     print("\ngoals (METRICS.md):")
     for key, (mode, op, target, text) in GOALS.items():
         if mode not in modes or key not in modes[mode]:

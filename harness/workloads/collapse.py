@@ -107,6 +107,7 @@ def window_stats(ios: list[tuple[float, float]], t_from: float, t_to: float, job
         "p99_ms": round(p, 3) if (p := _p99([lat for _, lat in win])) is not None else None,
         "jobs": len(jobs),
         "job_s": round(statistics.median(jobs), 4) if jobs else None,
+        "job_s_min": round(min(jobs), 4) if jobs else None,
         "job_s_max": round(max(jobs), 4) if jobs else None,
         "iops": round(len(win) / (t_to - t_from), 1) if t_to > t_from else None,
     }
@@ -167,6 +168,9 @@ class Collapse(Workload):
             "job_ratio": round(during["job_s"] / base["job_s"], 3) if during["job_s"] and base["job_s"] else None,
             "p99_ratio": round(during["p99_ms"] / base["p99_ms"], 3)
             if during["p99_ms"] and base["p99_ms"] else None,
+            # the median job during the collapse lies inside the spread of the jobs alone
+            "within_noise": (base["job_s_min"] <= during["job_s"] <= base["job_s_max"])
+            if during["job_s"] and base["job_s_min"] else None,
         }
         per_vm[by_name] = {"bystander": bystander}
         ctx.log(f"collapse: bystander {by_name}: {job} reads in {base['job_s']} s alone, "
