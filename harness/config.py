@@ -188,14 +188,14 @@ Workload = Annotated[
 
 class SurplusPolicy(_Model):
     """How the surplus is lent and taken back when sharing collapses (harness.surplus.Policy,
-    docs/isolation.md); the defaults are the policy the project chose."""
+    docs/isolation.md)."""
 
     reserve: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the saving never lent")
-    guard: bool = Field(True, description="reclaim ahead of breaks when the host budget is at risk")
+    guard: bool = Field(False, description="reclaim ahead of breaks when the host budget is at risk")
     horizon_s: float = Field(2.0, ge=0.0, description="how far ahead the guard looks at host use")
     margin: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of the budget the guard keeps free")
     cooldown_s: float = Field(10.0, ge=0.0, description="no new grant this long after the guard acted")
-    budget_cap: bool = Field(True, description="never grant more than the host's headroom below the budget")
+    budget_cap: bool = Field(False, description="never grant more than the host's headroom below the budget")
 
 
 @dataclasses.dataclass(frozen=True)

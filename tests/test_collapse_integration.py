@@ -26,6 +26,7 @@ sharing_domains:
   solo: [c]
 modes: [satori]
 surplus: true
+surplus_policy: {guard: true, budget_cap: true}
 workloads:
   - name: collapse
     params: {bystander: c, files: 24, ios: 500, earn_s: 4, how: files, collapse_mb: 96,
