@@ -1,130 +1,212 @@
-"""Host CPU of the sharing engine per merged page, and where it goes.
+"""Host CPU of the sharing engine per page, split by stage, against the floor of a merge.
 
-Two guests with the hint ring and the merge agent read the same files cold at once while one
-sharing engine runs in this process (in a thread, as ``satori run`` does). Prints the engine's
-thread CPU per merged page, split into the hint path (ring -> verify -> plan), the merge
-batches (QMP stop, agent, cont) and the copy-on-write checks, plus the agent's own time.
-``--profile`` prints the top functions of the engine thread (cProfile).
+The floor: what a merge needs at least per page, one 4 KiB compare plus one page-table change
+(~1 µs), measured here on this host (``core.probe_limit``: memcmp, and an mmap of the store
+over anonymous memory in runs of 64 pages and one page at a time, each followed by the touch
+that installs the page-table entry).
 
-    python3 benchmarks/engine_cost.py [--files 30] [--profile]
+Stages of the engine, per page (the native core times them when profiling is on):
+  read    pread of the guest page (RAM file or /proc/<pid>/mem)
+  hash    XXH64 of the page against the record (verification) + the secret-keyed index hash
+  index   index lookup/insert, planning
+  store   writes of new store pages
+  python  the Python around them: ring polls, calls into the core, flush bookkeeping
+  (stages are wall time from clock_gettime: on a busy host they include time the thread waited)
+  agent   the merge agent in QEMU (memcmp + mmap + punch), and the QMP stop/cont around batches
+
+Two ways to run it:
+
+    python3 benchmarks/engine_cost.py --synthetic [--pages 100000]
+        no VMs: two fake VMs (memfds) holding the same pages, every page hinted once per VM;
+        the core's stages only (no agent). Quick; shows the core's own cost.
+    python3 benchmarks/engine_cost.py [--files 30]
+        two real guests read the same files cold while the engine runs in a thread (as
+        ``satori run`` does); all stages, the agent's included.
+
+Figures from a busy machine are not claims: run it on a quiet one.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
+import os
 import sys
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness.image import ensure_image  # noqa: E402
-from harness.sharing import verify  # noqa: E402
-from harness.sharing.engine import Member, SharingEngine  # noqa: E402
-from harness.vm import VM, VMSpec, new_run_id, start_all  # noqa: E402
-from harness.workloads import dataset_files  # noqa: E402
+from harness.hints import RECORD_DTYPE  # noqa: E402
+from harness.sharing import core as core_mod  # noqa: E402
+from harness.sharing import index  # noqa: E402
+
+PAGE = 4096
+STAGES = ("read", "verify", "key", "index", "store")
 
 
-class Timed:
-    """Wraps engine methods to add up their thread CPU time."""
-
-    def __init__(self, eng: SharingEngine) -> None:
-        self.cpu: dict[str, float] = {}
-        self.stack: list[float] = []  # CPU of nested timed calls, per open call (exclusive times)
-        for name in ("_ingest", "_flush", "check_breaks"):
-            self._wrap(eng, name)
-        self._wrap(verify, "verify")  # the C part of _ingest (module function, patched for the run)
-
-    def _wrap(self, obj, name: str) -> None:
-        fn = getattr(obj, name)
-
-        def timed(*a, **k):
-            c0 = time.thread_time()
-            self.stack.append(0.0)
-            try:
-                return fn(*a, **k)
-            finally:
-                spent = time.thread_time() - c0
-                nested = self.stack.pop()
-                self.cpu[name] = self.cpu.get(name, 0.0) + spent - nested
-                if self.stack:
-                    self.stack[-1] += spent
-
-        setattr(obj, name, timed)
+def floor_us() -> tuple[float, float, float]:
+    fd = os.memfd_create("satori-floor")
+    try:
+        os.write(fd, os.urandom(64 * PAGE))
+        return core_mod.probe_limit(fd)
+    finally:
+        os.close(fd)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=int, default=30, help="4 MiB dataset files each guest reads")
-    ap.add_argument("--memory", type=int, default=512)
-    ap.add_argument("--keep", type=float, default=1.5,
-                    help="seconds the engine keeps running after the reads (idle cost counts too)")
-    ap.add_argument("--profile", action="store_true")
-    args = ap.parse_args()
+def print_table(rows: list[tuple[str, float]], per: str, floor: tuple[float, float, float]) -> None:
+    limit = floor[0] + floor[1]
+    print(f"floor of a merge on this host: memcmp {floor[0]:.3f} us + page-table change {floor[1]:.3f} us "
+          f"(runs of 64) = {limit:.3f} us/page; one mmap per page: {floor[2]:.3f} us")
+    total = 0.0
+    print(f"{'stage':<8} {'us/' + per:>10} {'x floor':>8}")
+    for name, us in rows:
+        total += us
+        print(f"{name:<8} {us:>10.3f} {us / limit:>8.2f}")
+    print(f"{'total':<8} {total:>10.3f} {total / limit:>8.2f}")
+
+
+def stage_us(c: dict[str, int], n: int) -> list[tuple[str, float]]:
+    return [("read", c["ns_read"] / n / 1e3), ("hash", (c["ns_verify"] + c["ns_key"]) / n / 1e3),
+            ("index", c["ns_index"] / n / 1e3), ("store", c["ns_store"] / n / 1e3)]
+
+
+def synthetic(pages: int, batch: int, poll: int) -> int:
+    """Two fake VMs with the same pages; every page hinted once in each, in ring-sized polls."""
+    import xxhash
+
+    data = np.frombuffer(os.urandom(pages * PAGE), dtype=np.uint8).reshape(pages, PAGE)
+    rams = []
+    for i in range(2):
+        fd = os.memfd_create(f"satori-ram{i}")
+        os.write(fd, data.tobytes())
+        rams.append(fd)
+    store = os.memfd_create("satori-store")
+    recs = np.zeros(pages, dtype=RECORD_DTYPE)
+    recs["gpa"] = np.arange(pages, dtype=np.uint64) * PAGE
+    recs["hash"] = [xxhash.xxh64_intdigest(p.tobytes()) for p in data]
+    recs["flags"] = 1
+    c = core_mod.NativeCore(index.new_key(), store, 256, index.max_slots([pages * PAGE] * 2))
+    try:
+        for fd in rams:
+            c.add_vm(fd, fd, 0, pages * PAGE, index.candidate_quota(pages * PAGE), batch)
+        c.profile(True)
+        t0 = time.thread_time()
+        merged = 0
+        for vm in (0, 1):
+            for s in range(0, pages, poll):
+                chunk = recs[s:s + poll]
+                done = 0
+                while done < len(chunk):
+                    done += c.ingest(vm, chunk[done:], time.monotonic_ns())
+                    for v in (0, 1):
+                        if c.vm_counters(v)["pending"] >= batch or done == len(chunk):
+                            c.sync()
+                            merged += len(c.take(v)[0])
+        cpu = time.thread_time() - t0
+        counters = c.counters()
+    finally:
+        c.close()
+        for fd in [*rams, store]:
+            os.close(fd)
+    n = 2 * pages
+    rows = stage_us(counters, n)
+    rows.append(("python", max(0.0, cpu * 1e6 / n - sum(us for _, us in rows))))
+    print(f"synthetic: 2 VMs x {pages} identical pages, each hinted once ({n} hints, {merged} merge pairs "
+          f"planned, {counters['appended']} store pages); no agent. Per hinted page:")
+    print_table(rows, "page", floor_us())
+    print(f"(profiling adds ~{4 * 0.02:.2f} us/page of clock reads to the stages)")
+    return 0
+
+
+def with_vms(files: int, memory: int, keep: float) -> int:
+    from harness.image import ensure_image
+    from harness.sharing.engine import Member, SharingEngine
+    from harness.vm import VM, VMSpec, new_run_id, start_all
+    from harness.workloads import dataset_files
 
     img = ensure_image()
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=args.memory, sharing=True), img, run_id=run) for n in ("ea", "eb")]
+    vms = [VM(VMSpec(n, memory_mb=memory, sharing=True), img, run_id=run) for n in ("ea", "eb")]
     try:
         start_all(vms)
-        files = " ".join(dataset_files(0, args.files))
+        paths = " ".join(dataset_files(0, files))
         for vm in vms:
             vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches")
         with SharingEngine([Member.from_vm(v) for v in vms], domain=f"bench-{run}") as eng:
-            t = Timed(eng)
+            assert eng.core is not None
+            eng.core.profile(True)
             stop = threading.Event()
-            cpu = {}
-            prof = cProfile.Profile() if args.profile else None
+            cpu: dict[str, float] = {}
 
             def loop() -> None:
-                if prof:
-                    prof.enable()
                 c0 = time.thread_time()
                 eng.run(stop.is_set)
                 eng.drain(quiet_s=0.5)
                 cpu["engine"] = time.thread_time() - c0
-                if prof:
-                    prof.disable()
 
             th = threading.Thread(target=loop)
             th.start()
             t0 = time.monotonic()
-            readers = [threading.Thread(target=vm.ssh.check, args=(f"cat {files} > /dev/null",)) for vm in vms]
+            readers = [threading.Thread(target=vm.ssh.check, args=(f"cat {paths} > /dev/null",)) for vm in vms]
             for r in readers:
                 r.start()
             for r in readers:
                 r.join()
             read_s = time.monotonic() - t0
-            time.sleep(args.keep)
+            time.sleep(keep)
             stop.set()
             th.join()
             st = eng.stats()
+            counters = eng.core.counters()
         merged = st["merged_total"]
-        agent_s = sum(v["agent_cpu_ns"] for v in st["vms"].values()) / 1e9
-        agent_merge_s = sum(v["agent_ns"] for v in st["vms"].values()) / 1e9
-        hinted = sum(v["hinted"] for v in st["vms"].values())
+        v = st["vms"].values()
+        hinted = sum(x["hinted"] for x in v)
+        agent_cpu = [x["agent_cpu_ns"] for x in v]
+        agent_merge_s = sum(x["agent_ns"] for x in v) / 1e9
+        paused_s = sum(x["paused_s"] for x in v)
         print(f"accelerator: {vms[0].accel.line()}")
-        print(f"read {args.files * 4} MB in each of 2 guests in {read_s:.1f} s, kept {args.keep:.0f} s; "
-              f"{hinted} hints, {merged} pages merged")
-        if merged:
-            us = 1e6 / merged
-            print(f"engine thread CPU {cpu['engine']:.3f} s = {cpu['engine'] * us:.1f} us per merged page")
-            for k, v in sorted(t.cpu.items()):
-                print(f"  {k:<13} {v:.3f} s = {v * us:.1f} us/page")
-            rest = cpu["engine"] - sum(t.cpu.values())
-            print(f"  {'poll/other':<13} {rest:.3f} s = {rest * us:.1f} us/page")
-            print(f"agent thread (in QEMU) {agent_s:.3f} s = {agent_s * us:.1f} us/page "
-                  f"(merging {agent_merge_s * us:.1f} us/page, the rest answers LISTs)")
-            print(f"total host CPU per merged page: {(cpu['engine'] + agent_s) * us:.1f} us")
-        if prof:
-            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        print(f"read {files * 4} MB in each of 2 guests in {read_s:.1f} s, kept {keep:.1f} s; "
+              f"{hinted} hints, {merged} pages merged; merge lag {st['merge_lag_s']}")
+        if not merged:
+            print("nothing merged")
+            return 1
+        rows = stage_us(counters, merged)
+        rows.append(("python", max(0.0, cpu["engine"] * 1e6 / merged - sum(us for _, us in rows)
+                                   - paused_s * 1e6 / merged)))
+        rows.append(("agent", agent_merge_s * 1e6 / merged))
+        rows.append(("qmp", max(0.0, paused_s - agent_merge_s) * 1e6 / merged))
+        print("per merged page (engine thread CPU split by stage; agent = its merge time in QEMU, "
+              "qmp = stop/cont wall time around batches):")
+        print_table(rows, "page", floor_us())
+        if None in agent_cpu:
+            print(f"agent thread CPU: unknown ({[x['agent_error'] for x in v]})")
+        else:
+            s = sum(agent_cpu) / 1e9
+            print(f"agent threads' CPU (merges and LISTs): {s:.3f} s = {s * 1e6 / merged:.3f} us per merged page")
+        print(f"engine thread CPU {cpu['engine']:.3f} s = {cpu['engine'] * 1e6 / merged:.3f} us per merged page")
     finally:
         for vm in vms:
             vm.shutdown()
     return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synthetic", action="store_true", help="no VMs: the core's stages on fake VMs")
+    ap.add_argument("--pages", type=int, default=100_000, help="(synthetic) pages per fake VM")
+    ap.add_argument("--batch", type=int, default=4096, help="(synthetic) merge batch size")
+    ap.add_argument("--poll", type=int, default=4096, help="(synthetic) records per ring poll")
+    ap.add_argument("--files", type=int, default=30, help="4 MiB dataset files each guest reads")
+    ap.add_argument("--memory", type=int, default=512)
+    ap.add_argument("--keep", type=float, default=1.5,
+                    help="seconds the engine keeps running after the reads (idle cost counts too)")
+    args = ap.parse_args()
+    if args.synthetic:
+        return synthetic(args.pages, args.batch, args.poll)
+    return with_vms(args.files, args.memory, args.keep)
 
 
 if __name__ == "__main__":

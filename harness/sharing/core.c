@@ -61,6 +61,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/types.h>
 #include <time.h>
 #include <unistd.h>
@@ -1109,4 +1110,64 @@ int satori_core_find(struct core *c, uint64_t key, uint64_t out[2])
     out[0] = V_VM(e->val);
     out[1] = V_PG(e->val);
     return 2;
+}
+
+/*
+ * The floor of one merge per page, for benchmarks/engine_cost.py: over n pages (n >= 64) of
+ * anonymous memory, out_ns[0] = ns per memcmp of a 4 KiB page with a page of the file fd,
+ * out_ns[1] = ns per page of mapping fd's page 0..63 over them MAP_FIXED|MAP_PRIVATE in runs
+ * of 64 pages (one page-table change per page at the next touch, which is timed too),
+ * out_ns[2] = the same one page per mmap (scattered merges). fd must hold 64 pages.
+ */
+int satori_core_probe_limit(int fd, size_t n, uint64_t out_ns[3])
+{
+    if (n < 64)
+        return -EINVAL;
+    n -= n % 64;
+    size_t len = n * PAGE;
+    /* mmap(2): scratch anonymous memory standing in for guest RAM */
+    uint8_t *ram = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (ram == MAP_FAILED)
+        return -errno;
+    /* mmap(2): a read-only view of the file standing in for the store */
+    uint8_t *store = mmap(NULL, 64 * PAGE, PROT_READ, MAP_SHARED, fd, 0);
+    if (store == MAP_FAILED) {
+        int e = errno;
+        munmap(ram, len);
+        return -e;
+    }
+    for (size_t i = 0; i < n; i++)
+        memcpy(ram + i * PAGE, store + (i % 64) * PAGE, PAGE);
+    volatile uint64_t sink = 0;
+    uint64_t t0 = now_ns();
+    for (size_t i = 0; i < n; i++)
+        sink += memcmp(ram + i * PAGE, store + (i % 64) * PAGE, PAGE) == 0;
+    uint64_t t1 = now_ns();
+    int err = 0;
+    for (size_t i = 0; i < n && !err; i += 64) {
+        /* mmap(2) MAP_FIXED|MAP_PRIVATE: 64 store pages over 64 "guest" pages, one call */
+        if (mmap(ram + i * PAGE, 64 * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0) ==
+            MAP_FAILED)
+            err = errno;
+        for (size_t k = 0; k < 64; k++)
+            sink += ram[(i + k) * PAGE]; /* the read fault that installs the page-table entry */
+    }
+    uint64_t t2 = now_ns();
+    for (size_t i = 0; i < n && !err; i++) {
+        /* mmap(2) MAP_FIXED|MAP_PRIVATE: one store page over one "guest" page */
+        if (mmap(ram + i * PAGE, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd,
+                 (off_t)((i % 64) * PAGE)) == MAP_FAILED)
+            err = errno;
+        sink += ram[i * PAGE];
+    }
+    uint64_t t3 = now_ns();
+    /* munmap(2): drop both scratch mappings */
+    munmap(ram, len);
+    munmap(store, 64 * PAGE);
+    if (err)
+        return -err;
+    out_ns[0] = (t1 - t0) / n;
+    out_ns[1] = (t2 - t1) / n;
+    out_ns[2] = (t3 - t2) / n;
+    return (int)(sink & 0);
 }

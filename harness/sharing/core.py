@@ -88,6 +88,7 @@ def _lib() -> ctypes.CDLL:
         "satori_core_has_avx2": ([], i),
         "satori_core_slot": ([vp, u64, _u64p], i),
         "satori_core_find": ([vp, u64, _u64p], i),
+        "satori_core_probe_limit": ([i, sz, _u64p], i),
     }
     for name, (args, res) in sig.items():
         fn = getattr(lib, name)
@@ -103,6 +104,14 @@ def xxh64(data: bytes, seed: int = 0) -> int:
 
 def has_avx2() -> bool:
     return bool(_lib().satori_core_has_avx2())
+
+
+def probe_limit(fd: int, pages: int = 16384) -> tuple[float, float, float]:
+    """The floor of a merge, in µs per page (``core.c``): a 4 KiB memcmp, a page-table change
+    with runs of 64 pages per mmap, and with one mmap per page. ``fd``: a file of 64 pages."""
+    out = np.zeros(3, dtype=np.uint64)
+    _check(_lib().satori_core_probe_limit(fd, pages, out), "probing the merge floor")
+    return float(out[0]) / 1e3, float(out[1]) / 1e3, float(out[2]) / 1e3
 
 
 def base_bytes() -> int:

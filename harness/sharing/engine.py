@@ -38,7 +38,7 @@ from harness.errors import HarnessError
 from harness.paths import shm_dir
 from harness.sharing import index
 from harness.sharing.breaks import BreakChecker
-from harness.sharing.core import NativeCore
+from harness.sharing.core import NativeCore, base_bytes
 from harness.sharing.link import Member, VMLink
 from harness.sharing.scheduler import MergeScheduler
 from harness.sharing.store import PAGE, ContentStore
@@ -70,8 +70,9 @@ class SharingEngine:
     """Immediate merging of hinted pages across the VMs of one sharing domain.
 
     ``records_per_poll``: hint records taken from one VM per step at most; ``candidate_quota``:
-    the fraction of a VM's RAM pages it may hold as first holders in the index; ``key``: the
-    index's secret key (random per engine unless given, for tests).
+    the fraction of a VM's RAM pages it may hold as first holders in the index (one figure, or
+    per VM name, 1.0 for VMs not named); ``key``: the index's secret key (random per engine
+    unless given, for tests).
     """
 
     def __init__(
@@ -84,7 +85,7 @@ class SharingEngine:
         break_check_interval_s: float = 1.0,
         log: Callable[[str], None] | None = None,
         records_per_poll: int = 4096,
-        candidate_quota: float = 1.0,
+        candidate_quota: float | dict[str, float] = 1.0,
         stage_pages: int = 256,
         key: bytes | None = None,
     ) -> None:
@@ -114,6 +115,11 @@ class SharingEngine:
         self.t_start = time.monotonic()
         self.cpu_start = time.process_time()
 
+    def quota(self, m: Member) -> int:
+        """First holders VM ``m`` may have in the index at once."""
+        q = self.candidate_quota
+        return index.candidate_quota(m.ram_size, q.get(m.name, 1.0) if isinstance(q, dict) else q)
+
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> SharingEngine:
         try:
@@ -133,8 +139,7 @@ class SharingEngine:
         for i, m in enumerate(self.members):
             link = VMLink(i, m)
             self.links.append(link)
-            vm = self.core.add_vm(link.ram_fd, link.mem_fd, link.hva, m.ram_size,
-                                  index.candidate_quota(m.ram_size, self.candidate_quota), self.batch_pages)
+            vm = self.core.add_vm(link.ram_fd, link.mem_fd, link.hva, m.ram_size, self.quota(m), self.batch_pages)
             assert vm == link.idx
             assert link.agent is not None
             link.agent.open_store(self.store_path)
@@ -289,8 +294,7 @@ class SharingEngine:
             vms[link.name] = v
         c = core.counters()
         sizes = [m.ram_size for m in self.members]
-        quotas = [index.candidate_quota(s, self.candidate_quota) for s in sizes]
-        from harness.sharing.core import base_bytes
+        quotas = [self.quota(m) for m in self.members]
 
         return {
             "domain": self.domain,

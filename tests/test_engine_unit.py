@@ -1,0 +1,127 @@
+"""The engine's Python parts (scheduler, break checker) over the native core, with fake agents.
+
+Pure logic: the agents are stand-ins that merge a pair when the page equals the store page and
+LIST what they merged (see tests/test_core.py's World); a real agent is exercised in
+tests/test_engine_attacks.py. Checked here: a lost MERGE reply followed by lost LISTs never
+lets a slot be freed, the books come back once an agent answers, errors are counted and
+shown, and the merge lag figure.
+"""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import xxhash
+from test_core import World, native, records
+
+from harness.errors import AgentError
+from harness.sharing import scheduler as sched_mod
+from harness.sharing.agent import MergeResult
+from harness.sharing.breaks import BreakChecker
+from harness.sharing.link import VMCounters
+from harness.sharing.scheduler import LagHistogram, MergeScheduler
+
+PAGE = 4096
+
+
+class FakeAgent:
+    def __init__(self, world: World, vm: int) -> None:
+        self.world, self.vm = world, vm
+        self.fail_lists = 0
+
+    def merge(self, pairs: np.ndarray) -> MergeResult:
+        merged, mismatched = self.world.merge(self.vm, pairs)
+        return MergeResult(merged, mismatched, 0, 1000)
+
+    def merged_ranges(self, exclude_private: bool = False) -> np.ndarray:
+        if self.fail_lists:
+            self.fail_lists -= 1
+            raise AgentError("injected: LIST lost")
+        return self.world.list(self.vm)
+
+
+def links_for(world: World) -> list:
+    return [SimpleNamespace(idx=i, name=f"vm{i}", m=SimpleNamespace(qmp=lambda *a, **k: None),
+                            agent=FakeAgent(world, i), c=VMCounters(), needs_list=False, listed=None,
+                            last_error=None) for i in range(len(world.ram))]
+
+
+@pytest.fixture()
+def engine_parts():
+    w = World(native, nvms=2, npages=64)
+    links = links_for(w)
+    log: list[str] = []
+    breaks = BreakChecker(w.core, links, 1.0, log.append)
+    sched = MergeScheduler(w.core, breaks, 4096, 0.2, log.append)
+    yield w, links, breaks, sched, log
+    w.close()
+
+
+def test_lost_reply_then_lost_lists_never_free_a_mapped_slot(engine_parts, monkeypatch):
+    w, links, breaks, sched, log = engine_parts
+    rng = random.Random(1)
+    pages = [rng.randbytes(PAGE) for _ in range(10)]
+    for vm in (0, 1):
+        for k, pg in enumerate(pages):
+            w.write(vm, k, pg)
+        w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 1)
+    sched.flush(links[0])
+    real = sched_mod.send_batch
+
+    def lossy(link, pairs):
+        real(link, pairs)  # merged ...
+        link.agent.fail_lists = 2  # ... the LIST right after and the next one fail too ...
+        raise AgentError("injected: MERGE reply lost")  # ... and the reply is lost
+
+    monkeypatch.setattr(sched_mod, "send_batch", lossy)
+    sched.flush(links[1])
+    assert w.mapped[1] == {k: k for k in range(10)}
+    assert links[1].needs_list and links[1].c.agent_errors == 2
+    for k in range(10):  # VM 0 writes every page: its side breaks
+        w.write(0, k, bytes(PAGE))
+    breaks.check()  # VM 1 cannot LIST: nothing freed
+    assert w.core.counters()["slots_freed"] == 0 and links[1].needs_list
+    breaks.check()  # VM 1 answers: its pages are confirmed, nothing freed
+    assert not links[1].needs_list
+    c = w.core.counters()
+    assert c["slots_freed"] == 0 and c["lost"] == 0 and c["slots_live"] == 10
+    assert w.core.vm_counters(1)["merged"] == 10 and w.core.vm_counters(0)["broken"] == 10
+    for k in range(10):
+        assert w.read(1, k) == pages[k]
+    for k in range(10):
+        w.write(1, k, bytes(PAGE))
+    breaks.check()
+    assert w.core.counters()["slots_freed"] == 10
+    assert any("no answer" in m for m in log) and "injected" in links[1].last_error
+
+
+def test_misses_are_relisted_and_lag_counts_merged_pages_only(engine_parts):
+    w, links, breaks, sched, _ = engine_parts
+    rng = random.Random(2)
+    pages = [rng.randbytes(PAGE) for _ in range(8)]
+    for vm in (0, 1):
+        for k, pg in enumerate(pages):
+            w.write(vm, k, pg)
+        w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 0)
+    w.write(1, 3, bytes(PAGE))  # changed before the merge: the agent's memcmp says no
+    sched.flush(links[0])
+    sched.flush(links[1])
+    assert links[1].c.mismatched == 1 and links[1].c.relists == 1
+    assert w.core.vm_counters(1)["merged"] == 7 and w.core.vm_counters(1)["unconfirmed"] == 1
+    lag = sched.lag.summary()
+    assert lag["n"] == 15 and lag["max"] > 0 and lag["p50"] <= lag["p99"] <= lag["max"]
+
+
+def test_lag_histogram_quantiles():
+    h = LagHistogram()
+    assert h.summary() == {"p50": None, "p99": None, "max": None, "n": 0}
+    vals = np.random.default_rng(3).exponential(0.05, 100_000)
+    h.add(vals[:50_000])
+    h.add(vals[50_000:])
+    s = h.summary()
+    assert s["n"] == 100_000 and s["max"] == pytest.approx(vals.max(), rel=1e-6)
+    for q, k in ((0.5, "p50"), (0.99, "p99")):
+        assert s[k] == pytest.approx(np.quantile(vals, q), rel=0.025)
