@@ -99,6 +99,8 @@ class World:
         self.key = key or random.Random(11).randbytes(index.KEY_BYTES)
         self.core = make_core(self.key, self.store_fd, stage, max_slots)
         self.mapped: list[dict[int, int]] = [{} for _ in range(nvms)]  # fake agents: page -> slot
+        self.broke: list[dict[int, int]] = [{} for _ in range(nvms)]  # breaks not reported yet
+        self.status_mode = False  # agents answer per pair and report breaks (BREAKS, MAPPED)
         self.pairs: list[np.ndarray] = []  # every batch taken, for comparison
         self.results: list[tuple] = []
         for fd in self.ram:
@@ -113,21 +115,37 @@ class World:
     # -- the guest
     def write(self, vm: int, page: int, data: bytes) -> None:
         os.pwrite(self.ram[vm], data, page * PAGE)
-        self.mapped[vm].pop(page, None)  # a write to a merged page: copy-on-write, private now
+        sl = self.mapped[vm].pop(page, None)  # a write to a merged page: copy-on-write, private now
+        if sl is not None:
+            self.broke[vm][page] = sl
 
     def read(self, vm: int, page: int) -> bytes:
         return os.pread(self.ram[vm], PAGE, page * PAGE)
 
     # -- the agent
     def merge(self, vm: int, pairs: np.ndarray) -> tuple[int, int]:
-        merged = mismatched = 0
-        for g, so in pairs.tolist():
+        st = self.merge_status(vm, pairs)
+        return int(np.count_nonzero(st == 0)), int(np.count_nonzero(st))
+
+    def merge_status(self, vm: int, pairs: np.ndarray) -> np.ndarray:
+        status = np.zeros(len(pairs), dtype=np.uint8)
+        for i, (g, so) in enumerate(pairs.tolist()):
             if self.read(vm, g // PAGE) == os.pread(self.store_fd, PAGE, so):
                 self.mapped[vm][g // PAGE] = so // PAGE
-                merged += 1
+                self.broke[vm].pop(g // PAGE, None)  # a re-merged page: its old break is moot
             else:
-                mismatched += 1
-        return merged, mismatched
+                status[i] = 1
+        return status
+
+    def breaks(self, vm: int) -> np.ndarray:
+        out = np.array([(p * PAGE, s * PAGE, 1) for p, s in sorted(self.broke[vm].items())],
+                       dtype=np.uint64).reshape(-1, 3)
+        self.broke[vm] = {}
+        return out
+
+    def mapped_by_anyone(self, slots: np.ndarray) -> np.ndarray:
+        held = {s for m in self.mapped for s in m.values()}
+        return np.array([int(s) in held for s in slots.tolist()], dtype=bool)
 
     def list(self, vm: int) -> np.ndarray:
         return np.array([(p * PAGE, s * PAGE, 1) for p, s in sorted(self.mapped[vm].items())],
@@ -147,11 +165,14 @@ class World:
         if not len(pairs):
             return
         self.core.sync()
-        merged, mismatched = self.merge(vm, pairs)
+        status = self.merge_status(vm, pairs)
+        merged, mismatched = int(np.count_nonzero(status == 0)), int(np.count_nonzero(status))
         self.results.append((vm, merged, mismatched))
         if lose_reply:
             return  # the reply never came: the books keep the pages unconfirmed
-        if mismatched:
+        if self.status_mode:
+            self.core.settle(vm, pairs, status)
+        elif mismatched:
             self.core.reconcile(vm, self.list(vm))
         else:
             self.core.confirm(vm, pairs)
@@ -161,6 +182,11 @@ class World:
             self.flush(vm, lose_reply)
 
     def check(self) -> int:
+        if self.status_mode:  # breaks as the agents report them, freeing on their MAPPED word
+            broken = sum(self.core.apply_breaks(vm, self.breaks(vm)) for vm in range(len(self.ram)))
+            cand = self.core.unreferenced()
+            self.core.free_slots(cand[~self.mapped_by_anyone(cand)])
+            return broken
         lists = [self.list(vm) for vm in range(len(self.ram))]
         broken = sum(self.core.reconcile(vm, lists[vm]) for vm in range(len(self.ram)))
         self.core.free_unused(lists)
@@ -277,6 +303,29 @@ def test_core_plans_as_the_reference(seed, quota):
                 info = n.core.slot(sl)
                 assert info is not None and not info.free, (vm, p, sl)
                 assert os.pread(n.store_fd, PAGE, sl * PAGE) == n.read(vm, p)
+    finally:
+        for w in worlds:
+            w.close()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_core_settles_breaks_and_frees_as_the_reference(seed):
+    """The same, with agents that answer per pair, report breaks and say which slots they map
+    (the pause-free agent's MERGE status, BREAKS and MAPPED), and with replies lost at times
+    (then the books wait for a LIST: reconcile)."""
+    worlds = [World(native), World(reference)]
+    try:
+        for w in worlds:
+            w.status_mode = True
+            scenario(w, 100 + seed)
+            w.status_mode = False
+            w.check()  # a full LIST reconcile settles what lost replies left unconfirmed
+        compare(*worlds)
+        n = worlds[0]
+        assert sum(n.core.vm_counters(vm)["broken"] for vm in range(3)) > 0
+        for vm in range(len(n.ram)):
+            for p, sl in n.mapped[vm].items():
+                assert not n.core.slot(sl).free and os.pread(n.store_fd, PAGE, sl * PAGE) == n.read(vm, p)
     finally:
         for w in worlds:
             w.close()

@@ -951,6 +951,150 @@ int64_t satori_core_reconcile(struct core *c, uint32_t v, const uint64_t *ranges
     return broken;
 }
 
+/*
+ * The agent's per-pair answer to a batch (status[i]: 0 merged, 1 mismatched, 2 failed), in
+ * the batch's order: merged pages are confirmed (or taken back if the books had let go of
+ * them), the others dropped from the books unless planned again since. Returns pages dropped.
+ */
+int64_t satori_core_settle(struct core *c, uint32_t v, const uint64_t *pairs, const uint8_t *status,
+                           size_t n)
+{
+    if (v >= c->nvms)
+        return -EINVAL;
+    struct vmstate *s = &c->vms[v];
+    int64_t dropped = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t p = pairs[2 * i] / PAGE, sl = pairs[2 * i + 1] / PAGE;
+        if (p >= s->npages || sl >= c->c.slots_hw)
+            continue;
+        if (status[i] == 0) {
+            if (s->slot[p] == sl + 1) {
+                s->flag[p] &= (uint8_t)~F_UNCONFIRMED;
+                continue;
+            }
+            if (s->flag[p] & F_PENDING)
+                continue; /* planned again: the next batch decides */
+            if (s->slot[p])
+                unref(c, v, p);
+            if (s->cand[p])
+                cand_remove(c, v, p);
+            s->slot[p] = (uint32_t)(sl + 1);
+            s->flag[p] = (uint8_t)((s->flag[p] | F_REMAPPED) & ~F_UNCONFIRMED);
+            s->c.merged++;
+            s->c.adopted++;
+            s->c.version++;
+            c->slot_refs[sl]++;
+        } else if (s->slot[p] == sl + 1 && !(s->flag[p] & F_PENDING)) {
+            unref(c, v, p);
+            s->flag[p] &= (uint8_t)~F_UNCONFIRMED;
+            s->c.unconfirmed++;
+            dropped++;
+        }
+    }
+    return dropped;
+}
+
+/*
+ * Pages the agent saw break copy-on-write (ranges: m x (guest_off, store_off, npages)): each one
+ * the books hold with that very slot, and not planned again since, is dropped and counted broken.
+ * Returns the pages counted.
+ */
+int64_t satori_core_apply_breaks(struct core *c, uint32_t v, const uint64_t *ranges, size_t m)
+{
+    if (v >= c->nvms)
+        return -EINVAL;
+    struct vmstate *s = &c->vms[v];
+    int64_t broken = 0;
+    for (size_t r = 0; r < m; r++) {
+        uint64_t g = ranges[3 * r], so = ranges[3 * r + 1], np = ranges[3 * r + 2];
+        if ((g | so) & (PAGE - 1)) {
+            s->c.bad_list++;
+            continue;
+        }
+        for (uint64_t k = 0; k < np; k++) {
+            uint64_t p = g / PAGE + k, sl = so / PAGE + k;
+            if (p >= s->npages) {
+                s->c.bad_list++;
+                break;
+            }
+            if (s->slot[p] != sl + 1 || (s->flag[p] & F_PENDING))
+                continue;
+            unref(c, v, p);
+            s->flag[p] &= (uint8_t)~F_UNCONFIRMED;
+            s->c.broken++;
+            broken++;
+        }
+    }
+    return broken;
+}
+
+/* The slots no page references now (candidates for freeing), up to cap of them. */
+int64_t satori_core_unreferenced(struct core *c, uint64_t *out, size_t cap)
+{
+    size_t k = 0;
+    for (uint64_t i = 0; i < c->nzero && k < cap; i++) {
+        uint64_t sl = c->zero[i];
+        if (!c->slot_refs[sl] && !slot_is_free(c, sl))
+            out[k++] = sl;
+    }
+    return (int64_t)k;
+}
+
+static int64_t free_one(struct core *c, uint64_t sl)
+{
+    struct ent *en = tab_find(c, c->slot_key[sl]);
+    if (en && en->val == (V_SLOT | sl))
+        tab_delete(c, en);
+    /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the page's memory; the file keeps its size
+     * (a shrinking file would SIGBUS the QEMUs that map it) */
+    if (fallocate(c->store_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(sl * PAGE),
+                  (off_t)PAGE) < 0)
+        return -errno;
+    c->slot_key[sl] = 0;
+    c->slot_xxh[sl] = 0;
+    c->freemap[sl / 64] |= 1ULL << (sl % 64);
+    c->nfree++;
+    c->c.slots_live--;
+    c->c.slots_freed++;
+    return 0;
+}
+
+/*
+ * Free these slots (a subset of core_unreferenced()) that still no page references. The caller
+ * must hold, for each of them, the word of EVERY agent that it maps none of them (e.g. the
+ * agents' MAPPED answers); otherwise use core_free_unused with every agent's LIST.
+ * Returns the slots freed, or -errno.
+ */
+int64_t satori_core_free_slots(struct core *c, const uint64_t *slots, size_t n)
+{
+    int e = satori_core_sync(c);
+    if (e < 0)
+        return e;
+    int64_t freed = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t sl = slots[i];
+        if (sl >= c->c.slots_hw || c->slot_refs[sl] || slot_is_free(c, sl))
+            continue;
+        int64_t r = free_one(c, sl);
+        if (r < 0)
+            return r;
+        freed++;
+    }
+    /* drop the freed (and re-referenced) ones from the zero list */
+    uint64_t keep = 0;
+    for (uint64_t i = 0; i < c->nzero; i++) {
+        uint64_t sl = c->zero[i];
+        if (c->slot_refs[sl] || slot_is_free(c, sl)) {
+            c->zmark[sl / 64] &= ~(1ULL << (sl % 64));
+            continue;
+        }
+        c->zero[keep++] = sl;
+    }
+    c->nzero = keep;
+    c->c.unreferenced = keep;
+    return freed;
+}
+
 static int cmp_u64(const void *a, const void *b)
 {
     uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -1015,14 +1159,9 @@ int64_t satori_core_free_unused(struct core *c, const uint64_t *const *lists, co
             c->zero[keep++] = sl; /* try again at the next check */
             continue;
         }
-        struct ent *en = tab_find(c, c->slot_key[sl]);
-        if (en && en->val == (V_SLOT | sl))
-            tab_delete(c, en);
-        /* fallocate(2) PUNCH_HOLE|KEEP_SIZE: free the page's memory; the file keeps its size
-         * (a shrinking file would SIGBUS the QEMUs that map it) */
-        if (fallocate(c->store_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(sl * PAGE),
-                      (off_t)PAGE) < 0) {
-            int err = errno;
+        int64_t r = free_one(c, sl);
+        if (r < 0) {
+            int err = (int)-r;
             /* keep this slot and the rest for the next try */
             for (uint64_t j = i; j < c->nzero; j++) {
                 c->zmark[c->zero[j] / 64] |= 1ULL << (c->zero[j] % 64);
@@ -1033,12 +1172,6 @@ int64_t satori_core_free_unused(struct core *c, const uint64_t *const *lists, co
             free(spans);
             return -err;
         }
-        c->slot_key[sl] = 0;
-        c->slot_xxh[sl] = 0;
-        c->freemap[sl / 64] |= 1ULL << (sl % 64);
-        c->nfree++;
-        c->c.slots_live--;
-        c->c.slots_freed++;
         freed++;
     }
     c->nzero = keep;

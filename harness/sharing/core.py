@@ -29,6 +29,7 @@ LIB_NAME = "satori_core.so"
 _u64p = np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")
 _i64p = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
 _u8p = ctypes.c_char_p
+_u8a = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
 
 CORE_FIELDS = ("slots_hw", "slots_live", "slots_freed", "slots_reused", "appended", "entries",
                "table_cap", "mem_bytes", "lost", "kept_listed", "store_writes", "unreferenced",
@@ -78,6 +79,10 @@ def _lib() -> ctypes.CDLL:
         "satori_core_lookup": ([vp, u32, _u64p, sz, _i64p], None),
         "satori_core_reconcile": ([vp, u32, _u64p, sz], i64),
         "satori_core_free_unused": ([vp, ctypes.POINTER(vp), ctypes.POINTER(sz), sz], i64),
+        "satori_core_settle": ([vp, u32, _u64p, _u8a, sz], i64),
+        "satori_core_apply_breaks": ([vp, u32, _u64p, sz], i64),
+        "satori_core_unreferenced": ([vp, _u64p, sz], i64),
+        "satori_core_free_slots": ([vp, _u64p, sz], i64),
         "satori_core_sync": ([vp], i),
         "satori_core_profile": ([vp, i], None),
         "satori_core_base_bytes": ([], sz),
@@ -217,6 +222,35 @@ class NativeCore:
         ptrs = (ctypes.c_void_p * max(len(arrs), 1))(*[a.ctypes.data for a in arrs])
         counts = (ctypes.c_size_t * max(len(arrs), 1))(*[len(a) // 3 for a in arrs])
         return _check(self._lib.satori_core_free_unused(self._h, ptrs, counts, len(arrs)), "freeing store slots")
+
+    def settle(self, vm: int, pairs: np.ndarray, status: np.ndarray) -> int:
+        """The agent's per-pair answer to a batch (0 merged, 1 mismatched, 2 failed, in the
+        batch's order): merged pages confirmed (taken back if the books had let go), the others
+        dropped unless planned again. Returns the pages dropped."""
+        p = np.ascontiguousarray(pairs, dtype=np.uint64).reshape(-1)
+        st = np.ascontiguousarray(status, dtype=np.uint8)
+        if len(st) != len(p) // 2:
+            raise ValueError("one status per pair")
+        return _check(self._lib.satori_core_settle(self._h, vm, p, st, len(st)), "settling a batch")
+
+    def apply_breaks(self, vm: int, ranges: np.ndarray) -> int:
+        """Pages the agent saw break copy-on-write ((guest_off, store_off, npages) ranges):
+        dropped from the books if held with that slot and not planned again. Returns them."""
+        r = np.ascontiguousarray(ranges, dtype=np.uint64).reshape(-1)
+        return _check(self._lib.satori_core_apply_breaks(self._h, vm, r, len(r) // 3), "applying breaks")
+
+    def unreferenced(self) -> np.ndarray:
+        """Slots no page references now: the candidates for freeing."""
+        n = self.counters()["unreferenced"]
+        out = np.empty(max(n, 1), dtype=np.uint64)
+        k = _check(self._lib.satori_core_unreferenced(self._h, out, n), "listing slots")
+        return out[:k]
+
+    def free_slots(self, slots: np.ndarray) -> int:
+        """Free these unreferenced slots. Only with the word of EVERY agent that it maps none
+        of them (their MAPPED answers); else :meth:`free_unused` with every LIST."""
+        s = np.ascontiguousarray(slots, dtype=np.uint64)
+        return _check(self._lib.satori_core_free_slots(self._h, s, len(s)), "freeing store slots")
 
     # ------------------------------------------------------------------ figures, tests
     def counters(self) -> dict[str, int]:

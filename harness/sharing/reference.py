@@ -302,17 +302,92 @@ class ReferenceCore:
                 self.zmark.add(sl)
                 keep.append(sl)
                 continue
-            if self.index.get(self.slot_key[sl]) == ("slot", sl):
-                del self.index[self.slot_key[sl]]
-            _punch(self.store_fd, sl * PAGE)
-            self.slot_key[sl] = self.slot_xxh[sl] = 0
-            bisect.insort(self.free, sl)
-            self.c["slots_live"] -= 1
-            self.c["slots_freed"] += 1
+            self._free(sl)
             freed += 1
         self.zero = keep
         self.c["unreferenced"] = len(keep)
         return freed
+
+    def settle(self, v: int, pairs: np.ndarray, status: np.ndarray) -> int:
+        s = self.vms[v]
+        dropped = 0
+        for (g, so), st in zip(np.asarray(pairs, dtype=np.uint64).reshape(-1, 2).tolist(),
+                               np.asarray(status).tolist(), strict=True):
+            p, sl = g // PAGE, so // PAGE
+            if p >= s.npages or sl >= self.c["slots_hw"]:
+                continue
+            if st == 0:
+                if s.slot.get(p) == sl:
+                    s.flag[p] = s.flag.get(p, 0) & ~F_UNCONFIRMED
+                    continue
+                if s.flag.get(p, 0) & F_PENDING:
+                    continue
+                if p in s.slot:
+                    self._unref(v, p)
+                if p in s.cand:
+                    self._cand_remove(v, p)
+                s.slot[p] = sl
+                s.flag[p] = (s.flag.get(p, 0) | F_REMAPPED) & ~F_UNCONFIRMED
+                s.c["merged"] += 1
+                s.c["adopted"] += 1
+                s.c["version"] += 1
+                self.refs[sl] += 1
+            elif s.slot.get(p) == sl and not s.flag.get(p, 0) & F_PENDING:
+                self._unref(v, p)
+                s.flag[p] &= ~F_UNCONFIRMED
+                s.c["unconfirmed"] += 1
+                dropped += 1
+        return dropped
+
+    def apply_breaks(self, v: int, ranges: np.ndarray) -> int:
+        s = self.vms[v]
+        broken = 0
+        for g, so, n in np.asarray(ranges, dtype=np.uint64).reshape(-1, 3).tolist():
+            if (g | so) % PAGE:
+                s.c["bad_list"] += 1
+                continue
+            for k in range(n):
+                p, sl = g // PAGE + k, so // PAGE + k
+                if p >= s.npages:
+                    s.c["bad_list"] += 1
+                    break
+                if s.slot.get(p) != sl or s.flag.get(p, 0) & F_PENDING:
+                    continue
+                self._unref(v, p)
+                s.flag[p] &= ~F_UNCONFIRMED
+                s.c["broken"] += 1
+                broken += 1
+        return broken
+
+    def unreferenced(self) -> np.ndarray:
+        return np.array([sl for sl in self.zero if not self.refs[sl] and not self._slot_is_free(sl)],
+                        dtype=np.uint64)
+
+    def free_slots(self, slots: np.ndarray) -> int:
+        freed = 0
+        for sl in np.asarray(slots, dtype=np.uint64).tolist():
+            if sl >= len(self.refs) or self.refs[sl] or self._slot_is_free(sl):
+                continue
+            self._free(sl)
+            freed += 1
+        keep = []
+        for sl in self.zero:
+            if self.refs[sl] or self._slot_is_free(sl):
+                self.zmark.discard(sl)
+                continue
+            keep.append(sl)
+        self.zero = keep
+        self.c["unreferenced"] = len(keep)
+        return freed
+
+    def _free(self, sl: int) -> None:
+        if self.index.get(self.slot_key[sl]) == ("slot", sl):
+            del self.index[self.slot_key[sl]]
+        _punch(self.store_fd, sl * PAGE)
+        self.slot_key[sl] = self.slot_xxh[sl] = 0
+        bisect.insort(self.free, sl)
+        self.c["slots_live"] -= 1
+        self.c["slots_freed"] += 1
 
     # ------------------------------------------------------------------ figures
     def counters(self) -> dict[str, int]:
