@@ -11,10 +11,9 @@ the engine's memory bound, and the honest pair still merges.
 from __future__ import annotations
 
 import base64
-import json
 import threading
+import time
 
-import numpy as np
 import pytest
 import xxhash
 
@@ -22,7 +21,6 @@ from harness.errors import AgentError
 from harness.sharing import scheduler
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
-from harness.workloads.adversary import FORGE
 
 pytestmark = pytest.mark.integration
 
@@ -101,37 +99,26 @@ def test_a_lost_merge_reply_never_frees_a_mapped_page(trio, monkeypatch):
     assert st["vms"][a.name]["broken"] >= 900
 
 
-PLANT = r"""
-import ctypes, glob, json, mmap, os, struct, sys, time
+FLOOD = r"""
+import glob, mmap, os, random, struct, sys, time
 secs = float(sys.argv[1])
-data = sys.stdin.buffer.read()
-n = len(data) // (4096 + 8)
-xs, hs = data[:n * 4096], struct.unpack('<%dQ' % n, data[n * 4096:])
-buf = mmap.mmap(-1, 2 * n * 4096)
-buf[:n * 4096] = xs
-buf[n * 4096:] = xs  # two copies of each page X: the engine stores X as shared content
-addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-ctypes.CDLL(None).mlock(ctypes.c_void_p(addr), ctypes.c_size_t(2 * n * 4096))
-pm = open('/proc/self/pagemap', 'rb')
-gpas = []
-for i in range(2 * n):
-    pm.seek((addr // 4096 + i) * 8)
-    e = struct.unpack('<Q', pm.read(8))[0]
-    gpas.append((e & ((1 << 55) - 1)) * 4096)
 dev = [d for d in glob.glob('/sys/bus/pci/devices/*') if open(d + '/vendor').read().strip() == '0x1af4'
        and open(d + '/device').read().strip() == '0x1110'][0]
 fd = os.open(dev + '/resource2', os.O_RDWR | os.O_SYNC)
 m = mmap.mmap(fd, os.fstat(fd).st_size)
 cap = struct.unpack_from('<I', m, 20)[0]
-end, sent = time.time() + secs, 0
+ram = int(open('/proc/meminfo').readline().split()[1]) * 1024
+rnd, sent, end = random.Random(1), 0, time.time() + secs
 while time.time() < end:
-    prod = struct.unpack_from('<Q', m, 64)[0]
-    for i, g in enumerate(gpas):
-        struct.pack_into('<QQQHHI', m, 4096 + ((prod + i) % cap) * 32, g, hs[i % n], 0, 0, 1, (prod + i) & 0xffffffff)
-    struct.pack_into('<Q', m, 64, prod + len(gpas))
-    sent += len(gpas)
-    time.sleep(0.5)
-print(json.dumps({"sent": sent, "pages": n}))
+    prod, cons = struct.unpack_from('<Q', m, 64)[0], struct.unpack_from('<Q', m, 128)[0]
+    room = cap - (prod - cons) if 0 <= prod - cons <= cap else cap // 2
+    for i in range(room):  # its own pages, random hashes: every record costs the engine a read
+        struct.pack_into('<QQQHHI', m, 4096 + ((prod + i) % cap) * 32, rnd.randrange(ram) & ~4095,
+                         rnd.getrandbits(64), 0, 0, 1, (prod + i) & 0xffffffff)
+    struct.pack_into('<Q', m, 64, prod + room)
+    sent += room
+    time.sleep(0.01)
+print(sent)
 """
 
 P1, P2 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F
@@ -156,20 +143,25 @@ def xxh64_collision(y: bytes) -> bytes:
 
 
 def test_a_planted_xxh64_collision_does_not_stop_the_honest_pair(trio):
+    """The attacker builds, for 256 pages Y of a dataset file, pages X != Y with XXH64(X) =
+    XXH64(Y), writes two files of them to its disk and reads both: honest hints of X, stored as
+    shared content. An index keyed by XXH64 would then plan every honest Y against X (the
+    agent's memcmp refuses: never merged); keyed by the secret hash, the honest pair merges."""
     (a, b, c), eng = trio
     f, n = "/data/set1/f0030.bin", 256
     ys = base64.b64decode(c.ssh.check(f"head -c {n * PAGE} {f} | base64 -w0"))
     ys = [ys[i * PAGE:(i + 1) * PAGE] for i in range(n)]
     xs = [xxh64_collision(y) for y in ys]
-    payload = b"".join(xs) + np.array([xxhash.xxh64_intdigest(y) for y in ys], dtype="<u8").tobytes()
-    c.ssh.put(PLANT.encode(), "/tmp/plant.py")
-    chan = c.ssh.client.get_transport().open_session()
-    chan.exec_command("python3 /tmp/plant.py 40")
-    chan.sendall(payload)
-    chan.shutdown_write()
-    eng.run_for(5)  # the attacker's X pages are now stored content, under the XXH64 of Y
-    planted = sum(1 for x in xs if (h := eng.core.find(eng.core.keyed(x))) and h[0] == "slot")
-    assert planted >= 0.9 * n, f"the attacker's pages were not stored ({planted} of {n})"
+    c.ssh.put(b"".join(xs), "/root/x1.bin")
+    c.ssh.check("cp /root/x1.bin /root/x2.bin; sync; echo 3 > /proc/sys/vm/drop_caches; "
+                "cat /root/x1.bin /root/x2.bin > /dev/null")
+    end = time.monotonic() + 60
+    planted = 0
+    while planted < 0.9 * n and time.monotonic() < end:
+        eng.run_for(1)
+        planted = sum(1 for x in xs if (h := eng.core.find(eng.core.keyed(x))) and h[0] == "slot")
+    assert planted >= 0.9 * n, (f"the attacker's pages were not stored ({planted} of {n})",
+                                eng.stats()["vms"][c.name])
     readers = [threading.Thread(target=read_cold, args=(vm, f)) for vm in (a, b)]
     for r in readers:
         r.start()
@@ -183,13 +175,10 @@ def test_a_planted_xxh64_collision_does_not_stop_the_honest_pair(trio):
         found = eng.core.find(eng.core.keyed(y))
         if found and found[0] == "slot" and found[1] in mapped[a.name] and found[1] in mapped[b.name]:
             both += 1
-    out = b""
-    while not chan.exit_status_ready() or chan.recv_ready():
-        out += chan.recv(65536) if chan.recv_ready() else b""
-        eng.run_for(0.2)
-    assert chan.recv_exit_status() == 0, chan.recv_stderr(65536).decode()
-    assert json.loads(out.decode().strip().splitlines()[-1])["sent"] > 0
     assert both >= 0.95 * n, f"only {both} of {n} attacked pages merged between the honest VMs"
+    # the attacker's planted content is still stored (it did not lose it either)
+    assert sum(1 for x in xs if (h := eng.core.find(eng.core.keyed(x))) and h[0] == "slot") >= 0.9 * n
+    c.ssh.check("rm -f /root/x1.bin /root/x2.bin")
 
 
 def test_a_flooding_guest_stays_within_its_bounds(trio):
@@ -219,8 +208,8 @@ def test_a_flooding_guest_stays_within_its_bounds(trio):
         assert v1[vm.name]["merged"] - v0[vm.name]["merged"] >= 0.9 * 5 * 1024, (v0[vm.name], v1[vm.name])
     # 2: forged records as fast as the ring takes, while the honest pair reads other files
     files2 = "/data/set1/f004[5-9].bin"
-    forge = threading.Thread(target=c.ssh.check, args=(
-        "python3 -c \"$(cat)\" flood 100000 25 1",), kwargs={"stdin": FORGE.encode(), "timeout": 300})
+    c.ssh.put(FLOOD.encode(), "/tmp/flood.py")
+    forge = threading.Thread(target=c.ssh.check, args=("python3 /tmp/flood.py 25",), kwargs={"timeout": 300})
     forge.start()
     eng.run_for(3)
     readers = [threading.Thread(target=read_cold, args=(vm, files2)) for vm in (a, b)]
@@ -232,7 +221,7 @@ def test_a_flooding_guest_stays_within_its_bounds(trio):
     st = eng.stats()
     v2 = st["vms"]
     refused = (v2[c.name]["changed"] - v1[c.name]["changed"]) + (v2[c.name]["rejected"] - vc["rejected"])
-    assert refused >= 50_000, v2[c.name]
+    assert refused >= 20_000, v2[c.name]
     for vm in (a, b):
         assert v2[vm.name]["merged"] - v1[vm.name]["merged"] >= 0.9 * 5 * 1024, (v1[vm.name], v2[vm.name])
     assert st["index"]["mem_bytes"] <= st["index"]["mem_bound_bytes"] and st["index"]["lost"] == 0

@@ -241,6 +241,67 @@ static uint64_t keyed_hash(const struct satori_key *k, const uint8_t *page)
     return h ? h : 1; /* 0 marks an empty index entry */
 }
 
+/* XXH64 (seed 0) and the NH pair of one page in one pass over it (AVX2): the scalar XXH64
+ * lanes and the vector NH sums have no dependency on each other, so the CPU runs them side by
+ * side. out[0] = XXH64, out[1..2] = NH. */
+__attribute__((target("avx2"))) static void xxh_nh2_avx2(const uint8_t *page, const struct satori_key *k,
+                                                         uint64_t out[3])
+{
+    uint64_t v1 = P1 + P2, v2 = P2, v3 = 0, v4 = -P1;
+    __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+    for (size_t i = 0; i < PAGE; i += 32) {
+        const uint8_t *p = page + i;
+        v1 = xround(v1, rd64(p));
+        v2 = xround(v2, rd64(p + 8));
+        v3 = xround(v3, rd64(p + 16));
+        v4 = xround(v4, rd64(p + 24));
+        __m256i m = _mm256_loadu_si256((const __m256i *)p);
+        __m256i x = _mm256_add_epi32(m, _mm256_loadu_si256((const __m256i *)&k->nh[0][i / 4]));
+        __m256i y = _mm256_add_epi32(m, _mm256_loadu_si256((const __m256i *)&k->nh[1][i / 4]));
+        a0 = _mm256_add_epi64(a0, _mm256_mul_epu32(x, _mm256_srli_epi64(x, 32)));
+        a1 = _mm256_add_epi64(a1, _mm256_mul_epu32(y, _mm256_srli_epi64(y, 32)));
+    }
+    uint64_t h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+    h = xmerge(h, v1);
+    h = xmerge(h, v2);
+    h = xmerge(h, v3);
+    h = xmerge(h, v4);
+    h += PAGE; /* 4096 bytes: no tail */
+    h ^= h >> 33;
+    h *= P2;
+    h ^= h >> 29;
+    h *= P3;
+    h ^= h >> 32;
+    uint64_t l0[4], l1[4];
+    _mm256_storeu_si256((__m256i *)l0, a0);
+    _mm256_storeu_si256((__m256i *)l1, a1);
+    out[0] = h;
+    out[1] = l0[0] + l0[1] + l0[2] + l0[3];
+    out[2] = l1[0] + l1[1] + l1[2] + l1[3];
+}
+
+/* Whether the page's XXH64 is `want`; if so *key = its keyed hash. One pass with AVX2. */
+static int verify_and_key(const struct satori_key *k, const uint8_t *page, uint64_t want, uint64_t *key)
+{
+    if (g_avx2 < 0) {
+        __builtin_cpu_init();
+        g_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+    }
+    if (!g_avx2) {
+        if (satori_xxh64(page, PAGE, 0) != want)
+            return 0;
+        *key = keyed_hash(k, page);
+        return 1;
+    }
+    uint64_t o[3];
+    xxh_nh2_avx2(page, k, o);
+    if (o[0] != want)
+        return 0;
+    uint64_t h = siphash16(k->sip, o + 1);
+    *key = h ? h : 1;
+    return 1;
+}
+
 /* ---------------------------------------------------------------- content index */
 
 /* value of an entry: a store slot (top bit set) or a candidate (vm << 40 | page) */
@@ -306,7 +367,8 @@ struct core_counters {
     uint64_t store_writes;  /* pwrite calls */
     uint64_t unreferenced;  /* slots no page references now, waiting for the agents' word */
     uint64_t slot_limit;    /* second holders not stored: max_slots reached (until a free) */
-    uint64_t ns_read, ns_verify, ns_key, ns_index, ns_store; /* profile (when enabled) */
+    uint64_t ns_read, ns_verify, ns_key, ns_index, ns_store; /* profile (when enabled; ns_verify
+                                                              * includes the keyed hash, ns_key is 0) */
     uint64_t n_read, n_key;
 };
 
@@ -757,20 +819,17 @@ int64_t satori_core_ingest(struct core *c, uint32_t v, const uint8_t *recs, size
             c->c.ns_read += t1 - t0;
             c->c.n_read++;
         }
-        int ok = r == (ssize_t)PAGE && satori_xxh64(page, PAGE, 0) == h;
+        uint64_t k = 0;
+        int ok = r == (ssize_t)PAGE && verify_and_key(&c->key, page, h, &k);
         if (prof) {
             t0 = now_ns();
-            c->c.ns_verify += t0 - t1;
+            c->c.ns_verify += t0 - t1; /* XXH64 and the keyed hash, one pass */
+            c->c.n_key += ok;
+            t1 = t0;
         }
         if (!ok) {
             s->c.changed++;
             continue;
-        }
-        uint64_t k = keyed_hash(&c->key, page);
-        if (prof) {
-            t1 = now_ns();
-            c->c.ns_key += t1 - t0;
-            c->c.n_key++;
         }
         if (cur && c->slot_key[cur - 1] == k) {
             s->c.skipped++; /* the same content under another xxh64: impossible, but harmless */
@@ -1202,6 +1261,12 @@ int satori_core_vm_counters(struct core *c, uint32_t v, struct vm_counters *out)
 }
 
 uint64_t satori_core_keyed(struct core *c, const uint8_t *page) { return keyed_hash(&c->key, page); }
+
+/* verify_and_key as ingest runs it: 1 and *key if the page's XXH64 is want, else 0 */
+int satori_core_verify_key(struct core *c, const uint8_t *page, uint64_t want, uint64_t *key)
+{
+    return verify_and_key(&c->key, page, want, key);
+}
 
 /* the NH pair alone, scalar or AVX2 (tests compare both) */
 void satori_core_nh(struct core *c, const uint8_t *page, int avx2, uint64_t out[2])

@@ -89,6 +89,7 @@ def _lib() -> ctypes.CDLL:
         "satori_core_counters": ([vp, ctypes.POINTER(_CoreCounters)], i),
         "satori_core_vm_counters": ([vp, u32, ctypes.POINTER(_VMCounters)], i),
         "satori_core_keyed": ([vp, _u8p], u64),
+        "satori_core_verify_key": ([vp, _u8p, u64, _u64p], i),
         "satori_core_nh": ([vp, _u8p, i, _u64p], None),
         "satori_core_has_avx2": ([], i),
         "satori_core_slot": ([vp, u64, _u64p], i),
@@ -272,6 +273,13 @@ class NativeCore:
         if len(page) != PAGE:
             raise ValueError("a page is 4096 bytes")
         return int(self._lib.satori_core_keyed(self._h, page))
+
+    def verify_key(self, page: bytes, want: int) -> int | None:
+        """As ingest checks a page (XXH64 and the keyed hash in one pass): its key if its XXH64
+        is ``want``, else None."""
+        out = np.zeros(1, dtype=np.uint64)
+        ok = self._lib.satori_core_verify_key(self._h, page, want, out)
+        return int(out[0]) if ok else None
 
     def nh(self, page: bytes, avx2: bool) -> tuple[int, int]:
         out = np.zeros(2, dtype=np.uint64)
