@@ -205,7 +205,9 @@ def test_a_flooding_guest_stays_within_its_bounds(trio):
     vc = v1[c.name]
     assert vc["hinted"] - v0[c.name]["hinted"] >= 40_000 and vc["evicted"] >= 30_000, vc
     for vm in (a, b):
-        assert v1[vm.name]["merged"] - v0[vm.name]["merged"] >= 0.9 * 5 * 1024, (v0[vm.name], v1[vm.name])
+        # (pages merged by the agent; "merged now" also loses the earlier tests' pages, which
+        # the guests' drop_caches gave back to be written)
+        assert v1[vm.name]["merged_total"] - v0[vm.name]["merged_total"] >= 0.9 * 5 * 1024, (v0[vm.name], v1[vm.name])
     # 2: forged records as fast as the ring takes, while the honest pair reads other files
     files2 = "/data/set1/f004[5-9].bin"
     c.ssh.put(FLOOD.encode(), "/tmp/flood.py")
@@ -223,5 +225,5 @@ def test_a_flooding_guest_stays_within_its_bounds(trio):
     refused = (v2[c.name]["changed"] - v1[c.name]["changed"]) + (v2[c.name]["rejected"] - vc["rejected"])
     assert refused >= 20_000, v2[c.name]
     for vm in (a, b):
-        assert v2[vm.name]["merged"] - v1[vm.name]["merged"] >= 0.9 * 5 * 1024, (v1[vm.name], v2[vm.name])
+        assert v2[vm.name]["merged_total"] - v1[vm.name]["merged_total"] >= 0.9 * 5 * 1024, (v1[vm.name], v2[vm.name])
     assert st["index"]["mem_bytes"] <= st["index"]["mem_bound_bytes"] and st["index"]["lost"] == 0
