@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-import xxhash
+from test_core import xxh64_collision
 
 from harness.errors import AgentError
 from harness.sharing import scheduler
@@ -120,27 +120,6 @@ while time.time() < end:
     time.sleep(0.01)
 print(sent)
 """
-
-P1, P2 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F
-M64 = (1 << 64) - 1
-
-
-def xxh64_collision(y: bytes) -> bytes:
-    """A page other than ``y`` with the same XXH64 (see tests/test_core.py)."""
-    def rnd(acc: int, w: int) -> int:
-        acc = (acc + w * P2) & M64
-        acc = ((acc << 31) | (acc >> 33)) & M64
-        return (acc * P1) & M64
-
-    w0, w1 = int.from_bytes(y[0:8], "little"), int.from_bytes(y[32:40], "little")
-    init = (P1 + P2) & M64
-    w0x = w0 ^ 0x5A5A5A5A
-    w1x = (w1 + (rnd(init, w0) - rnd(init, w0x)) * pow(P2, -1, 1 << 64)) & M64
-    x = bytearray(y)
-    x[0:8], x[32:40] = w0x.to_bytes(8, "little"), w1x.to_bytes(8, "little")
-    assert xxhash.xxh64_intdigest(bytes(x)) == xxhash.xxh64_intdigest(y) and bytes(x) != y
-    return bytes(x)
-
 
 def test_a_planted_xxh64_collision_does_not_stop_the_honest_pair(trio):
     """The attacker builds, for 256 pages Y of a dataset file, pages X != Y with XXH64(X) =

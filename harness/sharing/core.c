@@ -766,6 +766,32 @@ static void plan(struct core *c, uint32_t v, uint64_t p, uint64_t sl, uint64_t t
         c->full = 1;
 }
 
+/* The agent maps page p of VM v from slot sl and the books did not hold that: take its word. */
+static void adopt(struct core *c, uint32_t v, uint64_t p, uint64_t sl)
+{
+    struct vmstate *s = &c->vms[v];
+    if (slot_is_free(c, sl)) {
+        /* we punched a slot this VM maps: must never happen (counted, tests check 0); take
+         * the slot back so that at least nothing else is written there */
+        c->c.lost++;
+        c->freemap[sl / 64] &= ~(1ULL << (sl % 64));
+        c->nfree--;
+        c->c.slots_live++;
+        c->slot_key[sl] = 0;
+        c->slot_xxh[sl] = 0;
+    }
+    if (s->slot[p])
+        unref(c, v, p);
+    if (s->cand[p])
+        cand_remove(c, v, p);
+    s->slot[p] = (uint32_t)(sl + 1);
+    s->flag[p] = (uint8_t)((s->flag[p] | F_REMAPPED) & ~F_UNCONFIRMED);
+    s->c.merged++;
+    s->c.adopted++;
+    s->c.version++;
+    c->slot_refs[sl]++;
+}
+
 /* --------------------------------------------------------------------- ingest */
 
 /*
@@ -972,26 +998,7 @@ int64_t satori_core_reconcile(struct core *c, uint32_t v, const uint64_t *ranges
             }
             if (s->flag[p] & F_PENDING)
                 continue; /* a newer plan is on its way; the listed slot stays protected */
-            if (slot_is_free(c, sl)) {
-                /* we punched a slot this VM maps: must never happen (counted, tests check 0);
-                 * take the slot back so that at least nothing else is written there */
-                c->c.lost++;
-                c->freemap[sl / 64] &= ~(1ULL << (sl % 64));
-                c->nfree--;
-                c->c.slots_live++;
-                c->slot_key[sl] = 0;
-                c->slot_xxh[sl] = 0;
-            }
-            if (s->slot[p])
-                unref(c, v, p);
-            if (s->cand[p])
-                cand_remove(c, v, p);
-            s->slot[p] = (uint32_t)(sl + 1);
-            s->flag[p] = (uint8_t)((s->flag[p] | F_REMAPPED) & ~F_UNCONFIRMED);
-            s->c.merged++;
-            s->c.adopted++;
-            s->c.version++;
-            c->slot_refs[sl]++;
+            adopt(c, v, p, sl);
         }
     }
     int64_t broken = 0;
@@ -1033,16 +1040,7 @@ int64_t satori_core_settle(struct core *c, uint32_t v, const uint64_t *pairs, co
             }
             if (s->flag[p] & F_PENDING)
                 continue; /* planned again: the next batch decides */
-            if (s->slot[p])
-                unref(c, v, p);
-            if (s->cand[p])
-                cand_remove(c, v, p);
-            s->slot[p] = (uint32_t)(sl + 1);
-            s->flag[p] = (uint8_t)((s->flag[p] | F_REMAPPED) & ~F_UNCONFIRMED);
-            s->c.merged++;
-            s->c.adopted++;
-            s->c.version++;
-            c->slot_refs[sl]++;
+            adopt(c, v, p, sl);
         } else if (s->slot[p] == sl + 1 && !(s->flag[p] & F_PENDING)) {
             unref(c, v, p);
             s->flag[p] &= (uint8_t)~F_UNCONFIRMED;

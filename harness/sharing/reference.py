@@ -127,6 +127,24 @@ class ReferenceCore:
         if len(s.pend) >= s.batch:
             self.full = True
 
+    def _adopt(self, v: int, p: int, sl: int) -> None:
+        s = self.vms[v]
+        if self._slot_is_free(sl):
+            self.c["lost"] += 1
+            self.free.remove(sl)
+            self.c["slots_live"] += 1
+            self.slot_key[sl] = self.slot_xxh[sl] = 0
+        if p in s.slot:
+            self._unref(v, p)
+        if p in s.cand:
+            self._cand_remove(v, p)
+        s.slot[p] = sl
+        s.flag[p] = (s.flag.get(p, 0) | F_REMAPPED) & ~F_UNCONFIRMED
+        s.c["merged"] += 1
+        s.c["adopted"] += 1
+        s.c["version"] += 1
+        self.refs[sl] += 1
+
     def _slot_alloc(self) -> int | None:
         if self.free:
             i = bisect.bisect_left(self.free, self.free_cursor)
@@ -257,21 +275,7 @@ class ReferenceCore:
                     continue
                 if s.flag.get(p, 0) & F_PENDING:
                     continue
-                if self._slot_is_free(sl):
-                    self.c["lost"] += 1
-                    self.free.remove(sl)
-                    self.c["slots_live"] += 1
-                    self.slot_key[sl] = self.slot_xxh[sl] = 0
-                if p in s.slot:
-                    self._unref(v, p)
-                if p in s.cand:
-                    self._cand_remove(v, p)
-                s.slot[p] = sl
-                s.flag[p] = (s.flag.get(p, 0) | F_REMAPPED) & ~F_UNCONFIRMED
-                s.c["merged"] += 1
-                s.c["adopted"] += 1
-                s.c["version"] += 1
-                self.refs[sl] += 1
+                self._adopt(v, p, sl)
         broken = 0
         for p in sorted(s.slot):
             if p in seen or s.flag.get(p, 0) & F_PENDING:
@@ -322,16 +326,7 @@ class ReferenceCore:
                     continue
                 if s.flag.get(p, 0) & F_PENDING:
                     continue
-                if p in s.slot:
-                    self._unref(v, p)
-                if p in s.cand:
-                    self._cand_remove(v, p)
-                s.slot[p] = sl
-                s.flag[p] = (s.flag.get(p, 0) | F_REMAPPED) & ~F_UNCONFIRMED
-                s.c["merged"] += 1
-                s.c["adopted"] += 1
-                s.c["version"] += 1
-                self.refs[sl] += 1
+                self._adopt(v, p, sl)
             elif s.slot.get(p) == sl and not s.flag.get(p, 0) & F_PENDING:
                 self._unref(v, p)
                 s.flag[p] &= ~F_UNCONFIRMED
