@@ -84,7 +84,7 @@ def test_balloon_over_merged_pages_frees_their_store_pages(image):
                 # the accounting's saving is what the agents really map, no more
                 assert s.R <= shared_truth(eng) + 2 * MB, (s.R / MB, shared_truth(eng) / MB)
 
-            agents = {vm.name: int(eng.vms[i].agent.stats()["discarded"]) for i, vm in enumerate(vms)}
+            agents = {vm.name: int(eng.links[i].agent.stats()["discarded"]) for i, vm in enumerate(vms)}
             assert all(n > 0.5 * FILE_PAGES for n in agents.values()), agents
             for _ in range(3):  # the engine frees slots a look after the last holder let go
                 eng.check_breaks()
