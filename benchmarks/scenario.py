@@ -13,6 +13,7 @@ recorded in results.json is the one that ran.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -113,7 +114,7 @@ def main() -> int:
             k, _, v = kv.partition("=")
             pol[k] = yaml.safe_load(v)
         data["surplus_policy"] = pol
-        data["name"] = f"{data['name']}-" + "-".join(a.policy).replace("=", "")
+        data["name"] = re.sub(r"[^A-Za-z0-9_-]", "", f"{data['name']}-" + "-".join(a.policy).replace(".", "p"))
     if a.keep is not None:
         for w in data["workloads"]:
             if "keep_s" in (w.get("params") or {}):

@@ -18,9 +18,11 @@ used <= budget as long as the guests do not write (used = sum of guest sizes - R
 
 Per VM: ``private`` pages (present, mapped by this process only: ``PM_MMAP_EXCLUSIVE``, or a
 page of its own RAM file: a page that costs the host a frame of its own) and, between two
-readings (:class:`HostMeter`), ``fresh`` pages: those that got a frame of their own since (a new
-page, or a copy-on-write break / KSM unmerge: anonymous on a new frame). Fresh pages are the
-live signal of breaks, from the kernel, in every mode.
+readings (:class:`HostMeter`), ``new`` pages (the guest filled memory it had not touched) and
+``broken`` pages (a shared store or KSM page written: anonymous now, on a frame of its own).
+Broken pages are the live signal of a collapse, from the kernel, in every mode: while the
+surplus lent stays within the saving, filling memory cannot take the host over its budget, only
+breaks can (they shrink the saving).
 
 The figures over a run (:func:`run_figures`, pure, on the sample rows the runner records):
 
@@ -51,6 +53,7 @@ PAGES_PER_MB = (1 << 20) // PAGE
 PM_FILE = np.uint64(1 << 61)  # file page or shared anonymous page
 PM_EXCLUSIVE = np.uint64(1 << 56)  # mapped by exactly one process
 RECLAIM_TOL_MB = 8.0  # a balloon within this of its goal counts as there
+OVER_TOL_MB = 1.0  # above the budget by less than this is at the budget (balloon granularity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +67,10 @@ class HostUse:
     ram_only: int  # RAM-file pages resident that no guest maps present
     private: dict[str, int]  # per VM: present pages mapped by it alone
     present: dict[str, int]  # per VM: present pages
-    fresh: dict[str, int] = dataclasses.field(default_factory=dict)  # per VM: pages that got a
-    # private frame since the previous reading (HostMeter): breaks, unmerges, new pages
+    # per VM since the previous reading (HostMeter, page_changes): pages the guest filled anew,
+    # and shared pages that broke into a private copy
+    new: dict[str, int] = dataclasses.field(default_factory=dict)
+    broken: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self, budget_pages: int) -> dict[str, Any]:
         mb = PAGES_PER_MB
@@ -78,7 +83,8 @@ class HostUse:
             "ram_only_mb": round(self.ram_only / mb, 2),
             "private_mb": {k: round(v / mb, 2) for k, v in self.private.items()},
             "present_mb": {k: round(v / mb, 2) for k, v in self.present.items()},
-            "fresh_mb": {k: round(v / mb, 2) for k, v in self.fresh.items()},
+            "new_mb": {k: round(v / mb, 2) for k, v in self.new.items()},
+            "broken_mb": {k: round(v / mb, 2) for k, v in self.broken.items()},
         }
 
 
@@ -131,19 +137,21 @@ def count_host(
                    private, present_n)
 
 
-def fresh_pages(prev: np.ndarray | None, cur: np.ndarray) -> int:
-    """Pages that got a frame of their own between two pagemap readings of one VM (pure):
-    present and mapped by this process alone now, and either not present before (a new page),
-    or anonymous now on another frame than before (a copy-on-write break of a store or KSM
-    page). A merge (a page moves onto a shared store page) is not fresh."""
+def page_changes(prev: np.ndarray | None, cur: np.ndarray) -> tuple[int, int]:
+    """(new, broken) between two pagemap readings of one VM (pure). Both are pages present and
+    mapped by this process alone now. *New*: not present before (the guest filled a page).
+    *Broken*: present before on another frame, anonymous now: a copy-on-write break of a store
+    page or a KSM page (a merge moves a page onto a shared, file-backed or KSM frame: neither).
+    The first reading counts every such page as new."""
     cur = np.asarray(cur, dtype=np.uint64)
     present, pfn = decode_pagemap(cur)
     mine = present & ((cur & PM_EXCLUSIVE) != 0)
     if prev is None:
-        return int(np.count_nonzero(mine))
+        return int(np.count_nonzero(mine)), 0
     p_present, p_pfn = decode_pagemap(np.asarray(prev, dtype=np.uint64))
     anon = (cur & PM_FILE) == 0
-    return int(np.count_nonzero(mine & (~p_present | (anon & (p_pfn != pfn)))))
+    return (int(np.count_nonzero(mine & ~p_present)),
+            int(np.count_nonzero(mine & p_present & anon & (p_pfn != pfn))))
 
 
 def _distinct(values: np.ndarray) -> int:
@@ -183,8 +191,9 @@ def _read_entries(vms: Iterable[Any]) -> tuple[dict[str, np.ndarray], dict[str, 
 
 
 class HostMeter:
-    """Successive readings of :func:`measure_host` over the same VMs, each with ``fresh`` per VM
-    (:func:`fresh_pages` since the previous reading) and the seconds since it (``dt``)."""
+    """Successive readings of :func:`measure_host` over the same VMs, each with ``new`` and
+    ``broken`` per VM (:func:`page_changes` since the previous reading) and the seconds since it
+    (``dt``)."""
 
     def __init__(self, vms: Iterable[Any], clock: Callable[[], float] = time.monotonic) -> None:
         self.vms = list(vms)
@@ -199,10 +208,11 @@ class HostMeter:
         now = self._clock()
         self.dt = (now - self._t) if self._t is not None else 0.0
         self._t = now
-        fresh = {n: fresh_pages(self._prev.get(n), e) for n, e in entries.items()}
+        changes = {n: page_changes(self._prev.get(n), e) for n, e in entries.items()}
         self._prev = entries
         hu = count_host(entries, merged, sum(_file_pages(s) for s in stores), ram_files)
-        return dataclasses.replace(hu, fresh=fresh)
+        return dataclasses.replace(hu, new={n: c[0] for n, c in changes.items()},
+                                   broken={n: c[1] for n, c in changes.items()})
 
 
 # ---------------------------------------------------------------- figures over a run
@@ -219,7 +229,7 @@ def _get(row: Mapping[str, Any], *keys: str) -> Any:
 def overshoot(samples: Sequence[Mapping[str, Any]], t_from: float | None = None,
               t_to: float | None = None) -> tuple[float | None, float | None]:
     """(peak MB above budget, seconds above budget) over the samples with a host reading; a
-    sample above budget counts for the interval up to the next sample."""
+    sample more than :data:`OVER_TOL_MB` above budget counts for the interval up to the next."""
     rows = [s for s in samples if _get(s, "host", "over_mb") is not None
             and (t_from is None or s["t"] >= t_from) and (t_to is None or s["t"] <= t_to)]
     if not rows:
@@ -227,7 +237,7 @@ def overshoot(samples: Sequence[Mapping[str, Any]], t_from: float | None = None,
     peak = max(float(s["host"]["over_mb"]) for s in rows)
     secs = 0.0
     for a, b in zip(rows, rows[1:], strict=False):
-        if a["host"]["over_mb"] > 0:
+        if a["host"]["over_mb"] > OVER_TOL_MB:
             secs += b["t"] - a["t"]
     return peak, round(secs, 3)
 

@@ -133,7 +133,7 @@ class _Loop(threading.Thread):
                 row[k] = sum(row.get(f"{dom}.{k}", 0) or 0 for dom in self.domains)
             row["E"] = (row["R"] / row["M"]) if row.get("M") else None
         # the host memory the guests use against the budget (the guard's reading now, with the
-        # pages that turned private since the last sample), and the balloons' actual sizes
+        # pages filled and broken since the last sample), and the balloons' actual sizes
         self.guard.merged = all_merged
         row["host"] = self.guard.reading().as_dict(self.budget_pages)
         if self.surplus is not None:
@@ -182,7 +182,8 @@ class _Guard(threading.Thread):
         self.cpu_s = 0.0
         self._lock = threading.Lock()
         self._latest: budget.HostUse | None = None
-        self._fresh: dict[str, int] = {}  # per VM, since the last reading() by a sample
+        self._new: dict[str, int] = {}  # per VM, since the last reading() by a sample
+        self._broken: dict[str, int] = {}
 
     def look(self) -> budget.HostUse:
         """One reading (the guard thread's, or the first sample's); the manager acts on it."""
@@ -190,22 +191,24 @@ class _Guard(threading.Thread):
         with self._lock:
             hu = self.meter.read(self.stores, self.merged)
             self._latest = hu
-            for n, v in hu.fresh.items():
-                self._fresh[n] = self._fresh.get(n, 0) + v
+            for n, v in hu.new.items():
+                self._new[n] = self._new.get(n, 0) + v
+            for n, v in hu.broken.items():
+                self._broken[n] = self._broken.get(n, 0) + v
             dt = self.meter.dt
         if self.surplus is not None and dt > 0:
-            self.surplus.observe(hu.used, hu.fresh, dt)
+            self.surplus.observe(hu.used, hu.broken, dt)
         self.cpu_s += time.thread_time() - c0
         return hu
 
     def reading(self) -> budget.HostUse:
-        """The latest reading (at most ``GUARD_INTERVAL_S`` old), with the fresh pages summed
-        since the previous call."""
+        """The latest reading (at most ``GUARD_INTERVAL_S`` old), with the new and broken pages
+        summed since the previous call."""
         if self._latest is None:
             self.look()
         with self._lock:
-            hu = dataclasses.replace(self._latest, fresh=self._fresh)  # type: ignore[arg-type]
-            self._fresh = {}
+            hu = dataclasses.replace(self._latest, new=self._new, broken=self._broken)  # type: ignore[arg-type]
+            self._new, self._broken = {}, {}
         return hu
 
     def run(self) -> None:

@@ -347,24 +347,25 @@ class Policy:
             raise HarnessError("surplus policy: horizon_s and cooldown_s must be >= 0")
 
 
-def guard_takes(policy: Policy, used: int, budget: int, fresh: Mapping[str, int], dt: float,
+def guard_takes(policy: Policy, used: int, budget: int, breaks: Mapping[str, int], dt: float,
                 surplus: Mapping[str, int]) -> tuple[dict[str, int], int]:
     """Reclaim ahead of breaks (pure): what to take back now, and the host use predicted.
 
     ``used``: host pages the guests use now; ``budget``: the sum of entitlements (pages);
-    ``fresh``: per VM, pages that got a private frame of their own since the last look ``dt``
-    seconds ago (copy-on-write breaks, KSM unmerges, new pages); ``surplus``: per VM, pages lent.
-    If ``used + sum(fresh) / dt * horizon_s`` would pass ``budget * (1 - margin)``, that excess
-    is taken back, from the VMs holding surplus in proportion to their fresh pages (the VM that
-    breaks pays first), or, if none of them grows, in proportion to their surplus.
+    ``breaks``: per VM, shared pages (store or KSM) that broke into a private copy since the
+    last look ``dt`` seconds ago; ``surplus``: per VM, pages lent. If ``used + sum(breaks) / dt
+    * horizon_s`` would pass ``budget * (1 - margin)``, that excess is taken back, from the VMs
+    holding surplus in proportion to their breaks (the VM that breaks pays first), or, if none
+    of them breaks, in proportion to their surplus. Pages a guest fills anew are not counted:
+    while the surplus stays within the saving they cannot take the host over its budget.
     """
-    rate = sum(max(0, v) for v in fresh.values()) / dt if dt > 0 else 0.0
+    rate = sum(max(0, v) for v in breaks.values()) / dt if dt > 0 else 0.0
     predicted = int(used + rate * policy.horizon_s)
     need = predicted - int(budget * (1.0 - policy.margin))
     holders = {n: v for n, v in surplus.items() if v > 0}
     if need <= 0 or not holders:
         return {}, predicted
-    weights: dict[str, float] = {n: float(fresh.get(n, 0)) for n in holders if fresh.get(n, 0) > 0}
+    weights: dict[str, float] = {n: float(breaks.get(n, 0)) for n in holders if breaks.get(n, 0) > 0}
     if not weights:
         weights = {n: float(v) for n, v in holders.items()}
     first = _split(min(need, sum(holders[n] for n in weights)), weights, {n: holders[n] for n in weights})
@@ -439,7 +440,7 @@ class SurplusManager:
         self._seq = 0
         self._saving = 0  # R of the last update, pages
         self._credits: dict[str, float] = {}
-        self._breaks: dict[str, int] = {}  # fresh private pages per VM since the last update
+        self._breaks: dict[str, int] = {}  # broken pages per VM since the last update
         self._frozen_until = -1.0  # no new grants before this (clock), after the guard acted
         self._used: int | None = None  # host pages the guests use, as last observed
         self.guard_actions = 0
@@ -507,23 +508,23 @@ class SurplusManager:
         return self._record(a.saving, credits, a.moves, a.reason + (" (grants held: guard cooldown)" if frozen else ""),
                             errors)
 
-    def observe(self, used: int, fresh: Mapping[str, int], dt: float) -> Decision | None:
-        """A look between samples: the host uses ``used`` pages; ``fresh`` per VM are pages that
-        got a private frame in the last ``dt`` seconds. Remembers them as breaks (the next
-        update reclaims from those VMs first) and, with ``policy.guard``, takes surplus back at
-        once when the budget is at risk (:func:`guard_takes`). Returns the decision if it acted."""
+    def observe(self, used: int, breaks: Mapping[str, int], dt: float) -> Decision | None:
+        """A look between samples: the host uses ``used`` pages; ``breaks`` per VM are shared
+        pages that broke in the last ``dt`` seconds. Remembers them (the next update reclaims from
+        those VMs first) and, with ``policy.guard``, takes surplus back at once when the budget is
+        at risk (:func:`guard_takes`). Returns the decision if it acted."""
         with self._lock:
-            return self._observe(used, fresh, dt)
+            return self._observe(used, breaks, dt)
 
-    def _observe(self, used: int, fresh: Mapping[str, int], dt: float) -> Decision | None:
+    def _observe(self, used: int, breaks: Mapping[str, int], dt: float) -> Decision | None:
         self._used = int(used)
-        for n, v in fresh.items():
+        for n, v in breaks.items():
             if v > 0:
                 self._breaks[n] = self._breaks.get(n, 0) + int(v)
         if not self.enabled or not self.policy.guard:
             return None
         surplus = {b.name: self.targets[b.name] - b.entitlement for b in self.vms}
-        takes, predicted = guard_takes(self.policy, used, self.budget, fresh, dt, surplus)
+        takes, predicted = guard_takes(self.policy, used, self.budget, breaks, dt, surplus)
         if not takes:
             return None
         self._frozen_until = self._clock() + self.policy.cooldown_s

@@ -1,5 +1,5 @@
 """Host budget accounting (pure): frames counted once, store and RAM-file pages no guest maps,
-private and fresh pages per VM, and the figures over a run (overshoot, reclaim, violations)."""
+private, new and broken pages per VM, and the figures over a run (overshoot, reclaim, violations)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from harness.budget import (
     PM_EXCLUSIVE,
     PM_FILE,
     count_host,
-    fresh_pages,
     overshoot,
+    page_changes,
     reclaim_time,
     run_figures,
     violations,
@@ -67,17 +67,17 @@ def test_ram_file_pages_no_guest_maps_count() -> None:
     assert count_host({"a": a}, None, 0, {"a": 1}).ram_only == 0  # never negative
 
 
-def test_fresh_pages_are_new_pages_and_breaks_only() -> None:
+def test_page_changes_tell_new_pages_from_breaks() -> None:
     before = pm([10, 11, 0, 13], excl=[True, False, True, True])
     # page 0 same frame; page 1 shared -> private anonymous copy (a break); page 2 newly
-    # present; page 3 merged onto a shared frame (not private: not fresh)
+    # present (new); page 3 merged onto a shared frame (neither)
     after = pm([10, 30, 31, 40], excl=[True, True, True, False])
-    assert fresh_pages(before, after) == 2
-    assert fresh_pages(None, after) == 3  # first reading: every private page
-    assert fresh_pages(after, after) == 0
-    # a merge onto a store page only this VM maps so far (file page, exclusive): not fresh
+    assert page_changes(before, after) == (1, 1)
+    assert page_changes(None, after) == (3, 0)  # first reading: every private page is new
+    assert page_changes(after, after) == (0, 0)
+    # a merge onto a store page only this VM maps so far (file page, exclusive): neither
     merged = pm([50, 11, 0, 13], file=True, excl=[True, False, True, True])
-    assert fresh_pages(before, merged) == 0
+    assert page_changes(before, merged) == (0, 0)
 
 
 def test_private_counts_own_ram_file_pages_even_when_mapped_twice() -> None:
@@ -98,6 +98,7 @@ def test_overshoot_peak_and_time_above_budget() -> None:
     assert overshoot(s) == (50, 3.0)  # above at t=2, 3, 4: each until the next sample
     assert overshoot([]) == (None, None)
     assert overshoot(rows([0, 0]))[1] == 0.0
+    assert overshoot(rows([0, 0.4, 0.6, 0])) == (0.6, 0.0)  # within a MB of the budget: at it
 
 
 def test_reclaim_time_counts_until_the_guests_hold_no_more_than_the_saving() -> None:

@@ -359,7 +359,7 @@ REPLAY = json.loads((Path(__file__).parent / "data" / "collapse_replay.json").re
 
 def replay(policy: Policy) -> tuple[SurplusManager, list[tuple[float, int, int, dict[str, int]]]]:
     """Feed the recorded samples to a manager (balloons follow their targets at once): each row
-    is a guard look (host use, fresh pages) then an update (R, credits by equal halves).
+    is a guard look (host use, broken pages) then an update (R, credits by equal halves).
     Returns the manager and, per row, (t, total surplus, host use, targets)."""
     vms = [Budget(v["name"], v["entitlement"], v["max"]) for v in REPLAY["vms"]]
     calls: list = []
@@ -372,7 +372,7 @@ def replay(policy: Policy) -> tuple[SurplusManager, list[tuple[float, int, int, 
     for row in REPLAY["rows"]:
         now[0] = row["t"]
         if prev_t is not None:
-            m.observe(row["used"], row["fresh"], row["t"] - prev_t)
+            m.observe(row["used"], row["breaks"], row["t"] - prev_t)
         prev_t = row["t"]
         m.update(row["R"], {"a": row["R"] / 2, "b": row["R"] / 2})
         out.append((row["t"], sum(m.targets[b.name] - b.entitlement for b in vms), row["used"], dict(m.targets)))
@@ -413,6 +413,6 @@ def test_replayed_collapse_the_vm_that_breaks_more_gives_more() -> None:
     first = next(d for d in m.decisions if d.t >= t_c and any(mv.after < mv.before for mv in d.moves))
     row = next(r for r in REPLAY["rows"] if r["t"] == first.t)
     gave = {mv.vm: mv.before - mv.after for mv in first.moves}
-    heavy, light = sorted(("a", "b"), key=lambda n: -row["fresh"][n])
+    heavy, light = sorted(("a", "b"), key=lambda n: -row["breaks"][n])
     assert gave.get(heavy, 0) >= gave.get(light, 0) > -1
     assert "c" not in gave  # the bystander holds nothing and gives nothing

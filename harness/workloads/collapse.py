@@ -197,8 +197,12 @@ class Collapse(Workload):
         args = f"{p['how']} {int(p['collapse_mb'])} {{name}} {float(p['after_s'])} " + " ".join(files)
         t_guest = float(by.ssh.check("date +%s.%N").split()[0])
         ctx.mark("collapse start")
-        out = on_all(sharers, lambda vm: vm.ssh.check(
-            f"{drop}python3 /tmp/collapse.py {args.format(name=vm.name)}", timeout=float(p["after_s"]) + 600))
+        try:
+            out = on_all(sharers, lambda vm: vm.ssh.check(
+                f"{drop}python3 /tmp/collapse.py {args.format(name=vm.name)}", timeout=float(p["after_s"]) + 600))
+        except SSHError as e:  # say what the guests' kernels said (an OOM kill shows there)
+            tails = "\n".join(f"--- console of {vm.name}:\n{vm.console_tail(20)}" for vm in sharers)
+            raise SSHError(f"collapse: a writer failed: {e.message}", context=tails) from None
         ctx.mark("collapse end")
         per_vm = {}
         for vm in sharers:
