@@ -1,14 +1,18 @@
 """Accounting: the host frames guest memory really uses, and the sharing figures of METRICS.md.
 
-``measure(vms, store=None, merged=None)`` takes one sample of a sharing domain:
+A :class:`Meter` samples one sharing domain (its VMs and its content store);
+:func:`measure` takes one full-scan sample. Every number comes from what the kernel says, never
+from the system under test (the merge agent, the engine):
 
 - **G**: for each VM, every guest page whose host mapping is present in
   ``/proc/<qemu pid>/pagemap`` (bit 63; PFN in bits 0-54, which the kernel shows to root only),
-  plus the *store-backed* pages: pages of the merge agent's ``merged_ranges()`` that are not
-  present (the guest has not touched them since the merge, so the kernel has no PTE yet) but
-  hold guest data: their frame and content are the content store's page.
+  plus the *store-backed* pages: pages whose mapping in QEMU is the content store file (found in
+  ``/proc/<qemu pid>/maps`` by the store's device and inode, with the mapping's file offset) that
+  are not present (the guest has not touched them since the merge) but whose store page exists
+  (``mincore`` of the store): they hold guest data, and their frame is the store page's.
 - **F**: distinct physical frames behind G, plus the store's resident pages that no guest page
-  of G maps (store overhead counts against sharing).
+  of G maps (store overhead counts against sharing). A store page counts as one frame whether a
+  guest maps it present or not.
 - **C**: distinct contents among G (``xxh3_128`` of each 4 KiB; all-zero pages are one content).
 - **R = G - F**, **M = G - C**, **E = R / M**. When ``M == 0`` there is nothing to share and E is
   ``None`` (reports print "n/a"), never a made-up 0 or 1.
@@ -17,22 +21,27 @@
   :func:`harness.oracle.disk_block_set`). A frame holds one content, so every restriction keeps
   the frames of the pages it keeps, and the store-only pages of its contents.
 
-How memory is read, so that measuring never allocates guest memory:
+How memory is read, so that measuring never allocates or unshares guest memory:
 
-- guest page contents: ``preadv`` of ``/proc/<pid>/mem`` at ``hva + offset`` for present pages
-  only, runs of consecutive pages in one read (not ``process_vm_readv``: its read-only pins
-  unshare KSM-merged pages, see :func:`harness.oracle.hash_process_pages`). A page that stops
-  being present between the pagemap read and the content read would be faulted in by that
-  read: a narrow race with a running guest; pass ``pause=True`` to hold the vCPUs with QMP
-  ``stop``/``cont`` around the sample.
-- the content store (a ``/dev/shm`` file): mapped ``MAP_SHARED, PROT_READ`` in the harness;
-  ``mincore`` tells which pages exist; only those are touched (a read fault on an existing page
-  cache page allocates nothing) and their frames read from the harness's own pagemap; their
-  contents are read with ``pread`` of the store file. Holes of the store are never touched.
+- RAM-file pages (file backend): ``pread`` of the RAM file (a hole reads as zeros and stays a
+  hole); other present pages (anonymous RAM, copies made by copy-on-write): ``preadv`` of
+  ``/proc/<pid>/mem`` (not ``process_vm_readv``: its read-only pins unshare KSM-merged pages,
+  see :func:`harness.oracle.hash_process_pages`); only pages pagemap shows present, one page per
+  distinct frame.
+- the content store: ``mincore`` of a read-only mapping made for the call and never touched
+  says which pages exist; their contents are read with ``pread``. Holes are never touched.
 - the host virtual address of guest RAM comes from QMP (HMP ``gpa2hva 0``), once per process.
   Guest RAM is one RAM block from guest-physical 0 (``VMSpec`` keeps guests below the PCI hole).
 
-The arithmetic (:func:`figures`, :func:`guest_page_set`, :func:`expand_ranges`,
+What a sample costs: the meter keeps, per guest page, its frame and content id between samples,
+and reads again only pages whose frame changed or that the kernel's write tracking says were
+written (:class:`harness.oracle.WriteTracker`; what it can miss and why the figures do not
+depend on it: :mod:`harness.oracle`). The counts (pages per frame, per content, per class) are
+kept as arrays and updated by the pages that changed. Without write tracking every present
+page is read at every sample (``method="full"``), which is what the incremental meter is
+tested against.
+
+The arithmetic (:func:`figures`, :func:`expand_ranges`, :func:`parse_maps`,
 :func:`decode_pagemap`) is pure numpy on arrays, unit tested without QEMU.
 """
 
@@ -43,6 +52,7 @@ import ctypes
 import dataclasses
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -52,12 +62,12 @@ import numpy as np
 
 from harness import oracle
 from harness.errors import HarnessError
-from harness.surplus import credits_from_frames
 
 PAGE = 4096
 PM_PRESENT = np.uint64(1 << 63)
 PM_SWAPPED = np.uint64(1 << 62)
 PM_PFN_MASK = np.uint64((1 << 55) - 1)
+PM_FILE = np.uint64(1 << 61)  # file page or shared anonymous
 
 _HVA_RE = re.compile(r"is\s+(0x[0-9a-fA-F]+)")
 
@@ -87,44 +97,6 @@ def expand_ranges(ranges: np.ndarray | None, npages: int) -> tuple[np.ndarray, n
     s = np.repeat(r[:, 1] // PAGE, counts) + step
     keep = (g >= 0) & (g < npages)
     return g[keep], s[keep]
-
-
-def guest_page_set(
-    present: np.ndarray,
-    pfn: np.ndarray,
-    merged_guest: np.ndarray | None = None,
-    merged_store: np.ndarray | None = None,
-    store_resident: np.ndarray | None = None,
-    store_pfn: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The pages of one VM that count in G.
-
-    ``present``/``pfn``: per guest page, from the pagemap. ``merged_guest``/``merged_store``:
-    page indices of pages mapped from the store (:func:`expand_ranges`). ``store_resident``/
-    ``store_pfn``: per store page, whether it exists and its frame.
-
-    Returns (present page indices, store-backed page indices, their store page indices, frames
-    of all G pages: present ones first, then store-backed ones). A merged page that is not
-    present counts only if its store page exists.
-    """
-    present = np.asarray(present, dtype=bool)
-    pres_idx = np.flatnonzero(present)
-    frames = np.asarray(pfn, dtype=np.uint64)[pres_idx]
-    if merged_guest is None or len(merged_guest) == 0:
-        e = np.zeros(0, np.int64)
-        return pres_idx, e, e, frames
-    mg = np.asarray(merged_guest, dtype=np.int64)
-    ms = np.asarray(merged_store, dtype=np.int64)
-    sel = ~present[mg]
-    if store_resident is not None:
-        ok = ms < len(store_resident)
-        ok[ok] = np.asarray(store_resident, dtype=bool)[ms[ok]]
-        sel &= ok
-    sb_g, sb_s = mg[sel], ms[sel]
-    sb_frames = (
-        np.asarray(store_pfn, dtype=np.uint64)[sb_s] if store_pfn is not None else np.zeros(len(sb_s), np.uint64)
-    )
-    return pres_idx, sb_g, sb_s, np.concatenate([frames, sb_frames])
 
 
 def count_distinct(values: np.ndarray) -> int:
@@ -333,7 +305,24 @@ def read_pagemap(pid: int | str, addr: int, npages: int) -> np.ndarray:
     return out
 
 
-# --- mapping a file read-only without ever allocating its holes ----------------------------
+def read_pagemap_fd(fd: int, addr: int, npages: int, out: np.ndarray | None = None, what: str = "pagemap") -> np.ndarray:
+    """:func:`read_pagemap` through an open pagemap descriptor (``out``: a buffer to reuse)."""
+    if out is None or len(out) != npages:
+        out = np.empty(npages, dtype=np.uint64)
+    view = memoryview(out).cast("B")
+    got = 0
+    try:
+        while got < len(view):
+            r = os.preadv(fd, [view[got:]], (addr // PAGE) * 8 + got)
+            if r <= 0:
+                raise HarnessError(f"short read of {what} at page {addr // PAGE + got // 8}")
+            got += r
+    except OSError as e:
+        raise HarnessError(f"cannot read {what}: {e}") from None
+    return out
+
+
+# --- which guest pages map the content store: the kernel's own word ------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -344,101 +333,69 @@ _PROT_READ, _MAP_SHARED = 1, 1
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
-class MappedFile:
-    """A ``/dev/shm`` file mapped ``MAP_SHARED, PROT_READ`` in the harness.
-
-    :meth:`resident` (``mincore``) says which pages exist without touching any. Only pages that
-    exist may be read through :attr:`pages` (a read fault on an existing page maps it and
-    allocates nothing; a read fault on a hole of a tmpfs file would allocate a page).
-    Close it (or use ``with``) at once after use: a mapping keeps a deleted file's memory alive.
-    """
-
-    def __init__(self, path: str | os.PathLike, npages: int | None = None) -> None:
-        self.path = os.fspath(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
-        self.addr = None
-        try:
-            size = os.fstat(self.fd).st_size
-            self.npages = size // PAGE if npages is None else min(npages, size // PAGE)
-            self.length = self.npages * PAGE
-            if self.length:
-                addr = _libc.mmap(None, self.length, _PROT_READ, _MAP_SHARED, self.fd, 0)
-                if addr in (None, _MAP_FAILED):
-                    raise HarnessError(f"cannot map {self.path}: {os.strerror(ctypes.get_errno())}")
-                self.addr = addr
-                buf = (ctypes.c_uint8 * self.length).from_address(addr)
-                self.pages = np.ctypeslib.as_array(buf).reshape(self.npages, PAGE)
-            else:
-                self.pages = np.zeros((0, PAGE), np.uint8)
-        except BaseException:
-            self.close()
-            raise
-
-    def resident(self) -> np.ndarray:
-        """Per page: does it exist in the file (page cache) now. Touches nothing."""
-        vec = np.zeros(self.npages, dtype=np.uint8)
-        if self.npages and _libc.mincore(self.addr, self.length, vec.ctypes.data) != 0:
-            raise HarnessError(f"mincore on {self.path}: {os.strerror(ctypes.get_errno())}")
-        return (vec & 1).astype(bool)
-
-    def touch(self, idx: np.ndarray) -> None:
-        """Map existing pages ``idx`` (read one byte of each)."""
-        if len(idx):
-            int(self.pages[np.asarray(idx), 0].sum())
-
-    def frames(self) -> tuple[np.ndarray, np.ndarray]:
-        """(present, PFN) of every page of the harness's mapping (only touched pages are present)."""
-        if not self.npages:
-            return np.zeros(0, bool), np.zeros(0, np.uint64)
-        return decode_pagemap(read_pagemap("self", self.addr, self.npages))
-
-    def hash(self, idx: np.ndarray) -> np.ndarray:
-        """Contents of existing pages ``idx`` (sorted), read through the mapping."""
-        return oracle.hash_rows(self.pages, idx)
-
-    def close(self) -> None:
-        if self.addr is not None:
-            self.pages = None
-            _libc.munmap(self.addr, self.length)
-            self.addr = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> MappedFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+def file_id(fd: int) -> tuple[int, int, int]:
+    """(device major, device minor, inode) of an open file, as ``/proc/<pid>/maps`` shows them."""
+    st = os.fstat(fd)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
 
 
-# --- the content store -------------------------------------------------------------------
+def parse_maps(text: bytes, base: int, size: int, fid: tuple[int, int, int]) -> np.ndarray:
+    """The mappings of file ``fid`` inside ``[base, base + size)`` in a ``/proc/<pid>/maps``
+    text, as ``(m, 3)`` ranges (offset from ``base``, file offset, pages): the same shape as
+    the merge agent's LIST, but what the kernel says."""
+    major, minor, ino = fid
+    needle = b" %d" % ino
+    out = []
+    for line in text.split(b"\n"):
+        if needle not in line:  # cheap filter first: most lines map something else
+            continue
+        f = line.split(None, 5)
+        if len(f) < 5 or int(f[4]) != ino:
+            continue
+        dmaj, dmin = f[3].split(b":")
+        if int(dmaj, 16) != major or int(dmin, 16) != minor:
+            continue
+        lo, hi = (int(x, 16) for x in f[0].split(b"-"))
+        a, b = max(lo, base), min(hi, base + size)
+        if a < b:
+            out.append((a - base, int(f[2], 16) + (a - lo), (b - a) // PAGE))
+    return np.array(out, dtype=np.int64).reshape(-1, 3)
 
 
-@dataclasses.dataclass(frozen=True)
-class StoreView:
-    """The content store's resident pages: per store page, whether it exists, frame, content."""
-
-    resident: np.ndarray  # bool per store page
-    pfn: np.ndarray  # uint64 per store page (0 where not resident)
-    hashes: np.ndarray  # (npages, 2) uint64 (0 where not resident)
-
-    @property
-    def npages(self) -> int:
-        return len(self.resident)
+def store_ranges(pid: int, base: int, size: int, fid: tuple[int, int, int]) -> np.ndarray:
+    """Where process ``pid`` maps file ``fid`` (the content store) inside ``[base, base + size)``:
+    ``(m, 3)`` ranges (offset from ``base``, file offset, pages), from ``/proc/<pid>/maps``."""
+    try:
+        text = Path(f"/proc/{pid}/maps").read_bytes()
+    except OSError as e:
+        raise HarnessError(f"cannot read /proc/{pid}/maps: {e}") from None
+    return parse_maps(text, base, size, fid)
 
 
-def read_store(path: str | os.PathLike) -> StoreView:
-    """Frames and contents of the existing pages of the store file, without allocating any."""
-    _require_root()
-    with MappedFile(path) as m:
-        resident = m.resident()
-        idx = np.flatnonzero(resident)
-        hashes = np.zeros((m.npages, 2), dtype=np.uint64)
-        hashes[idx] = m.hash(idx)  # read faults on existing pages only: maps them
-        present, pfn = m.frames()
-    resident &= present  # a page evicted meanwhile is not present: leave it out
-    return StoreView(resident, np.where(resident, pfn, np.uint64(0)), hashes)
+def store_slots(pid: int, base: int, npages: int, fid: tuple[int, int, int]) -> np.ndarray:
+    """Per guest page: the store page its mapping shows (the VMA's file offset), or -1."""
+    g, s = expand_ranges(store_ranges(pid, base, npages * PAGE, fid), npages)
+    slot = np.full(npages, -1, np.int64)
+    slot[g] = s
+    return slot
+
+
+def resident_pages(fd: int, npages: int, what: str = "file") -> np.ndarray:
+    """Per page of a file: is it in the page cache now (``mincore`` of a read-only mapping
+    made for the call and never touched: no page is faulted, no hole allocated)."""
+    if npages <= 0:
+        return np.zeros(0, bool)
+    length = npages * PAGE
+    addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED, fd, 0)
+    if addr in (None, _MAP_FAILED):
+        raise HarnessError(f"cannot map {what}: {os.strerror(ctypes.get_errno())}")
+    try:
+        vec = np.zeros(npages, dtype=np.uint8)
+        if _libc.mincore(addr, length, vec.ctypes.data) != 0:
+            raise HarnessError(f"mincore on {what}: {os.strerror(ctypes.get_errno())}")
+    finally:
+        _libc.munmap(addr, length)
+    return (vec & 1).astype(bool)
 
 
 # --- one sample ------------------------------------------------------------------------------
@@ -451,7 +408,7 @@ class VMPages:
     name: str
     G: int
     present: int
-    store_backed: int  # merged pages not present: counted through the store
+    store_backed: int  # pages mapping the store, not present: counted through the store page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -482,13 +439,17 @@ class Sample:
     store_pages: int  # resident pages of the content store
     store_only_pages: int  # of which no page of G maps
     vms: tuple[VMPages, ...]
-    frames_read: int = 0  # distinct frames whose content was read (each frame is read once)
-    cpu_seconds: float = 0.0  # CPU time of the harness process taking it (a loaded host shows
-    # a wall time far above this)
+    frames_read: int = 0  # pages read and hashed for this sample (guest frames, store pages,
+    # the re-check); a full scan reads every distinct frame
+    cpu_seconds: float = 0.0  # CPU time of the thread taking it (a loaded host shows a wall
+    # time far above this)
     # per VM: the frames its pages share with other pages, (n-1)/n for each of its pages on a
-    # frame held n times (harness.surplus.credits_from_frames); they add up to G minus the
-    # distinct frames behind G
+    # frame held n times; they add up to G minus the distinct frames behind G
     credits: dict[str, float] = dataclasses.field(default_factory=dict)
+    method: str = "full"  # "incremental": only pages that may have changed were read
+    untracked_pages: int = 0  # pages no write tracking covered: re-read at every sample
+    scrubbed: int = 0  # cached pages re-read by the background re-check this sample
+    stale: int = 0  # cumulative: pages the re-check found changed behind the tracker's back
 
     def per_vm(self) -> dict[str, int]:
         return {v.name: v.G for v in self.vms}
@@ -519,151 +480,712 @@ def domain_disk_set(targets: Iterable[Target]) -> np.ndarray | None:
     return oracle.unique_hashes(np.concatenate(sets))
 
 
-def group_frames(pfn: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group pages by frame: (representative page of each frame, frame group of each page).
+# events after which a page may sit on another frame without having been written: migration
+# (compaction, NUMA, demotion), swap and zswap, a huge page split (zero-filled parts are
+# remapped to the shared zero page: seen under KSM, which splits huge pages to merge them) or
+# collapsed (khugepaged copies them into a new huge page)
+_MOVE_COUNTERS = (b"pgmigrate_success", b"pswpin", b"pswpout", b"zswpin", b"zswpout", b"ksm_swpin_copy",
+                  b"thp_split_page", b"thp_collapse_alloc")
 
-    The representative is the page of lowest ``rank`` (the cheapest to read) of its frame.
+
+def _moves() -> int:
+    """How many times the host has moved pages to other frames behind their writers' backs,
+    since boot (``/proc/vmstat``, :data:`_MOVE_COUNTERS`): while this does not change, a page
+    nobody wrote keeps its frame."""
+    total = 0
+    try:
+        for line in Path("/proc/vmstat").read_bytes().split(b"\n"):
+            name, _, value = line.partition(b" ")
+            if name in _MOVE_COUNTERS:
+                total += int(value)
+    except (OSError, ValueError):
+        return -2  # unknown: the caller reads every frame again
+    return total
+
+
+class _Refs:
+    """Reference counts over small non-negative integer keys (PFNs, store pages, content ids),
+    with a value and a class per key fixed when its count rises from 0 (class bit 0: non-zero
+    content, bit 1: disk content) and the number of live keys per class (all, non-zero, disk)."""
+
+    def __init__(self) -> None:
+        self.refs = np.zeros(1024, np.int64)
+        self.val = np.full(1024, -1, np.int64)
+        self.cls = np.zeros(1024, np.uint8)
+        self.live = np.zeros(3, np.int64)
+
+    def _grow(self, top: int) -> None:
+        if top >= len(self.refs):
+            n = max(top + 1, 2 * len(self.refs))
+            self.refs = np.concatenate([self.refs, np.zeros(n - len(self.refs), np.int64)])
+            self.val = np.concatenate([self.val, np.full(n - len(self.val), -1, np.int64)])
+            self.cls = np.concatenate([self.cls, np.zeros(n - len(self.cls), np.uint8)])
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """Counts of ``keys`` (0 for keys never seen)."""
+        keys = np.asarray(keys, np.int64)
+        out = np.zeros(len(keys), np.int64)
+        ok = keys < len(self.refs)
+        out[ok] = self.refs[keys[ok]]
+        return out
+
+    def _count(self, keys: np.ndarray, sign: int) -> None:
+        c = self.cls[keys]
+        self.live += sign * np.array([len(keys), np.count_nonzero(c & 1), np.count_nonzero(c & 2)])
+
+    def remove(self, keys: np.ndarray) -> None:
+        if not len(keys):
+            return
+        uk, cnt = np.unique(keys, return_counts=True)
+        self.refs[uk] -= cnt
+        if np.any(self.refs[uk] < 0):
+            raise HarnessError("accounting ledger: a reference count went below zero")
+        self._count(uk[self.refs[uk] == 0], -1)
+
+    def add(self, keys: np.ndarray, vals: np.ndarray, cls: np.ndarray) -> None:
+        if not len(keys):
+            return
+        uk, first, cnt = np.unique(keys, return_index=True, return_counts=True)
+        self._grow(int(uk[-1]))
+        born = self.refs[uk] == 0
+        self.refs[uk] += cnt
+        b = uk[born]
+        self.val[b] = vals[first[born]]
+        self.cls[b] = cls[first[born]]
+        self._count(b, +1)
+
+
+class _VMView:
+    """What the meter keeps of one VM between samples: per guest page its frame key (a PFN,
+    ``-2 - s`` for store page s, -1 when the page is not in G) and content id (-1 when not in
+    G), the store page each mapping shows, and the descriptors it reads through."""
+
+    def __init__(self, t: Target, track: bool) -> None:
+        self.t = t
+        self.n = t.ram_size // PAGE
+        self.mem_fd = self.ram_fd = self.pm_fd = -1
+        self.tracker: oracle.WriteTracker | None = None
+        self.why_untracked = "full scan" if not track else None
+        try:
+            self.pm_fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
+            self.mem_fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
+            if t.ram_file is not None and os.path.exists(t.ram_file):
+                self.ram_fd = os.open(t.ram_file, os.O_RDONLY)
+            if track:
+                try:
+                    self.tracker = oracle.WriteTracker(t.pid, t.hva, self.n)
+                except oracle.TrackerUnavailable as e:
+                    self.why_untracked = str(e)
+        except OSError as e:
+            self.close()
+            raise HarnessError(f"VM {t.name}: cannot open its memory for measuring: {e}") from None
+        self.key = np.full(self.n, -1, np.int64)
+        self.cid = np.full(self.n, -1, np.int64)
+        self.slot = np.full(self.n, -1, np.int64)
+        self.maps_stale = True
+        self.scrub_at = 0
+        self.pm_buf = np.empty(self.n, np.uint64)
+        self.suspect = np.zeros(self.n, bool)  # re-check found another content: stale?
+        self.present = np.zeros(self.n, bool)  # as of the last sample
+        self.pfn = np.zeros(self.n, np.int64)
+        self.file = np.zeros(self.n, bool)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+        for fd in (self.mem_fd, self.ram_fd, self.pm_fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.mem_fd = self.ram_fd = self.pm_fd = -1
+
+
+class _StoreView:
+    """The content store: which pages exist (``mincore``) and their content ids, hashed with
+    ``pread`` (a hole is never touched). Store pages are written once (append) and punched when
+    unused, never rewritten: a page is hashed when first seen and once more at the next sample
+    (it may have been read while the engine was still writing it)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise HarnessError(f"cannot open the content store {self.path}: {e}") from None
+        self.fid = file_id(self.fd)
+        self.cid = np.zeros(0, np.int64)
+        self.first = np.zeros(0, np.int64)  # sample number of the first hash (-1: none)
+        self.resident = np.zeros(0, bool)
+        self.scrub_at = 0
+
+    @property
+    def npages(self) -> int:
+        return len(self.cid)
+
+    def update(self, index: oracle.ContentIndex, sample_no: int, full: bool, scrub: int) -> tuple[int, int, int]:
+        """Residency and content ids now. Returns (pages hashed, re-checked, found changed)."""
+        n = os.fstat(self.fd).st_size // PAGE
+        if n > len(self.cid):  # the store only grows
+            grow = n - len(self.cid)
+            self.cid = np.concatenate([self.cid, np.full(grow, -1, np.int64)])
+            self.first = np.concatenate([self.first, np.full(grow, -1, np.int64)])
+        res = resident_pages(self.fd, n, f"the content store {self.path}")
+        self.resident = res
+        gone = ~res & (self.cid >= 0)
+        self.cid[gone] = -1
+        self.first[gone] = -1
+        if full:
+            need = res
+        else:
+            need = res & ((self.cid < 0) | (self.first == sample_no - 1))
+        idx = np.flatnonzero(need)
+        changed = 0
+        if len(idx):
+            ids = index.intern(oracle.hash_fd_pages(self.fd, 0, idx, what=f"the content store {self.path}"))
+            old = self.cid[idx]
+            changed = int(np.count_nonzero((old >= 0) & (old != ids) & (self.first[idx] != sample_no - 1)))
+            self.cid[idx] = ids
+            fresh = old < 0
+            self.first[idx[fresh]] = sample_no
+        checked = 0
+        if scrub and not full and n:
+            w = min(scrub, n)
+            a = self.scrub_at % n
+            win = np.arange(a, min(n, a + w))
+            win = win[res[win] & (self.cid[win] >= 0) & ~need[win]]
+            self.scrub_at = (a + w) % n
+            if len(win):
+                ids = index.intern(oracle.hash_fd_pages(self.fd, 0, win, what=f"the content store {self.path}"))
+                bad = ids != self.cid[win]
+                changed += int(np.count_nonzero(bad))
+                self.cid[win] = ids
+                checked = len(win)
+        return len(idx), checked, changed
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def _classes(index: oracle.ContentIndex, cids: np.ndarray) -> np.ndarray:
+    """Class bits of content ids (bit 0 non-zero, bit 1 disk block)."""
+    return ((~index.zero[cids]).astype(np.uint8) | (index.disk[cids].astype(np.uint8) << 1))
+
+
+class Meter:
+    """Samples of one sharing domain, each only as costly as what changed since the last one.
+
+    ``vms``: running VMs (or :class:`Target`). ``store``: the domain's content store file (or a
+    ``/proc/<pid>/fd/<n>`` path to it), if any. ``disk_set``: True derives it from the VMs'
+    images, an array uses that set, None skips E_disk. ``incremental``: keep each page's
+    (frame, content) between samples and read only pages whose frame changed or that the write
+    tracker says were written (see :mod:`harness.oracle`); False reads every distinct frame at
+    every sample (the full scan). ``credits``: compute each VM's surplus credits (skip when no
+    surplus manager reads them). ``scrub``: with incremental, re-read this many of the cached
+    pages of each VM (and of the store) at every sample, in turn, and count those found changed
+    (``Sample.stale``): 256 pages of a 512 MB guest go round it in ~9 minutes at 1 s samples;
+    0 disables.
+
+    Only one incremental meter may measure a QEMU at a time (write tracking is one reader's).
+    Use it from one thread. Close it (or ``with``) when done: it holds descriptors of the VMs.
     """
-    n = len(pfn)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # one uint64 key (PFNs have 55 bits): argsort of it is ~3x faster than a two-key lexsort
-    key = (np.asarray(pfn, dtype=np.uint64) << np.uint64(2)) | (np.asarray(rank, np.int64) + 1).astype(np.uint64)
-    order = np.argsort(key)
-    sp = pfn[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = sp[1:] != sp[:-1]
-    inv = np.empty(n, dtype=np.int64)
-    inv[order] = np.cumsum(first) - 1
-    return order[first], inv
+
+    def __init__(
+        self,
+        vms: Iterable[Any],
+        store: str | os.PathLike | None = None,
+        *,
+        disk_set: np.ndarray | None | bool = True,
+        incremental: bool = True,
+        scrub: int = 256,
+        credits: bool = True,
+    ) -> None:
+        _require_root()
+        self.want_credits = credits
+        self.targets = [target(v) for v in vms]
+        dset = domain_disk_set(self.targets) if disk_set is True else (disk_set if disk_set is not False else None)
+        self.has_disk = dset is not None
+        self.index = oracle.ContentIndex(dset)
+        self.incremental = incremental
+        self.scrub = scrub
+        self.views: list[_VMView] = []
+        self.store: _StoreView | None = None
+        self.frames = _Refs()  # PFN -> pages of G on it
+        self.slots = _Refs()  # store page -> pages of G mapping it
+        self.contents = _Refs()  # content id -> pages of G holding it
+        self.g = np.zeros(3, np.int64)  # pages of G: all, non-zero, disk
+        self.samples = 0
+        self.stale = 0
+        self.cpu_s = 0.0  # cumulative CPU of sample()
+        self.compact_slack = 262_144  # contents no page holds that may pile up before compacting
+        self._moves = -1  # the host's page migrations and swaps, as of the last sample
+        try:
+            for t in self.targets:
+                self.views.append(_VMView(t, incremental))
+            if store is not None:
+                self.store = _StoreView(store)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for v in self.views:
+            v.close()
+        if self.store is not None:
+            self.store.close()
+
+    @property
+    def untracked(self) -> dict[str, str]:
+        """Per VM without write tracking, or with mappings it could not register at the last
+        sample: why (those pages are re-read at every sample)."""
+        out = {v.t.name: v.why_untracked for v in self.views if v.why_untracked}
+        for v in self.views:
+            if v.tracker is not None and v.tracker.untracked_pages:
+                out[v.t.name] = f"{v.tracker.untracked_pages} pages untracked: {v.tracker.why_untracked}"
+        return out
+
+    # ------------------------------------------------------------ one sample
+    def sample(self) -> Sample:
+        t0, c0 = time.monotonic(), time.thread_time()
+        self.samples += 1
+        n_read = n_scrub = stale = untracked = moved_pages = 0
+        full_all = not self.incremental
+
+        # 1. what may have changed since the last sample: the write tracker first (a write after
+        #    its scan shows at the next one), then the mappings, then the frames. With a tracker,
+        #    only pagemap entries that may have changed are read: pages written, pages in
+        #    mappings not tracked, pages that became present, the re-check slice; all of them if
+        #    any page on the host migrated or was swapped since the last sample (a migration
+        #    moves a page to another frame without writing it)
+        moved = _moves()
+        refresh_all = moved < 0 or moved != self._moves or self.samples == 1
+        self._moves = moved
+        looks = []
+        for v in self.views:
+            written: np.ndarray | None = None  # None: every page may have changed
+            if v.tracker is not None:
+                r = v.tracker.scan()
+                written = r.mask(v.n)
+                # pages the last re-check found changed: stale unless written since (the write
+                # may have come between that sample's scan and its re-read)
+                stale += int(np.count_nonzero(v.suspect & ~written))
+                v.suspect[:] = False
+                if len(r.untracked):
+                    v.maps_stale = True
+                untracked += v.tracker.untracked_pages
+            else:
+                untracked += v.n
+                v.maps_stale = True
+            if self.store is not None and v.maps_stale:
+                v.slot = store_slots(v.t.pid, v.t.hva, v.n, self.store.fid)
+                v.maps_stale = False
+            what = f"/proc/{v.t.pid}/pagemap"
+            if written is None or refresh_all or full_all:
+                e = read_pagemap_fd(v.pm_fd, v.t.hva, v.n, v.pm_buf, what)
+                present = (e & PM_PRESENT) != 0
+                pfn = np.where(present, e & PM_PFN_MASK, np.uint64(0)).astype(np.int64)
+                is_file = (e & PM_FILE) != 0
+            else:
+                present = oracle.range_mask(v.n, r.present)
+                check = present & (written | ~v.present | self._scrub_window(v))
+                idx = np.flatnonzero(check)
+                e = oracle.read_entries(v.pm_fd, v.t.hva, idx, what)
+                pfn, is_file = v.pfn.copy(), v.file.copy()
+                now = (e & PM_PRESENT) != 0  # later than the scan: it wins
+                present[idx] = now
+                pfn[idx] = np.where(now, e & PM_PFN_MASK, np.uint64(0)).astype(np.int64)
+                is_file[idx] = (e & PM_FILE) != 0
+                pfn[~present] = 0
+                # a page neither written nor new on another frame: moved behind our back (or
+                # migrated during this sample: then the host's counters moved too, see below)
+                quiet = idx[~written[idx] & v.present[idx] & now]
+                jumped = quiet[pfn[quiet] != v.pfn[quiet]]
+                moved_pages += len(jumped)
+                written[jumped] = True
+            v.present, v.pfn, v.file = present, pfn, is_file
+            looks.append((written, present, pfn, is_file))
+
+        # 2. the store: which pages exist, their contents
+        if self.store is not None:
+            h, c, ch = self.store.update(self.index, self.samples, full_all, self.scrub)
+            n_read += h
+            n_scrub += c
+            stale += ch
+            s_res, s_cid = self.store.resident, self.store.cid
+        else:
+            s_res, s_cid = np.zeros(0, bool), np.zeros(0, np.int64)
+
+        # 3. per page: frame key and, where it cannot have changed, the content id it had
+        plan = []
+        for v, (written, present, pfn, is_file) in zip(self.views, looks, strict=True):
+            key = np.full(v.n, -1, np.int64)
+            cid = np.full(v.n, -1, np.int64)
+            sl = v.slot
+            on_store = sl >= 0
+            ok = np.zeros(v.n, bool)
+            ok[on_store] = sl[on_store] < len(s_res)
+            ok[ok] = s_res[sl[ok]]
+            via_store = ok & (~present | is_file)  # the store page itself (mapped or not yet)
+            key[via_store] = -2 - sl[via_store]
+            cid[via_store] = s_cid[sl[via_store]]
+            own = present & ~via_store
+            key[own] = pfn[own]
+            keep = own & (v.key == key) & (v.cid >= 0)
+            if written is None or full_all:
+                keep[:] = False
+            else:
+                keep &= ~written
+            cid[keep] = v.cid[keep]
+            plan.append((key, cid, own, keep, is_file & ~on_store))
+
+        # 4. frames of pages to (re)read whose content is known from another page still on it
+        #    (a KSM merge moves a page onto a frame some other page holds): reuse, not reread
+        leaving = [v.key[(v.key >= 0) & ~p[3]] for v, p in zip(self.views, plan, strict=True)]
+        lk, lcnt = np.unique(np.concatenate(leaving), return_counts=True)
+        reads = []  # per VM: page indices to read
+        for key, cid, own, keep, _ in plan:
+            need = np.flatnonzero(own & ~keep)
+            if len(need) and not full_all:
+                f = key[need]
+                left = np.zeros(len(f), np.int64)
+                if len(lk):
+                    j = np.minimum(np.searchsorted(lk, f), len(lk) - 1)
+                    hit = lk[j] == f
+                    left[hit] = lcnt[j[hit]]
+                stable = self.frames.get(f) - left > 0
+                cid[need[stable]] = self.frames.val[f[stable]]
+                need = need[~stable]
+            reads.append(need)
+
+        # 5. read one page per frame among those left, hash, and give every page its content
+        keys = np.concatenate([plan[i][0][r] for i, r in enumerate(reads)]) if reads else np.zeros(0, np.int64)
+        if len(keys):
+            uk, first, inv = np.unique(keys, return_index=True, return_inverse=True)
+            owner = np.concatenate([np.full(len(r), i, np.int64) for i, r in enumerate(reads)])
+            page = np.concatenate(reads)
+            rep_cid = np.empty(len(uk), np.int64)
+            for i, v in enumerate(self.views):
+                mine = np.flatnonzero(owner[first] == i)
+                if len(mine):
+                    rep_cid[mine] = self._read(v, page[first[mine]], plan[i][4])
+            n_read += len(uk)
+            for i, r in enumerate(reads):
+                sel = owner == i
+                plan[i][1][r] = rep_cid[inv[sel]]
+
+        # 6. the re-check: a slice of the pages kept from earlier samples is read again
+        if self.scrub and not full_all:
+            for i, v in enumerate(self.views):
+                key, cid, own, keep, file_pg = plan[i]
+                win = self._scrub_window(v)
+                v.scrub_at = (v.scrub_at + self.scrub) % v.n
+                idx = np.flatnonzero(win & keep)
+                if len(idx):
+                    got = self._read(v, idx, file_pg)
+                    bad = got != cid[idx]
+                    v.suspect[idx[bad]] = True  # counted at the next sample unless written
+                    cid[idx[bad]] = got[bad]
+                    n_scrub += len(idx)
+        if moved_pages and _moves() == self._moves:  # no migration during the sample either
+            stale += moved_pages
+        self.stale += stale
+
+        # 7. the ledger: pages whose frame or content changed leave their old counts, every VM's
+        #    first (a frame several pages share, say a store page whose content was read again,
+        #    then leaves the counts and comes back with its new class), then join the new ones
+        changes = []
+        for v, (key, cid, *_rest) in zip(self.views, plan, strict=True):
+            ch = np.flatnonzero((key != v.key) | (cid != v.cid))
+            changes.append((key[ch], cid[ch]))
+            self._apply(v.key[ch], v.cid[ch], -1)
+        for v, (key, cid), p in zip(self.views, changes, plan, strict=True):
+            self._apply(key, cid, +1)
+            v.key, v.cid = p[0], p[1]
+        if len(self.index) > 2 * int(self.contents.live[0]) + self.compact_slack:
+            self._compact()
+        return self._result(t0, c0, n_read, n_scrub, untracked)
+
+    def _compact(self) -> None:
+        """Forget contents no page holds any more (the index would grow with every write)."""
+        held = [v.cid[v.cid >= 0] for v in self.views]
+        if self.store is not None:
+            held.append(self.store.cid[self.store.cid >= 0])
+        remap = self.index.compact(np.concatenate(held))
+        n = len(self.index)
+        for v in self.views:
+            v.cid = np.where(v.cid >= 0, remap[np.maximum(v.cid, 0)], -1)
+        if self.store is not None:
+            self.store.cid = np.where(self.store.cid >= 0, remap[np.maximum(self.store.cid, 0)], -1)
+        for refs in (self.frames, self.slots):
+            live = refs.refs > 0
+            refs.val = np.where(live & (refs.val >= 0), remap[np.maximum(refs.val, 0)], -1)
+        c = self.contents
+        old = np.flatnonzero(remap >= 0)
+        inside = old < len(c.cls)
+        refs, cls = np.zeros(max(n, 1024), np.int64), np.zeros(max(n, 1024), np.uint8)
+        refs[remap[old]] = c.get(old)
+        cls[remap[old[inside]]] = c.cls[old[inside]]
+        c.refs, c.cls = refs, cls
+        c.val = np.where(refs > 0, np.arange(len(refs)), -1)
+
+    def _scrub_window(self, v: _VMView) -> np.ndarray:
+        """Per page: in this sample's re-check slice (``scrub`` pages from where the last stopped)."""
+        m = np.zeros(v.n, bool)
+        if self.scrub and self.incremental:
+            a = v.scrub_at % v.n
+            m[a:a + self.scrub] = True
+            m[:max(0, a + self.scrub - v.n)] = True
+        return m
+
+    def _read(self, v: _VMView, pages: np.ndarray, file_pg: np.ndarray) -> np.ndarray:
+        """Content ids of guest pages ``pages`` (present): RAM-file pages read from the file
+        (``pread``: never allocates), others from QEMU's memory."""
+        pages = np.asarray(pages, np.int64)
+        out = np.empty(len(pages), np.int64)
+        via_file = file_pg[pages] & (v.ram_fd >= 0)
+        for sel, fd, base, what in ((via_file, v.ram_fd, 0, "RAM file"),
+                                    (~via_file, v.mem_fd, v.t.hva, "memory")):
+            idx = np.flatnonzero(sel)
+            if not len(idx):
+                continue
+            order = idx[np.argsort(pages[idx], kind="stable")]
+            h = oracle.hash_fd_pages(fd, base, pages[order], what=f"VM {v.t.name} {what}")
+            out[order] = self.index.intern(h)
+        return out
+
+    def _apply(self, key: np.ndarray, cid: np.ndarray, sign: int) -> None:
+        inn = key != -1
+        key, cid = key[inn], cid[inn]
+        if not len(key):
+            return
+        cls = _classes(self.index, cid)
+        self.g += sign * np.array([len(key), np.count_nonzero(cls & 1), np.count_nonzero(cls & 2)])
+        pf = key >= 0
+        if sign < 0:
+            self.frames.remove(key[pf])
+            self.slots.remove(-2 - key[~pf])
+            self.contents.remove(cid)
+        else:
+            self.frames.add(key[pf], cid[pf], cls[pf])
+            self.slots.add(-2 - key[~pf], cid[~pf], cls[~pf])
+            self.contents.add(cid, cid, cls)
+
+    def _result(self, t0: float, c0: float, n_read: int, n_scrub: int, untracked: int) -> Sample:
+        # store pages no page of G maps: frames paid for nothing
+        if self.store is not None:
+            s_idx = np.flatnonzero(self.store.resident)
+            only = s_idx[self.slots.get(s_idx) == 0]
+            oc = _classes(self.index, self.store.cid[only]) if len(only) else np.zeros(0, np.uint8)
+            so = np.array([len(only), np.count_nonzero(oc & 1), np.count_nonzero(oc & 2)])
+            store_pages = len(s_idx)
+        else:
+            so, store_pages = np.zeros(3, np.int64), 0
+        F = self.frames.live + self.slots.live + so
+        G, C = self.g, self.contents.live
+        figs = [Figures(int(G[k]), int(F[k]), int(C[k])) for k in range(3)]
+        a, nz, dk = figs[0], figs[1], figs[2] if self.has_disk else None
+        per_vm, credits = [], {}
+        for v in self.views:
+            inn = v.key != -1
+            pf = v.key >= 0
+            if self.want_credits:
+                # every key of G is in the ledger (its arrays cover it): index directly
+                n = np.concatenate([self.frames.refs[v.key[pf]], self.slots.refs[-2 - v.key[inn & ~pf]]])
+                shared = n[n > 1].astype(np.float64)
+                credits[v.t.name] = float(np.sum((shared - 1.0) / shared))
+            G_v = int(np.count_nonzero(inn))
+            backed = int(np.count_nonzero(inn & ~pf & ~v.present))
+            per_vm.append(VMPages(v.t.name, G_v, G_v - backed, backed))
+        zero = int(G[0] - G[1])
+        cpu = time.thread_time() - c0
+        self.cpu_s += cpu
+        return Sample(
+            t=t0, seconds=time.monotonic() - t0,
+            G=a.G, F=a.F, C=a.C, R=a.R, M=a.M, E=a.E,
+            G_nonzero=nz.G, F_nonzero=nz.F, C_nonzero=nz.C, R_nonzero=nz.R, M_nonzero=nz.M, E_nonzero=nz.E,
+            G_disk=dk.G if dk else None, F_disk=dk.F if dk else None, C_disk=dk.C if dk else None,
+            R_disk=dk.R if dk else None, M_disk=dk.M if dk else None, E_disk=dk.E if dk else None,
+            zero_pages=zero, store_pages=store_pages, store_only_pages=int(so[0]),
+            vms=tuple(per_vm), frames_read=n_read + n_scrub, cpu_seconds=cpu, credits=credits,
+            method="incremental" if self.incremental else "full", untracked_pages=untracked,
+            scrubbed=n_scrub, stale=self.stale,
+        )
+
+    # ------------------------------------------------------------ for tests
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(frame key, content hash) of every page of G now and of the store-only pages, as
+        :func:`figures` takes them: frames, hashes, store frames, store hashes."""
+        keys, cids = [], []
+        for v in self.views:
+            inn = v.key != -1
+            keys.append(v.key[inn])
+            cids.append(v.cid[inn])
+        k = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        c = np.concatenate(cids) if cids else np.zeros(0, np.int64)
+        # store keys as frames above every PFN (PFNs have 55 bits)
+        fr = np.where(k >= 0, k, (1 << 60) + (-2 - k)).astype(np.uint64)
+        if self.store is not None:
+            s_idx = np.flatnonzero(self.store.resident)
+            sf = ((1 << 60) + s_idx).astype(np.uint64)
+            sh = self.index.hashes[self.store.cid[s_idx]]
+        else:
+            sf, sh = np.zeros(0, np.uint64), np.zeros((0, 2), np.uint64)
+        return fr, self.index.hashes[c], sf, sh
+
+
+def _meter_main(fd: int) -> None:
+    """The meter process (``python3 -c``, see :class:`MeterProcess`): one :class:`Meter` per
+    domain, a sample of each on every request, over the connection at descriptor ``fd``."""
+    import signal
+    from multiprocessing.connection import Connection
+
+    _libc.prctl(1, signal.SIGKILL)  # prctl(PR_SET_PDEATHSIG): die with the harness
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the harness's to handle
+    conn = Connection(fd)
+    meters: dict[str, Meter] = {}
+    try:
+        domains, scrub, credits = conn.recv()
+        for dom, (targets, store) in domains.items():
+            meters[dom] = Meter(targets, store, scrub=scrub, credits=credits)
+        conn.send(("ready", {dom: m.untracked for dom, m in meters.items()}))
+        while (msg := conn.recv()) is not None:
+            if msg[0] == "drop":  # a domain no longer measured (say one of its QEMUs died)
+                m = meters.pop(msg[1], None)
+                if m is not None:
+                    m.close()
+                conn.send(("dropped", msg[1]))
+                continue
+            samples, errors = {}, {}
+            for dom, m in meters.items():
+                try:
+                    samples[dom] = m.sample()
+                except Exception as e:  # noqa: BLE001 - one domain's failure, said to the harness
+                    errors[dom] = f"{type(e).__name__}: {e}"
+            conn.send(("samples", (samples, errors, {dom: m.untracked for dom, m in meters.items()})))
+    except EOFError:
+        pass
+    except BaseException as e:  # noqa: BLE001 - sent to the harness
+        with contextlib.suppress(Exception):
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        for m in meters.values():
+            m.close()
+
+
+class MeterProcess:
+    """:class:`Meter` s of several domains in a process of their own: measuring then takes no
+    time from the harness's threads (no GIL shared with the sharing engine). ``sample()`` returns
+    one :class:`Sample` per domain; their ``cpu_seconds`` is the meter process's CPU. Close it
+    (or ``with``): the process ends (it also dies with the harness)."""
+
+    def __init__(self, domains: Mapping[str, tuple[Iterable[Any], str | os.PathLike | None]], *,
+                 scrub: int = 256, credits: bool = True, timeout_s: float = 600.0) -> None:
+        import socket
+        import sys
+        from multiprocessing.connection import Connection
+
+        _require_root()
+        spec = {dom: ([target(v) for v in vms], os.fspath(store) if store is not None else None)
+                for dom, (vms, store) in domains.items()}
+        mine, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parent.parent)  # this tree's harness, not another's
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.timeout_s = timeout_s
+        self._cpu_last = 0.0
+        self.errors: dict[str, str] = {}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", f"from harness.accounting import _meter_main; _meter_main({theirs.fileno()})"],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(mine.detach())
+        try:
+            self._conn.send((spec, scrub, credits))
+            self.untracked: dict[str, dict[str, str]] = self._reply("ready")
+        except BaseException:
+            self.close()
+            raise
+
+    def _reply(self, want: str) -> Any:
+        if not self._conn.poll(self.timeout_s):
+            raise HarnessError(f"the meter process did not answer in {self.timeout_s:.0f} s")
+        try:
+            kind, body = self._conn.recv()
+        except EOFError:
+            raise HarnessError(f"the meter process died (exit status {self.proc.poll()})") from None
+        if kind == "error":
+            raise HarnessError(f"measuring failed: {body}")
+        assert kind == want, kind
+        return body
+
+    def sample(self) -> dict[str, Sample]:
+        """One sample of each domain (:attr:`untracked` is updated with it). A domain that
+        could not be measured is left out and :attr:`errors` says why (a QEMU that died: the
+        caller decides, and may :meth:`drop` it)."""
+        self._conn.send(("sample",))
+        samples, self.errors, self.untracked = self._reply("samples")
+        return samples
+
+    def drop(self, domain: str) -> None:
+        """Stop measuring ``domain`` (its meter is closed)."""
+        self._conn.send(("drop", domain))
+        self._reply("dropped")
+
+    def cpu_s(self) -> float:
+        """CPU time of the meter process so far (user + system), whatever it spent it on."""
+        with contextlib.suppress(OSError, IndexError, ValueError):  # gone: its last reading
+            f = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            self._cpu_last = (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        return self._cpu_last
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):
+                self._conn.send(None)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._conn.close()
+
+    def __enter__(self) -> MeterProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def measure(
     vms: Iterable[Any],
     store: str | os.PathLike | None = None,
-    merged: Mapping[str, np.ndarray] | None = None,
     *,
     disk_set: np.ndarray | None | bool = True,
     pause: bool = False,
 ) -> Sample:
-    """Take one sample of the sharing domain made of ``vms``.
+    """One full-scan sample of the sharing domain made of ``vms`` (see :class:`Meter`).
 
-    ``vms``: running :class:`harness.vm.VM` objects (or :class:`Target`). ``store``: the content
-    store file of the domain, if any. ``merged``: per VM name, the merge agent's
-    ``merged_ranges()`` (``(m, 3)``: guest byte offset, store byte offset, pages). ``disk_set``:
-    True (default) derives it from the VMs' images, an array uses that set, None skips E_disk.
-    ``pause``: hold the VMs' vCPUs (QMP stop/cont) while sampling (VM objects only).
-
-    Each distinct frame is read once: from the store's contents if it is a store frame, else
-    through a read-only mapping of the VM's RAM file when the harness's mapping shows the very
-    frame QEMU maps (file backend), else from QEMU's memory (``process_vm_readv``). Do not run
-    merges of the same VMs concurrently with a sample (same thread is fine): a page punched
-    between the residency check and the read would be allocated again in the RAM file.
+    ``pause``: hold the VMs' vCPUs (QMP stop/cont) while sampling (VM objects only). Pages
+    mapped from the store are found in QEMU's mappings (``/proc/<pid>/maps``), never asked of
+    the merge agent.
     """
-    _require_root()
     vms = list(vms)
-    if merged and store is None:
-        raise HarnessError("merged ranges given without the content store they map")
-    targets = [target(v) for v in vms]
-    dset = domain_disk_set(targets) if disk_set is True else (disk_set if disk_set is not False else None)
-    t0 = time.monotonic()
-    c0 = time.process_time()
     with contextlib.ExitStack() as stack:
         if pause:
             for v in vms:  # VMs paused already stay paused afterwards
                 if not isinstance(v, Target) and v.qmp("query-status").get("running"):
                     v.qmp("stop")
                     stack.callback(v.qmp, "cont")
-        sv = read_store(store) if store is not None else None
-        s_idx = np.flatnonzero(sv.resident) if sv is not None else np.zeros(0, np.int64)
-        s_frames = sv.pfn[s_idx] if sv is not None else np.zeros(0, np.uint64)
-        s_hashes = sv.hashes[s_idx] if sv is not None else np.zeros((0, 2), np.uint64)
-
-        p_vm, p_idx, p_pfn, p_rank, per_vm, maps = [], [], [], [], [], {}
-        for i, t in enumerate(targets):
-            npages = t.ram_size // PAGE
-            present, pfn = decode_pagemap(read_pagemap(t.pid, t.hva, npages))
-            mg, ms = expand_ranges((merged or {}).get(t.name), npages)
-            pres_idx, sb_g, sb_s, _ = guest_page_set(
-                present, pfn, mg, ms,
-                sv.resident if sv is not None else None, sv.pfn if sv is not None else None,
-            )
-            rank = np.ones(len(pres_idx), dtype=np.int8)  # 1: read from QEMU's memory
-            if t.ram_file is not None and os.path.exists(t.ram_file):
-                m = stack.enter_context(MappedFile(t.ram_file, npages))
-                maps[i] = m
-                res = m.resident()[pres_idx] if m.npages == npages else np.zeros(len(pres_idx), bool)
-                rank[res] = 0  # 0: exists in the RAM file: maybe readable through the mapping
-            p_vm.append(np.full(len(pres_idx), i, dtype=np.int32))
-            p_idx.append(pres_idx)
-            p_pfn.append(pfn[pres_idx])
-            p_rank.append(rank)
-            if len(sb_s):
-                # store-backed pages: frame and content are the store page's
-                p_vm.append(np.full(len(sb_s), i, dtype=np.int32))
-                p_idx.append(-1 - sb_s)  # marks "store page" (never read from the VM)
-                p_pfn.append(sv.pfn[sb_s])
-                p_rank.append(np.full(len(sb_s), -1, dtype=np.int8))
-            per_vm.append(VMPages(t.name, len(pres_idx) + len(sb_s), len(pres_idx), len(sb_s)))
-
-        vm_of = np.concatenate(p_vm) if p_vm else np.zeros(0, np.int32)
-        page_of = np.concatenate(p_idx) if p_idx else np.zeros(0, np.int64)
-        frames = np.concatenate(p_pfn) if p_pfn else np.zeros(0, np.uint64)
-        rank = np.concatenate(p_rank) if p_rank else np.zeros(0, np.int8)
-        reps, inv = group_frames(frames, rank)
-        rep_hash = np.zeros((len(reps), 2), dtype=np.uint64)
-        todo = np.ones(len(reps), dtype=bool)
-        # frames of the store: content known
-        if len(s_frames):
-            order = np.argsort(s_frames)
-            sf = s_frames[order]
-            j = np.searchsorted(sf, frames[reps])
-            j[j == len(sf)] = 0
-            hit = sf[j] == frames[reps]
-            rep_hash[hit] = s_hashes[order[j[hit]]]
-            todo &= ~hit
-        read = int(np.count_nonzero(todo))
-        for i, t in enumerate(targets):
-            mine = np.flatnonzero(todo & (vm_of[reps] == i))
-            if not len(mine):
-                continue
-            pages = page_of[reps[mine]]
-            if i in maps:
-                via_map = rank[reps[mine]] == 0
-                sel = mine[via_map]
-                sel = sel[np.argsort(page_of[reps[sel]], kind="stable")]  # runs of pages
-                if len(sel):
-                    idx = page_of[reps[sel]]
-                    h = maps[i].hash(idx)
-                    own_present, own_pfn = maps[i].frames()
-                    same = own_present[idx] & (own_pfn[idx] == frames[reps[sel]])
-                    rep_hash[sel[same]] = h[same]
-                    todo[sel[same]] = False
-                mine = mine[todo[mine]]
-                pages = page_of[reps[mine]]
-            if len(mine):
-                order = np.argsort(pages)
-                rep_hash[mine[order]] = oracle.hash_process_pages(
-                    t.pid, t.hva, pages[order], what=f"VM {t.name} memory"
-                )
-                todo[mine] = False
-        hashes = rep_hash[inv]
-    fig = figures(frames, hashes, s_frames, s_hashes, dset)
-    a, nz, dk = fig["all"], fig["nonzero"], fig["disk"]
-    assert a is not None and nz is not None
-    store_only = int(np.count_nonzero(~member(s_frames, frames)))
-    return Sample(
-        t=t0, seconds=time.monotonic() - t0,
-        G=a.G, F=a.F, C=a.C, R=a.R, M=a.M, E=a.E,
-        G_nonzero=nz.G, F_nonzero=nz.F, C_nonzero=nz.C, R_nonzero=nz.R, M_nonzero=nz.M,
-        E_nonzero=nz.E,
-        G_disk=dk.G if dk else None, F_disk=dk.F if dk else None, C_disk=dk.C if dk else None,
-        R_disk=dk.R if dk else None, M_disk=dk.M if dk else None, E_disk=dk.E if dk else None,
-        zero_pages=int(np.count_nonzero(oracle.is_zero_hash(hashes))),
-        store_pages=len(s_frames), store_only_pages=store_only,
-        vms=tuple(per_vm), frames_read=read, cpu_seconds=time.process_time() - c0,
-        credits=credits_from_frames(frames, vm_of, [t.name for t in targets]),
-    )
+        meter = stack.enter_context(Meter(vms, store, disk_set=disk_set, incremental=False))
+        return meter.sample()
 
 
 def format_sample(s: Sample) -> str:
@@ -675,5 +1197,5 @@ def format_sample(s: Sample) -> str:
     return (
         f"G={s.G} F={s.F} C={s.C} R={s.R} M={s.M} E={e(s.E)} E_nonzero={e(s.E_nonzero)} "
         f"E_disk={e(s.E_disk)} (G_disk={s.G_disk} M_disk={s.M_disk}) store={s.store_pages} "
-        f"[{s.seconds * 1000:.0f} ms, cpu {s.cpu_seconds * 1000:.0f} ms]"
+        f"[{s.method}, {s.seconds * 1000:.0f} ms, cpu {s.cpu_seconds * 1000:.0f} ms, read {s.frames_read}]"
     )

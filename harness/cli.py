@@ -303,14 +303,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for dom, st in shares.items():
             names = [n for n in st["vms"] if any(s["name"] == n for s in states)]
             targets = [accounting.target_from_state(s) for s in states if s["name"] in names]
-            merged = {}
-            for s in states:
-                if s["name"] in names and s.get("agent"):
-                    from harness.sharing.agent import AgentClient
-
-                    with contextlib.suppress(Exception), AgentClient(s["agent"], connect_timeout=1) as ag:
-                        merged[s["name"]] = ag.merged_ranges()
-            sample = accounting.measure(targets, store=st.get("store_path"), merged=merged) if targets else None
+            # what the kernel says (pagemap, QEMU's mappings of the store, the store's pages):
+            # no agent is asked, so none can be missed or believed
+            sample = accounting.measure(targets, store=st.get("store_path")) if targets else None
             d = sample.as_dict() if sample else {}
             out["domains"][dom] = {k: d.get(k) for k in ("G", "F", "C", "E", "E_disk")} | {
                 "store_pages": st.get("store_pages")}

@@ -6,9 +6,10 @@ KSM scans and with which settings, whether the sharing engine runs. A mode this 
 (``Mode.unavailable()``: no KSM, a kernel without the advisor) is skipped and the reason recorded.
 
 Repetitions are interleaved: repetition r runs the modes rotated by r, so drift of the machine
-hits every mode alike. While a mode runs, one background thread steps the sharing engines and,
-every ``sample_interval_s``, takes a sample (accounting + oracle) and updates the surplus
-manager: one thread, so a sample never races a merge. Workloads run in the main thread over SSH.
+hits every mode alike. While a mode runs, one thread steps the sharing engines and another, every
+``sample_interval_s``, takes a sample (incremental accounting + oracle, :class:`_Loop`) and
+updates the surplus manager: measuring never delays a hint. Workloads run in the main thread
+over SSH.
 
 Results are written after every mode (``results.json``), so a run stopped by Ctrl-C keeps what
 was measured; every QEMU process, socket, store and /dev/shm file is removed on the way out.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -59,13 +61,29 @@ class ModeRun:
     entitlements_mb: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-class _Loop(threading.Thread):
-    """Steps the engines; samples and moves balloons every interval. One thread: no races."""
+class _Loop:
+    """The engine thread and the sampler thread of one mode.
+
+    The engine thread steps the sharing engines and, every interval, reads their stats (it alone
+    talks to the merge agents). The sampler thread, every interval, has each domain measured by an
+    incremental :class:`harness.accounting.Meter` in a process of its own
+    (:class:`harness.accounting.MeterProcess`: measuring never holds the GIL the engine thread
+    needs), reads KSM's counters, updates the surplus manager and appends a sample row:
+
+    - the figures of each domain (``G``, ``F``, ``C``, ``R``, ``M``, ``E``, ...), prefixed by the
+      domain's name when there are several;
+    - ``cpu``: cumulative CPU seconds since the mode started: ``engine_s`` (the engine thread's
+      stepping), ``agent_s`` (the merge agents' threads, from their STATS), ``ksmd_s``,
+      ``oracle_s`` (the meter process's: never charged to a mode); a part that cannot be read
+      is None and ``cpu["error"]`` says why (never a silent substitute);
+    - ``oracle``: what this sample cost (``cpu_ms``, ``hashed`` pages, ``untracked_pages``,
+      cumulative ``stale``, ``method``).
+    """
 
     def __init__(self, vms: list[VM], engines: dict[str, SharingEngine], domains: dict[str, list[str]],
                  interval: float, surplus: SurplusManager | None, t_start: float,
-                 ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None], budget_pages: int = 0) -> None:
-        super().__init__(daemon=True, name="satori-loop")
+                 ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None], budget_pages: int = 0, *,
+                 scrub: int = 256) -> None:
         self.vms = {v.name: v for v in vms}
         self.engines = engines
         self.domains = domains
@@ -76,49 +94,132 @@ class _Loop(threading.Thread):
         self.log = log
         self.budget_pages = budget_pages  # the host's promise: the sum of the entitlements
         self.guard = _Guard(vms, surplus, [e.store_path for e in engines.values()])
+        self.scrub = scrub
         self.samples: list[dict[str, Any]] = []
         self.stop_evt = threading.Event()
-        self.error: BaseException | None = None
-        self.engine_cpu = 0.0
-        self.sample_cpu = 0.0
+        self.errors: list[BaseException] = []
+        self.engine_cpu = 0.0  # engine thread: stepping (hints, merges, break checks)
+        self.stats_cpu = 0.0  # engine thread: reading the engines' and agents' stats
+        self.sample_cpu = 0.0  # sampler thread: everything it does but measuring
+        self.oracle_cpu = 0.0  # the meter process (accounting + oracle): all its CPU so far
         self.idle = threading.Event()
+        self.stepped = threading.Event()  # the engines took their first step
+        self.first_sample = threading.Event()  # the first sample row is there (or the loop failed)
+        self._stats: dict[str, dict[str, Any]] = {}  # latest engine stats per domain
+        self._stats_lock = threading.Lock()
+        self._ksm0 = ksm_ctl.sample().ksmd_cpu_s if ksm_ctl is not None else None
+        self._threads = [threading.Thread(target=self._engine_main, daemon=True, name="satori-engine"),
+                         threading.Thread(target=self._sampler_main, daemon=True, name="satori-sampler")]
 
-    def run(self) -> None:
+    @property
+    def error(self) -> BaseException | None:
+        return self.errors[0] if self.errors else None
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+
+    # ------------------------------------------------------------ engine thread
+    def _publish_stats(self) -> None:
+        c0 = time.thread_time()
+        stats = {dom: e.stats() for dom, e in self.engines.items()}
+        with self._stats_lock:
+            self._stats = stats
+        self.stats_cpu += time.thread_time() - c0
+
+    def _engine_main(self) -> None:
         try:
-            next_sample = time.monotonic()
+            next_stats = time.monotonic()
             idle = IdlePoll(0.02, 0.1)
             while not self.stop_evt.is_set():
                 c0 = time.thread_time()
                 taken = sum(e.step() for e in self.engines.values())
                 self.engine_cpu += time.thread_time() - c0
+                self.stepped.set()
                 if taken == 0:
                     self.idle.set()
                 else:
                     self.idle.clear()
-                if time.monotonic() >= next_sample:
-                    next_sample += self.interval
-                    c0 = time.thread_time()
-                    self.sample()
-                    self.sample_cpu += time.thread_time() - c0
+                if self.engines and time.monotonic() >= next_stats:
+                    next_stats = time.monotonic() + self.interval
+                    self._publish_stats()
                 idle.wait(taken)  # 20 ms while hints flow, backing off to 100 ms when quiet
+            c0 = time.thread_time()
             for e in self.engines.values():
                 e.flush_all()
+            self.engine_cpu += time.thread_time() - c0
+            if self.engines:
+                self._publish_stats()
         except BaseException as e:  # noqa: BLE001 - reported by the runner
-            self.error = e
+            self.errors.append(e)
             self.idle.set()
+            self.stepped.set()
+            self.stop_evt.set()
 
-    def sample(self) -> None:
+    def engine_stats(self) -> dict[str, dict[str, Any]]:
+        """The latest stats of every engine (as the engine thread last read them)."""
+        with self._stats_lock:
+            return dict(self._stats)
+
+    # ------------------------------------------------------------ sampler thread
+    def _sampler_main(self) -> None:
+        meters: accounting.MeterProcess | None = None
+        try:
+            # merge agents that write-protect guest RAM themselves (pause-free merging) register
+            # it at the engine's first step: let them, the oracle must not take it from them (a
+            # mapping has one userfaultfd; the oracle then re-reads those pages every sample)
+            if self.engines:
+                self.stepped.wait(60)
+            # the meters run in a process of their own: no GIL shared with the engine thread
+            meters = accounting.MeterProcess(
+                {dom: ([self.vms[n] for n in names], self.engines[dom].store_path if dom in self.engines else None)
+                 for dom, names in self.domains.items()}, scrub=self.scrub, credits=self.surplus is not None)
+            told: set[str] = set()
+            next_sample = time.monotonic()
+            while not self.stop_evt.wait(max(0.0, next_sample - time.monotonic())):
+                next_sample = max(next_sample + self.interval, time.monotonic())
+                c0 = time.thread_time()
+                samples = meters.sample()
+                if meters.errors:
+                    raise HarnessError("measuring failed: " + "; ".join(
+                        f"domain {dom}: {why}" for dom, why in meters.errors.items()))
+                for unt in meters.untracked.values():
+                    for name, why in unt.items():
+                        if name not in told:
+                            told.add(name)
+                            self.log(f"VM {name}: the oracle cannot track writes and re-reads pages at "
+                                     f"every sample ({why}); see oracle.untracked_pages in the samples")
+                self.oracle_cpu = meters.cpu_s()
+                self.sample(samples)
+                self.sample_cpu += time.thread_time() - c0
+                self.first_sample.set()
+        except BaseException as e:  # noqa: BLE001 - reported by the runner
+            self.errors.append(e)
+            self.stop_evt.set()
+        finally:
+            self.first_sample.set()
+            if meters is not None:
+                meters.close()
+
+    def sample(self, samples: dict[str, accounting.Sample]) -> None:
+        """One sample row from one sample of each domain."""
         t = round(time.monotonic() - self.t_start, 3)
         row: dict[str, Any] = {"t": t}
         saving = 0
         credits: dict[str, float] = {}
-        all_merged: dict[str, Any] = {}
-        for dom, names in self.domains.items():
-            eng = self.engines.get(dom)
-            merged = eng.merged_ranges() if eng else None
-            all_merged.update(merged or {})
-            s = accounting.measure([self.vms[n] for n in names], store=eng.store_path if eng else None,
-                                   merged=merged)
+        oracle = {"cpu_ms": 0.0, "hashed": 0, "untracked_pages": 0, "stale": 0, "method": "incremental"}
+        for dom, s in samples.items():
+            oracle["cpu_ms"] += s.cpu_seconds * 1000
+            oracle["hashed"] += s.frames_read
+            oracle["untracked_pages"] += s.untracked_pages
+            oracle["stale"] += s.stale
+            if s.method != "incremental" or s.untracked_pages:
+                oracle["method"] = s.method if s.method != "incremental" else "incremental, partly untracked"
             d = s.as_dict()
             pre = "" if len(self.domains) == 1 else f"{dom}."
             for k in ("G", "F", "C", "R", "M", "E", "E_nonzero", "E_disk", "R_disk", "M_disk",
@@ -134,21 +235,66 @@ class _Loop(threading.Thread):
             row["E"] = (row["R"] / row["M"]) if row.get("M") else None
         # the host memory the guests use against the budget (the guard's reading now, with the
         # pages filled and broken since the last sample), and the balloons' actual sizes
-        self.guard.merged = all_merged
+        self.guard.merged = self._store_mappings()
         row["host"] = self.guard.reading().as_dict(self.budget_pages)
         if self.surplus is not None:
             self.surplus.update(saving, credits)
             row.update(self.surplus.snapshot())
             row["balloon_actual_mb"] = {n: int(vm.qmp("query-balloon")["actual"]) / (1 << 20)
                                         for n, vm in self.vms.items()}
+        cpu: dict[str, Any] = {"engine_s": round(self.engine_cpu, 3), "agent_s": None, "ksmd_s": None,
+                               "oracle_s": round(self.oracle_cpu, 3)}
+        errors = []
         if self.ksm_ctl is not None:
             k = self.ksm_ctl.sample()
             row["ksm_pages_sharing"] = k.pages_sharing
             row["ksmd_cpu_s"] = round(k.ksmd_cpu_s, 3)
-        for dom, eng in self.engines.items():
-            st = eng.stats()
-            row[("" if len(self.engines) == 1 else f"{dom}.") + "merged_total"] = st["merged_total"]
+            cpu["ksmd_s"] = round(k.ksmd_cpu_s - (self._ksm0 or 0.0), 3)
+        else:
+            cpu["ksmd_s"] = 0.0  # ksmd does not run in this mode
+        stats = self.engine_stats()
+        if self.engines:
+            agent_ns = 0
+            for dom, st in stats.items():
+                row[("" if len(self.engines) == 1 else f"{dom}.") + "merged_total"] = st["merged_total"]
+                for name, v in st["vms"].items():
+                    if v.get("agent_cpu_ns") is None:
+                        errors.append(f"VM {name}: {v.get('agent_error') or 'agent CPU unknown'}")
+                    else:
+                        agent_ns += int(v["agent_cpu_ns"])
+            if not stats:
+                errors.append("no engine stats yet")
+            elif not any(e.startswith("VM ") for e in errors):
+                cpu["agent_s"] = round(agent_ns / 1e9, 3)
+        else:
+            cpu["agent_s"] = 0.0  # no merge agent in this mode
+        if errors:
+            cpu["error"] = "; ".join(errors)
+        row["cpu"] = cpu
+        oracle["cpu_ms"] = round(oracle["cpu_ms"], 2)
+        row["oracle"] = oracle
         self.samples.append(row)
+
+    def _store_mappings(self) -> dict[str, Any]:
+        """Per VM of a domain with a content store: where its QEMU maps the store, as
+        ``(guest offset, store offset, pages)`` ranges, read from ``/proc/<pid>/maps`` (the
+        kernel's word; the merge agents' LIST is what is being measured)."""
+        out: dict[str, Any] = {}
+        for dom, eng in self.engines.items():
+            try:
+                fd = os.open(eng.store_path, os.O_RDONLY)
+            except (OSError, TypeError):
+                continue  # no store (yet): nothing maps it
+            try:
+                fid = accounting.file_id(fd)
+            finally:
+                os.close(fd)
+            for n in self.domains.get(dom, []):
+                if n not in self.vms:
+                    continue
+                t = accounting.target(self.vms[n])
+                out[n] = accounting.store_ranges(t.pid, t.hva, t.ram_size, fid)
+        return out
 
     def settle(self, quiet_s: float = 0.5, timeout_s: float = 30.0) -> None:
         """Wait until the engines saw no new hint for ``quiet_s`` (no-op without engines)."""
@@ -290,6 +436,7 @@ class Runner:
             loop.start()  # stopped and joined in the finally below
             loop.guard.start()
             try:
+                loop.first_sample.wait(120)  # the workloads start from a measured baseline
                 for i, w in enumerate(cfg.workloads):
                     wl = make(w.name, w.params.model_dump() if hasattr(w.params, "model_dump") else dict(w.params or {}),
                               seed=cfg.seed + rep)
@@ -319,9 +466,12 @@ class Runner:
                 ksm_delta = ksm_ctl.sample().since(ksm0) if ksm_ctl and ksm0 else None
                 merged_pages = sum(s["merged_total"] for s in (eng_stats or {}).values())
                 vm_stats = [v for s in (eng_stats or {}).values() for v in s["vms"].values()]
-                # the agents' thread CPU (every request: merges and the engine's LISTs); their
-                # merge time alone where an agent could not say
-                agent_s = sum(v.get("agent_cpu_ns") or v["agent_ns"] for v in vm_stats) / 1e9
+                # the agents' thread CPU (every request: merges and the engine's LISTs); unknown
+                # (None, with the reason) if any agent could not say: never a substitute
+                agent_errors = [f"VM {n}: {v.get('agent_error') or 'agent CPU unknown'}"
+                                for s in (eng_stats or {}).values() for n, v in s["vms"].items()
+                                if v.get("agent_cpu_ns") is None]
+                agent_s = None if agent_errors else sum(v["agent_cpu_ns"] for v in vm_stats) / 1e9
                 agent_merge_s = sum(v["agent_ns"] for v in vm_stats) / 1e9
                 ksm_pages = max((s.get("ksm_pages_sharing", 0) for s in loop.samples), default=0)
                 cpu = {
@@ -329,11 +479,14 @@ class Runner:
                     "engine_s": round(loop.engine_cpu, 3),
                     "sampling_s": round(loop.sample_cpu, 3),
                     "guard_s": round(loop.guard.cpu_s, 3),
-                    "agent_s": round(agent_s, 3),
+                    "oracle_s": round(loop.oracle_cpu, 3),
+                    "agent_s": round(agent_s, 3) if agent_s is not None else None,
                     "agent_merge_s": round(agent_merge_s, 3),
                     "ksmd_s": round(ksm_delta["ksmd_cpu_s"], 3) if ksm_delta else 0.0,
                     "wall_s": round(time.monotonic() - t_start, 3),
                 }
+                if agent_errors:
+                    cpu["error"] = "; ".join(agent_errors)
                 starts = [t for t, label in ctx.events if "start" in label or "read" in label or "warm" in label]
                 run = ModeRun(
                     mode=mode, rep=rep, samples=loop.samples, workloads=results, events=ctx.events,
@@ -446,7 +599,8 @@ def _rep_figures(r: ModeRun) -> dict[str, Any]:
         for v in st["vms"].values():
             drops += v["dropped"]
             rejects += v["rejected"] + v["changed"]
-    cpu_s = r.cpu["engine_s"] + r.cpu["agent_s"] + r.cpu["ksmd_s"]
+    parts = (r.cpu["engine_s"], r.cpu["agent_s"], r.cpu["ksmd_s"])
+    cpu_s = None if None in parts else sum(parts)  # a part unknown: the total is unknown
     agent_pages = sum(v["merged_total"] + v["mismatched"] for st in (r.engine or {}).values()
                       for v in st["vms"].values())
     bud = budget.run_figures(s, r.events, r.entitlements_mb, r.surplus)
@@ -463,10 +617,10 @@ def _rep_figures(r: ModeRun) -> dict[str, Any]:
         "opportunity_captured": report.opportunity_captured(s, t0=r.t0) if s else None,
         # the same over disk pages only: what reads can reveal (satori's target)
         "opportunity_disk": report.opportunity_captured(s, r_key="R_disk", m_key="M_disk", t0=r.t0) if s else None,
-        "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages else None,
-        "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2) if r.cpu["wall_s"] else None,
-        "agent_us_per_page": (r.cpu.get("agent_merge_s", r.cpu["agent_s"]) * 1e6 / agent_pages)
-        if agent_pages else None,
+        "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages and cpu_s is not None else None,
+        "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2)
+        if r.cpu["wall_s"] and cpu_s is not None else None,
+        "agent_us_per_page": (r.cpu["agent_merge_s"] * 1e6 / agent_pages) if agent_pages else None,
         "workload_time_s": wt,
         "hint_drops": drops,
         "hint_rejects": rejects,

@@ -15,11 +15,82 @@ sets of contents are sorted and compared with numpy. All-zero pages all hash to
 - :func:`disk_block_set` is the set of contents of every 4 KiB-aligned data block of a disk
   image (holes skipped with ``SEEK_DATA``/``SEEK_HOLE``; the all-zero block left out, so that
   E_disk never counts zero pages), cached in ``<cache>/diskhash/<key>.npy``.
+- :class:`ContentIndex` gives each distinct content a small integer id (and says whether it is
+  the zero page and whether it is a disk block), so that the incremental accounting counts
+  contents with arrays instead of re-sorting every hash at every sample.
+- :class:`WriteTracker` tells which pages of a QEMU's guest RAM were written since its last
+  look, so that the oracle re-hashes only those (see "Write tracking" below).
+
+Write tracking
+--------------
+Re-hashing all guest memory at every sample cost a third of a core for 2 x 512 MB at 1 s.
+Only pages written since the last sample can hold new contents, so the accounting keeps a
+(frame, content) pair per guest page and re-hashes a page only when the kernel says it may have
+changed. The kernel tells it in two ways:
+
+- its frame changed (pagemap PFN): a copy-on-write break, a KSM merge, a merge agent remap,
+  compaction or migration, a page freed and faulted in again elsewhere. Reading every pagemap
+  entry at every sample was the largest fixed cost left, so the accounting reads only the
+  entries of pages written, new, in untracked mappings or in the re-check slice, and all of
+  them whenever the host's counters of page moves (``/proc/vmstat``: migrations, swap, huge
+  page splits and collapses) moved since the last sample: a KSM merge or a copy-on-write break
+  rewrites the page table entry (so the page shows as written), only those move a page to
+  another frame without that (a huge page split maps its zero-filled parts to the shared zero
+  page: under KSM, which splits huge pages to merge them, a test saw 4 such frames missed
+  before the split counter was added);
+- it was written in place: asynchronous userfaultfd write-protect (``UFFD_FEATURE_WP_ASYNC``,
+  Linux >= 6.7). Each sample's ``PAGEMAP_SCAN`` ioctl on ``/proc/<qemu>/pagemap`` returns the
+  present pages written since the previous scan and write-protects them again, atomically; the
+  next write to such a page takes a minor fault that the kernel resolves by itself (the writer
+  never waits for the harness). Writes the kernel makes on QEMU's behalf (``preadv`` of the disk
+  image into guest RAM) fault the same way. A userfaultfd acts on the address space that
+  created it: ``wptrack.c``, preloaded into every QEMU, creates one and leaves it open at
+  :data:`TRACK_FD`; the harness takes a copy with ``pidfd_getfd`` and does the rest from outside.
+
+Soft-dirty bits (``clear_refs`` + pagemap bit 55) are not used: the host kernel this harness
+runs on is built without them (``CONFIG_MEM_SOFT_DIRTY`` unset), and they cannot be read and
+cleared atomically (a write between reading pagemap and writing ``clear_refs`` is lost).
+
+What the tracker cannot see, and why the figures do not depend on it:
+
+- a mapping created after the last scan (the merge agent's ``MAP_FIXED`` remaps, an unmerge)
+  is not registered: ``PAGEMAP_SCAN`` reports it as not write-protectable, the accounting
+  re-hashes every present page in it and registers it for the next sample;
+- a mapping another userfaultfd holds (``EBUSY``) stays untracked: re-hashed every sample and
+  counted (``untracked_pages``);
+- a page dropped and faulted in again by a *read* between two samples (a balloon inflated
+  and deflated, then read before written) comes back holding zeros without a write, most often
+  on the very same frame (the allocator hands the freed frame back: measured here, 39 of 40):
+  same PFN, no write, old content cached. The guest writes such a page before it uses it, which
+  re-hashes it; and a background re-check (``scrub``) re-reads a slice of the cached pages and
+  their pagemap entries at every sample and counts any page whose content or frame changed
+  behind the tracker's back and was not written since (``stale``; a test makes such changes on
+  purpose and sees them counted);
+- writes into guest RAM that bypass QEMU's page tables: another process writing the RAM file
+  (nothing does in this harness), or a DMA still in flight from a pin taken before the scan
+  (``O_DIRECT``/``aio=native`` drives; the harness uses ``cache=writeback``, whose reads are
+  plain ``preadv`` copies). The scrub would count those too.
+
+Without a tracker (no ``wptrack`` in QEMU, a kernel without ``WP_ASYNC``, ``measure()`` and
+``satori status``) the accounting re-hashes every present page: the full scan the incremental
+oracle is tested against (on processes standing in for QEMU and on real guests, with merges,
+copy-on-write breaks and KSM: every figure equal).
+
+A content store page is written once by the engine and never rewritten (freed slots are
+punched, not reused), so it is hashed when first seen, and once more at the next sample in case
+the first read caught the engine still writing it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import dataclasses
+import errno
+import functools
 import os
+import socket
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +100,7 @@ from harness.errors import HarnessError
 from harness.paths import cache_dir
 
 PAGE = 4096
-CHUNK_PAGES = 8192  # 32 MiB read buffer
+CHUNK_PAGES = 1024  # 4 MiB read buffer: hashing one chunk holds the GIL ~0.5 ms
 
 
 def _digests_to_array(digests: bytes) -> np.ndarray:
@@ -75,49 +146,68 @@ def runs(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx[starts], ends - starts
 
 
-_buf: np.ndarray | None = None
+_local = threading.local()
 
 
 def _buffer() -> np.ndarray:
-    """One read buffer for the process, kept: faulting in 32 MiB anew on every call costs."""
-    global _buf
-    if _buf is None:
-        _buf = np.empty(CHUNK_PAGES * PAGE, dtype=np.uint8)
-        _buf[::PAGE] = 0
-    return _buf
+    """One read buffer per thread, kept: faulting in 4 MiB anew on every call costs."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = np.empty(CHUNK_PAGES * PAGE, dtype=np.uint8)
+        buf[::PAGE] = 0
+    return buf
 
 
-def _chunks(idx: np.ndarray):
-    """Split sorted page indices into chunks of <= CHUNK_PAGES pages: (slice, run starts, lengths)."""
-    for c in range(0, len(idx), CHUNK_PAGES):
-        part = idx[c : c + CHUNK_PAGES]
-        yield c, len(part), *runs(part)
+@functools.cache
+def _reader() -> ctypes.CDLL:
+    """``pageread.c``, built on first use."""
+    from harness.sharing.agent import build_library, library_path
+
+    src = Path(__file__).with_name("pageread.c")
+    lib = ctypes.CDLL(str(build_library(src, library_path(src, "pageread", "satori_pageread.so"),
+                                        "the oracle's page reader")), use_errno=True)
+    lib.satori_read_pages.argtypes = [ctypes.c_int, np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS"),
+                                      ctypes.c_size_t, ctypes.c_void_p]
+    lib.satori_read_pages.restype = ctypes.c_long
+    u64p = np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")
+    lib.satori_read_spans.argtypes = [ctypes.c_int, u64p, u64p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.satori_read_spans.restype = ctypes.c_long
+    return lib
+
+
+def read_entries(fd: int, base: int, idx: np.ndarray, what: str = "pagemap") -> np.ndarray:
+    """64-bit entries ``idx`` (sorted page indices) of a pagemap file opened at ``fd``, for the
+    range starting at virtual address ``base``: one ``pread`` per run of consecutive pages."""
+    idx = np.asarray(idx, np.int64)
+    out = np.empty(len(idx), np.uint64)
+    if not len(idx):
+        return out
+    starts, lengths = runs(idx)
+    offs = np.ascontiguousarray(((base // PAGE + starts) * 8).astype(np.uint64))
+    lens = np.ascontiguousarray((lengths * 8).astype(np.uint64))
+    got = _reader().satori_read_spans(fd, offs, lens, len(offs), out.ctypes.data)
+    if got != len(offs):
+        raise HarnessError(f"reading {what} at page {int(offs[got]) // 8}: {os.strerror(ctypes.get_errno())}")
+    return out
 
 
 def hash_fd_pages(fd: int, base: int, idx: np.ndarray, what: str = "memory") -> np.ndarray:
     """Hash pages ``idx`` (sorted, unique page indices) at byte ``base + idx * 4096`` of ``fd``.
 
-    Consecutive pages are read in one ``preadv`` (up to 32 MiB at a time). Returns ``(len(idx), 2)``.
+    The pages are read in C (``pageread.c``: one ``pread`` per run of consecutive pages, the GIL
+    released), up to 4 MiB at a time, then hashed. Returns ``(len(idx), 2)``.
     """
     idx = np.asarray(idx, dtype=np.int64)
     out = np.empty((len(idx), 2), dtype=np.uint64)
     buf = _buffer()
-    for pos, n, starts, lengths in _chunks(idx):
-        view = memoryview(buf)
-        at = 0
-        for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-            off, want = base + start * PAGE, length * PAGE
-            got = 0
-            while got < want:
-                try:
-                    r = os.preadv(fd, [view[at + got : at + want]], off + got)
-                except OSError as e:
-                    raise HarnessError(f"reading {what} at {off + got:#x}: {e}") from None
-                if r <= 0:
-                    raise HarnessError(f"reading {what} at {off + got:#x}: short read")
-                got += r
-            at += want
-        out[pos : pos + n] = hash_pages(buf[: n * PAGE])
+    lib = _reader()
+    for pos in range(0, len(idx), CHUNK_PAGES):
+        part = idx[pos : pos + CHUNK_PAGES]
+        offs = np.ascontiguousarray(part.astype(np.uint64) * np.uint64(PAGE) + np.uint64(base))
+        got = lib.satori_read_pages(fd, offs, len(part), buf.ctypes.data)
+        if got != len(part):
+            raise HarnessError(f"reading {what} at {int(offs[got]):#x}: {os.strerror(ctypes.get_errno())}")
+        out[pos : pos + len(part)] = hash_pages(buf[: len(part) * PAGE])
     return out
 
 
@@ -270,3 +360,344 @@ def disk_block_set(path: Path, key: str | None = None) -> np.ndarray:
 def image_disk_set(image) -> np.ndarray:
     """The disk block set of a :class:`harness.image.Image` (its base ``rootfs.raw``)."""
     return disk_block_set(image.rootfs, image.recipe_hash)
+
+
+# ============================================================================ content ids
+
+
+class ContentIndex:
+    """Distinct contents seen so far, each given a small integer id (its row in :attr:`hashes`).
+
+    Ids are never reused (until :meth:`compact`). ``zero[id]`` says whether the content is the
+    all-zero page and ``disk[id]`` whether it is a block of ``disk_set`` (None: no disk set, all
+    False). Lookups are vectorised: known contents are kept sorted by the high half of their
+    hash, in a large array and a small one that takes the new contents and is merged into the
+    large one now and then (so adding a few contents never copies them all); a 64-bit collision
+    between two contents only sends that batch through a slower exact path.
+    """
+
+    DELTA = 65_536  # new contents kept apart before they are merged into the large array
+
+    def __init__(self, disk_set: np.ndarray | None = None) -> None:
+        self.disk_set = disk_set
+        self._n = 0
+        self._hashes = np.zeros((1024, 2), np.uint64)
+        self._zero = np.zeros(1024, bool)
+        self._disk = np.zeros(1024, bool)
+        self._sorted = (np.zeros(0, np.uint64), np.zeros(0, np.int64))  # high halves, ids
+        self._delta = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def hashes(self) -> np.ndarray:
+        return self._hashes[: self._n]
+
+    @property
+    def zero(self) -> np.ndarray:
+        return self._zero[: self._n]
+
+    @property
+    def disk(self) -> np.ndarray:
+        return self._disk[: self._n]
+
+    def _find_in(self, part: tuple[np.ndarray, np.ndarray], h: np.ndarray, out: np.ndarray) -> None:
+        hi_s, id_s = part
+        if not len(hi_s):
+            return
+        todo = np.flatnonzero(out < 0)
+        q = h[todo]
+        left = np.searchsorted(hi_s, q[:, 0], side="left")
+        right = np.searchsorted(hi_s, q[:, 0], side="right")
+        cand = id_s[np.minimum(left, len(id_s) - 1)]
+        hit = (right - left == 1) & (self._hashes[cand, 1] == q[:, 1])
+        out[todo[hit]] = cand[hit]
+        for k in np.flatnonzero(right - left > 1):  # the same high half twice: compare in full
+            ids = id_s[left[k]:right[k]]
+            m = ids[self._hashes[ids, 1] == q[k, 1]]
+            if len(m):
+                out[todo[k]] = m[0]
+
+    def _find(self, h: np.ndarray) -> np.ndarray:
+        """Ids of distinct hashes ``h`` (m, 2), -1 where unknown."""
+        out = np.full(len(h), -1, np.int64)
+        self._find_in(self._sorted, h, out)
+        self._find_in(self._delta, h, out)
+        return out
+
+    def _append(self, nh: np.ndarray) -> np.ndarray:
+        """Store new contents; returns their ids."""
+        first, n = self._n, len(nh)
+        if first + n > len(self._hashes):
+            cap = max(first + n, 2 * len(self._hashes))
+            for name in ("_hashes", "_zero", "_disk"):
+                old = getattr(self, name)
+                new = np.zeros((cap, *old.shape[1:]), old.dtype)
+                new[:first] = old[:first]
+                setattr(self, name, new)
+        self._hashes[first:first + n] = nh
+        self._zero[first:first + n] = is_zero_hash(nh)
+        self._disk[first:first + n] = in_set(nh, self.disk_set) if self.disk_set is not None else False
+        self._n += n
+        return np.arange(first, first + n, dtype=np.int64)
+
+    @staticmethod
+    def _merge(part: tuple[np.ndarray, np.ndarray], hi: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(hi, kind="stable")
+        at = np.searchsorted(part[0], hi[order])
+        return np.insert(part[0], at, hi[order]), np.insert(part[1], at, ids[order])
+
+    def intern(self, hashes: np.ndarray) -> np.ndarray:
+        """Ids of ``(n, 2)`` hashes (new contents get new ids)."""
+        hashes = np.asarray(hashes, dtype=np.uint64).reshape(-1, 2)
+        if not len(hashes):
+            return np.zeros(0, np.int64)
+        reps, gid = content_groups(hashes)  # each distinct content of the batch looked up once
+        h = hashes[reps]
+        ids = self._find(h)
+        new = np.flatnonzero(ids < 0)
+        if len(new):
+            ids[new] = self._append(h[new])
+            self._delta = self._merge(self._delta, h[new, 0], ids[new])
+            if len(self._delta[0]) > self.DELTA:
+                self._sorted = self._merge(self._sorted, *self._delta)
+                self._delta = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        return ids[gid]
+
+    def compact(self, keep: np.ndarray) -> np.ndarray:
+        """Forget every content but ids ``keep``; they are renumbered 0.. in order. Returns the
+        old id -> new id map (-1 for forgotten ids): the caller renumbers what it holds."""
+        keep = np.unique(np.asarray(keep, np.int64))
+        remap = np.full(self._n, -1, np.int64)
+        remap[keep] = np.arange(len(keep))
+        self._hashes, self._zero, self._disk = self.hashes[keep], self.zero[keep], self.disk[keep]
+        self._n = len(keep)
+        order = np.argsort(self._hashes[:, 0], kind="stable")
+        self._sorted = (self._hashes[order, 0], order.astype(np.int64))
+        self._delta = (np.zeros(0, np.uint64), np.zeros(0, np.int64))
+        return remap
+
+
+# ============================================================================ write tracking
+
+TRACK_FD = 990  # where wptrack.c leaves its userfaultfd in QEMU (below the usual 1024 limit)
+TRACK_LIB = "satori_wptrack.so"
+
+_UFFD_API = 0xAA
+_UFFDIO_API = 0xC018AA3F  # _IOWR(0xAA, 0x3F, struct uffdio_api)
+_UFFDIO_REGISTER = 0xC020AA00  # _IOWR(0xAA, 0x00, struct uffdio_register)
+_UFFDIO_UNREGISTER = 0x8010AA01  # _IOR(0xAA, 0x01, struct uffdio_range)
+_UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+_UFFD_FEATURE_WP_UNPOPULATED = 1 << 13  # anonymous memory: PAGEMAP_SCAN may protect it
+_UFFD_FEATURE_WP_ASYNC = 1 << 15
+_UFFDIO_REGISTER_MODE_WP = 1 << 1
+_PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
+_PM_SCAN_WP_MATCHING = 1 << 0
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_PRESENT = 1 << 3
+_SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+_SCAN_VEC = 4096  # regions per PAGEMAP_SCAN call (the scan continues where it stopped)
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def tracker_source() -> Path:
+    return Path(__file__).with_name("wptrack.c")
+
+
+def tracker_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a QEMU whose guest RAM the oracle may track: ``wptrack.c`` (built on first
+    use) appended to ``LD_PRELOAD``, and :data:`TRACK_FD`. Returns a new dict."""
+    from harness.sharing.agent import build_library, library_path
+
+    src = tracker_source()
+    lib = str(build_library(src, library_path(src, "wptrack", TRACK_LIB), "the oracle's write tracker"))
+    out = dict(env)
+    pre = [p for p in out.get("LD_PRELOAD", "").split(":") if p and p != lib]
+    out["LD_PRELOAD"] = ":".join([*pre, lib])
+    out["SATORI_TRACK_FD"] = str(TRACK_FD)
+    return out
+
+
+def _join(r: np.ndarray) -> np.ndarray:
+    """``(m, 2)`` sorted page ranges with touching ones joined."""
+    r = np.asarray(r, np.int64).reshape(-1, 2)
+    if len(r) > 1:
+        brk = np.flatnonzero(r[1:, 0] != r[:-1, 1]) + 1
+        r = np.column_stack([r[np.concatenate(([0], brk)), 0], r[np.concatenate((brk - 1, [len(r) - 1])), 1]])
+    return r
+
+
+def range_mask(npages: int, *ranges: np.ndarray) -> np.ndarray:
+    """Per page: inside any of the ``(m, 2)`` page ranges."""
+    d = np.zeros(npages + 1, np.int64)
+    for r in ranges:
+        np.add.at(d, r[:, 0], 1)
+        np.add.at(d, r[:, 1], -1)
+    return np.cumsum(d[:npages]) > 0
+
+
+class TrackerUnavailable(HarnessError):
+    """No write tracking for this process (why is the message): the accounting re-hashes all."""
+
+
+@dataclasses.dataclass
+class ScanResult:
+    """One look of a :class:`WriteTracker`: page index ranges ``(start, end)`` of the range."""
+
+    written: np.ndarray  # (m, 2): present pages written since the last look
+    untracked: np.ndarray  # (k, 2): pages in mappings not (yet) write-protectable: any may have
+    # changed, and their mappings may have changed too
+    registered: int = 0  # pages newly registered by this look (tracked from the next one)
+    present: np.ndarray | None = None  # (p, 2): pages present (mapped to a frame) now
+
+    def mask(self, npages: int) -> np.ndarray:
+        """Per page: written or untracked (its content may have changed)."""
+        return range_mask(npages, self.written, self.untracked)
+
+
+class WriteTracker:
+    """Which pages of ``[base, base + npages * 4096)`` in process ``pid`` were written since
+    the last :meth:`scan` (see the module docstring). Only one tracker may use a process at a
+    time: two would each clear what the other has not read yet (the second one gets
+    :class:`TrackerUnavailable`, as does a process started without ``wptrack``); once the first
+    is closed, another may take over."""
+
+    def __init__(self, pid: int, base: int, npages: int) -> None:
+        self.pid, self.base, self.npages = pid, base, npages
+        self.uffd = self.pagemap = -1
+        self._lock: socket.socket | None = None
+        self._vec = (ctypes.c_uint64 * (3 * _SCAN_VEC))()
+        self.untracked_pages = 0  # pages in mappings that could not be registered (last scan)
+        self.why_untracked = ""  # why the last registration failed
+        try:
+            self._attach()
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self) -> None:
+        # one tracker per process at a time: an abstract UNIX socket name is the lock (the
+        # kernel frees it when its holder closes or dies; nothing to clean up)
+        try:
+            start = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            raise TrackerUnavailable(f"process {self.pid} is gone") from None
+        self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._lock.bind(f"\0satori-wptrack-{self.pid}-{start}")
+        except OSError:
+            raise TrackerUnavailable(f"another tracker uses process {self.pid} already") from None
+        # pidfd_open(2) + pidfd_getfd(2): a copy of the userfaultfd wptrack left in QEMU
+        pidfd = _libc.syscall(_SYS_PIDFD_OPEN, self.pid, 0)
+        if pidfd < 0:
+            raise TrackerUnavailable(f"pidfd_open({self.pid}): {os.strerror(ctypes.get_errno())}")
+        try:
+            fd = _libc.syscall(_SYS_PIDFD_GETFD, pidfd, TRACK_FD, 0)
+            err = ctypes.get_errno()
+        finally:
+            os.close(pidfd)
+        if fd < 0:
+            raise TrackerUnavailable(f"process {self.pid} has no write tracker at fd {TRACK_FD} "
+                                     f"(started without wptrack?): {os.strerror(err)}")
+        self.uffd = int(fd)
+        if os.readlink(f"/proc/self/fd/{self.uffd}") != "anon_inode:[userfaultfd]":
+            raise TrackerUnavailable(f"fd {TRACK_FD} of process {self.pid} is not a userfaultfd")
+        features = _UFFD_FEATURE_WP_ASYNC | _UFFD_FEATURE_WP_UNPOPULATED | _UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+        api = (ctypes.c_uint64 * 3)(_UFFD_API, features, 0)
+        if _libc.ioctl(self.uffd, _UFFDIO_API, ctypes.addressof(api)) != 0:
+            err = ctypes.get_errno()
+            # EINVAL: enabled already, by an earlier tracker (gone: we hold the lock); its
+            # registrations and protections carry on
+            if err != errno.EINVAL:
+                raise TrackerUnavailable(f"asynchronous write-protect on process {self.pid}: {os.strerror(err)}")
+        self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY)
+
+    def _scan(self, flags: int, inverted: int, mask: int, anyof: int, ret: int,
+              categories: bool = False, pages: tuple[int, int] | None = None) -> np.ndarray:
+        """PAGEMAP_SCAN over the whole range (or page range ``pages``) -> ``(m, 2)`` page ranges
+        of the matching pages (touching ranges joined), or with ``categories`` ``(m, 3)``
+        regions as the kernel gives them: start, end, category bits."""
+        parts = []
+        start, end = self.base, self.base + self.npages * PAGE
+        if pages is not None:
+            start, end = self.base + pages[0] * PAGE, self.base + pages[1] * PAGE
+        vec = self._vec
+        while start < end:
+            arg = _ScanArg(ctypes.sizeof(_ScanArg), flags, start, end, 0, ctypes.addressof(vec), _SCAN_VEC,
+                           0, inverted, mask, anyof, ret)
+            # PAGEMAP_SCAN: reads (and with PM_SCAN_WP_MATCHING write-protects) QEMU's page tables
+            n = _libc.ioctl(self.pagemap, _PAGEMAP_SCAN, ctypes.addressof(arg))
+            if n < 0:
+                err = ctypes.get_errno()
+                raise HarnessError(f"PAGEMAP_SCAN of process {self.pid}: {os.strerror(err)}")
+            parts.append(np.ctypeslib.as_array(vec).reshape(-1, 3)[:n].copy())
+            if n < _SCAN_VEC or arg.walk_end >= end:
+                break
+            start = arg.walk_end
+        r = np.concatenate(parts) if parts else np.zeros((0, 3), np.uint64)
+        out = np.empty((len(r), 3), np.int64)
+        out[:, :2] = ((r[:, :2] - np.uint64(self.base)) // np.uint64(PAGE)).astype(np.int64)
+        out[:, 2] = r[:, 2].astype(np.int64)
+        return out if categories else _join(out[:, :2])
+
+    def scan(self) -> ScanResult:
+        """Present pages written since the last scan (write-protected again, atomically with
+        reading), the pages present now, and the ranges no write-protect covers (registered
+        now: tracked from the next scan)."""
+        written = self._scan(_PM_SCAN_WP_MATCHING, 0, PAGE_IS_PRESENT, PAGE_IS_WRITTEN,
+                             PAGE_IS_WRITTEN | PAGE_IS_PRESENT)
+        regions = self._scan(0, 0, 0, 0, PAGE_IS_PRESENT | PAGE_IS_WPALLOWED, categories=True)
+        untracked = _join(regions[(regions[:, 2] & PAGE_IS_WPALLOWED) == 0, :2])
+        present = _join(regions[(regions[:, 2] & PAGE_IS_PRESENT) != 0, :2])
+        registered = failed = 0
+        for a, b in untracked.tolist():
+            reg = (ctypes.c_uint64 * 4)(self.base + a * PAGE, (b - a) * PAGE, _UFFDIO_REGISTER_MODE_WP, 0)
+            # UFFDIO_REGISTER: acts on QEMU's address space (the userfaultfd's), not ours
+            if _libc.ioctl(self.uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)) == 0:
+                registered += b - a
+                # protect what was just registered (only that: a protect pass anywhere else
+                # would clear "written" bits nobody read): the caller reads these pages after
+                # this scan (they are untracked), so a write from now on shows at the next one
+                self._scan(_PM_SCAN_WP_MATCHING, 0, PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN,
+                           pages=(a, b))
+            else:  # EBUSY: another userfaultfd holds it; EINVAL: it changed meanwhile
+                err = ctypes.get_errno()
+                failed += b - a
+                self.why_untracked = ("another userfaultfd holds these mappings (a merge agent's?)"
+                                      if err == errno.EBUSY else f"UFFDIO_REGISTER: {os.strerror(err)}")
+        self.untracked_pages = failed
+        return ScanResult(written, untracked, registered, present)
+
+    def close(self) -> None:
+        """Unregister what this tracker registered (best effort: the process may be gone)."""
+        if self.uffd >= 0 and self.pagemap >= 0:
+            with contextlib.suppress(HarnessError, OSError):
+                for a, b in self._scan(0, 0, PAGE_IS_WPALLOWED, 0, PAGE_IS_WPALLOWED).tolist():
+                    rng = (ctypes.c_uint64 * 2)(self.base + a * PAGE, (b - a) * PAGE)
+                    _libc.ioctl(self.uffd, _UFFDIO_UNREGISTER, ctypes.addressof(rng))
+        for fd in (self.uffd, self.pagemap):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.uffd = self.pagemap = -1
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> WriteTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -17,6 +17,7 @@ with the command line, QEMU's exit status and the console tail.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import dataclasses
@@ -290,6 +291,9 @@ class VM:
                 env.update(agent.agent_env(self.paths.agent, self.paths.ram))
             else:  # anonymous RAM (satori+ksm): the agent finds the RAM block by its size
                 env.update(agent.agent_env(self.paths.agent, None, ram_size=self.ram_size))
+        from harness.oracle import tracker_env
+
+        env = tracker_env(env)  # the oracle's write tracker (harness/wptrack.c), every mode
         for attempt in range(3):
             self.ssh_port = free_port()
             self.cmdline = build_cmdline(self.spec, self.image, self.paths, self.accel.accel, self.ssh_port)
@@ -461,6 +465,10 @@ def qmp_connect(sock: Path, timeout: float = 10.0) -> QEMUMonitorProtocol:
     last: Exception | None = None
     while time.monotonic() < deadline:
         if sock.exists():
+            # the sync shim runs the thread's current event loop: give each connection one of its
+            # own, so that connections used from different threads (the engine's stop/cont, the
+            # sampler's balloon queries) never run one loop twice at once
+            asyncio.set_event_loop(asyncio.new_event_loop())
             q = QEMUMonitorProtocol(str(sock))
             try:
                 q.connect(negotiate=True)

@@ -125,9 +125,19 @@ def _disk_pages(vm: VM, disk_set) -> dict[tuple[int, int], int]:
     return {(int(a), int(b)): int(i) * 4096 for (a, b), i in zip(h[d], idx[d], strict=True)}
 
 
-def test_store_backed_pages_count_after_real_merges(image):
+def _backed_by_list(vm: VM, ranges) -> int:
+    """Store-backed pages as the merge agent's LIST says: listed pages not present."""
+    t = accounting.target(vm)
+    present, _ = accounting.decode_pagemap(accounting.read_pagemap(t.pid, t.hva, t.ram_size // 4096))
+    g, _ = accounting.expand_ranges(ranges, t.ram_size // 4096)
+    return int((~present[g]).sum())
+
+
+def test_store_backed_pages_count_after_real_merges_and_lying_agents(image, monkeypatch):
     """Merged pages the guest has not touched since are not present, yet count in G through
-    the store; measuring maps neither guest nor store holes."""
+    the store: found in QEMU's mappings of the store (/proc/<pid>/maps), as many as the agents'
+    honest LIST says; and when the agents lie (LIST says nonsense, or nothing), not one figure
+    changes. Measuring maps neither guest nor store holes."""
     import numpy as np
 
     from harness.paths import shm_dir
@@ -149,7 +159,7 @@ def test_store_backed_pages_count_after_real_merges(image):
             with open(store, "wb") as f:  # each common content once
                 for k in common:
                     f.write(_read_guest(vms[0], a[k]))
-            ranges = {}
+            honest = {}
             for vm, where in ((vms[0], a), (vms[1], b)):
                 with AgentClient(vm.agent_socket) as c:
                     c.open_store(store)
@@ -157,20 +167,37 @@ def test_store_backed_pages_count_after_real_merges(image):
                     pairs = pairs[np.argsort(pairs[:, 0])]
                     res = c.merge(pairs)
                     assert res.merged >= 0.95 * len(common), res
-                    ranges[vm.name] = c.merged_ranges()
+                    honest[vm.name] = c.merged_ranges()
             blocks = [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)]
-            s = accounting.measure(vms, store=store, merged=ranges)
+            s = accounting.measure(vms, store=store)
             assert [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)] == blocks
+            by_list = {vm.name: _backed_by_list(vm, honest[vm.name]) for vm in vms}  # still held
             no_store = accounting.measure(vms)
+            # the agents lie: LIST returns ranges that map nothing, then nothing at all
+            rng = np.random.default_rng(1)
+            bogus = np.column_stack([rng.integers(0, 90_000, 50) * 4096, rng.integers(0, 10, 50) * 4096,
+                                     rng.integers(1, 200, 50)]).astype(np.uint64)
+            lies = []
+            for told in (bogus, np.zeros((0, 3), np.uint64)):
+                monkeypatch.setattr(AgentClient, "merged_ranges", lambda self, *a, told=told, **k: told)
+                with AgentClient(vms[0].agent_socket) as c:
+                    assert c.merged_ranges().tobytes() == told.tobytes()  # the lie is in place
+                lies.append(accounting.measure(vms, store=store))
+            monkeypatch.undo()
         finally:
             for vm in vms:
                 vm.qmp("cont")
         print("\nbefore merging:", accounting.format_sample(before))
         print("after merging: ", accounting.format_sample(s), [(v.name, v.store_backed) for v in s.vms])
+        for v in s.vms:  # the kernel's count is the honest agent's count
+            assert v.store_backed == by_list[v.name]
+        for lie in lies:
+            assert lie.as_dict() | {"t": 0, "seconds": 0, "cpu_seconds": 0} == \
+                s.as_dict() | {"t": 0, "seconds": 0, "cpu_seconds": 0}
         sb = sum(v.store_backed for v in s.vms)
         assert sb >= 0.9 * 2 * len(common)  # paused guests touched nothing since the merge
         assert s.G == before.G  # the merged pages still count, through the store
-        assert no_store.G == before.G - sb  # without the ranges, only present pages count
+        assert no_store.G == before.G - sb  # without the store, only present pages count
         assert s.store_pages == len(common) and s.store_only_pages == 0
         assert before.E_disk == 0.0
         assert s.E_disk >= 0.9 and s.R_disk >= 0.9 * len(common)
@@ -183,9 +210,7 @@ def test_store_backed_pages_count_after_real_merges(image):
         assert sum(s.credits.values()) >= sum(before.credits.values()) + 0.9 * len(common)
         # guests touch their merged pages again (reads): present now, on the store's frames
         _read_everywhere(vms)
-        with AgentClient(vms[0].agent_socket) as c0, AgentClient(vms[1].agent_socket) as c1:
-            ranges = {vms[0].name: c0.merged_ranges(), vms[1].name: c1.merged_ranges()}
-        s2 = accounting.measure(vms, store=store, merged=ranges)
+        s2 = accounting.measure(vms, store=store)
         print("after re-reading:", accounting.format_sample(s2), [(v.name, v.store_backed) for v in s2.vms])
         assert s2.E_disk >= 0.9
         assert sum(v.store_backed for v in s2.vms) < sb
