@@ -603,21 +603,34 @@ class _VMView:
 
 class _StoreView:
     """The content store: which pages exist (``mincore``) and their content ids, hashed with
-    ``pread`` (a hole is never touched). Store pages are written once (append) and punched when
-    unused, never rewritten: a page is hashed when first seen and once more at the next sample
-    (it may have been read while the engine was still writing it)."""
+    ``pread`` (a hole is never touched). The engine writes a slot's page once per content and
+    reuses a slot for another content only after punching it out: a page is hashed when first
+    seen, once more at the next sample (it may have been read while the engine was still
+    writing it), and again whenever the :class:`~harness.oracle.StoreWatch` says it left the
+    file since (a punch, even with the slot written again before this sample). Without a watch
+    (full scans, or no userfaultfd) every resident page is hashed at every sample."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, watch_pages: int = 0) -> None:
+        """``watch_pages``: with incremental sampling, the store size (pages) to map the watch
+        for at first (it grows if the store does); 0: no watch."""
         self.path = os.fspath(path)
+        self.watch: oracle.StoreWatch | None = None
+        self.why_unwatched = "" if watch_pages else "full scan"
         try:
             self.fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise HarnessError(f"cannot open the content store {self.path}: {e}") from None
+        if watch_pages:
+            try:
+                self.watch = oracle.StoreWatch(self.path, watch_pages, f"the content store {self.path}")
+            except oracle.TrackerUnavailable as e:
+                self.why_unwatched = str(e)
         self.fid = file_id(self.fd)
         self.cid = np.zeros(0, np.int64)
         self.first = np.zeros(0, np.int64)  # sample number of the first hash (-1: none)
         self.resident = np.zeros(0, bool)
         self.scrub_at = 0
+        self.reread = 0  # cumulative: pages hashed again because they left the file since
 
     @property
     def npages(self) -> int:
@@ -631,24 +644,38 @@ class _StoreView:
             self.cid = np.concatenate([self.cid, np.full(grow, -1, np.int64)])
             self.first = np.concatenate([self.first, np.full(grow, -1, np.int64)])
         res = resident_pages(self.fd, n, f"the content store {self.path}")
-        self.resident = res
+        held = None
+        if self.watch is not None and not full:
+            # pages read before that left the file since (punched; the slot may hold another
+            # content now): forgotten, read again below like new ones
+            held = self.watch.present(n)
+            lost = (self.cid >= 0) & ~held
+            self.reread += int(np.count_nonzero(lost & res))
+            self.cid[lost] = -1
+            self.first[lost] = -1
         gone = ~res & (self.cid >= 0)
         self.cid[gone] = -1
         self.first[gone] = -1
-        if full:
+        if full or held is None:
             need = res
         else:
             need = res & ((self.cid < 0) | (self.first == sample_no - 1))
         idx = np.flatnonzero(need)
-        changed = 0
+        if held is not None and len(idx):
+            # map them into the watch BEFORE reading: a punch from now on shows at the next sample
+            new = idx[~held[idx]]
+            hole = new[~self.watch.hold(new)]  # punched since mincore: not there any more
+            if len(hole):
+                res[hole] = need[hole] = False
+                idx = np.flatnonzero(need)
+        self.resident = res
         if len(idx):
             ids = index.intern(oracle.hash_fd_pages(self.fd, 0, idx, what=f"the content store {self.path}"))
             old = self.cid[idx]
-            changed = int(np.count_nonzero((old >= 0) & (old != ids) & (self.first[idx] != sample_no - 1)))
             self.cid[idx] = ids
             fresh = old < 0
             self.first[idx[fresh]] = sample_no
-        checked = 0
+        checked = changed = 0
         if scrub and not full and n:
             w = min(scrub, n)
             a = self.scrub_at % n
@@ -664,6 +691,9 @@ class _StoreView:
         return len(idx), checked, changed
 
     def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -726,7 +756,9 @@ class Meter:
             for t in self.targets:
                 self.views.append(_VMView(t, incremental))
             if store is not None:
-                self.store = _StoreView(store)
+                # the engine's bound on store slots (index.max_slots): the watch maps that much
+                reserve = 2 * sum(t.ram_size // PAGE for t in self.targets) + 1024 if incremental else 0
+                self.store = _StoreView(store, reserve)
         except BaseException:
             self.close()
             raise
@@ -751,6 +783,8 @@ class Meter:
         for v in self.views:
             if v.tracker is not None and v.tracker.untracked_pages:
                 out[v.t.name] = f"{v.tracker.untracked_pages} pages untracked: {v.tracker.why_untracked}"
+        if self.store is not None and self.store.why_unwatched:
+            out["content store"] = self.store.why_unwatched
         return out
 
     # ------------------------------------------------------------ one sample

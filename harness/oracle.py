@@ -19,7 +19,8 @@ sets of contents are sorted and compared with numpy. All-zero pages all hash to
   the zero page and whether it is a disk block), so that the incremental accounting counts
   contents with arrays instead of re-sorting every hash at every sample.
 - :class:`WriteTracker` tells which pages of a QEMU's guest RAM were written since its last
-  look, so that the oracle re-hashes only those (see "Write tracking" below).
+  look, so that the oracle re-hashes only those (see "Write tracking" below); :class:`StoreWatch`
+  tells which pages of the content store left it (punched) since the oracle read them.
 
 Write tracking
 --------------
@@ -76,9 +77,21 @@ Without a tracker (no ``wptrack`` in QEMU, a kernel without ``WP_ASYNC``, ``meas
 oracle is tested against (on processes standing in for QEMU and on real guests, with merges,
 copy-on-write breaks and KSM: every figure equal).
 
-A content store page is written once by the engine and never rewritten (freed slots are
-punched, not reused), so it is hashed when first seen, and once more at the next sample in case
-the first read caught the engine still writing it.
+The content store is tracked by what the kernel says too. The engine writes a store slot once,
+but frees a slot nobody maps by punching its page out of the file and may then reuse the slot
+for another content (that bounds the slots a churning guest can make it hold), so one slot can
+hold two contents between two samples and be resident at both: residency (``mincore``) alone
+would keep the old content's id (seen on real guests: contents miscounted, and the re-check
+finding store pages changed). A punch unmaps the page from every process that maps the file,
+so :class:`StoreWatch` keeps a read-only mapping of the store in the measuring process holding
+every page the oracle has read (the entry made before the read); a page whose entry is gone at
+the next sample left the file since and is read again, as is a page seen for the first time
+(once more at the next sample, in case the first read caught the engine still writing it). Its
+userfaultfd (missing mode, ``UFFD_FEATURE_SIGBUS``) makes sure that mapping never allocates a
+page in a hole. The engine is not asked which slots it wrote. A store page rewritten in place
+(``pwrite`` over a page still in the file: the engine never does that) keeps its entry and is
+found by the re-check only, counted in ``stale``; without a userfaultfd every resident store
+page is read at every sample (``Meter.untracked`` says so).
 """
 
 from __future__ import annotations
@@ -498,6 +511,12 @@ PAGE_IS_WPALLOWED = 1 << 0
 PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_PRESENT = 1 << 3
 _SYS_PIDFD_OPEN, _SYS_PIDFD_GETFD = 434, 438
+_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
+_UFFD_FEATURE_SIGBUS = 1 << 7  # a fault the userfaultfd would be told of fails instead
+_UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+_MADV_POPULATE_READ = 22
+_PROT_READ, _MAP_SHARED, _MAP_NORESERVE = 0x1, 0x01, 0x4000
+_MAP_FAILED = ctypes.c_void_p(-1).value
 _SCAN_VEC = 4096  # regions per PAGEMAP_SCAN call (the scan continues where it stopped)
 
 
@@ -510,6 +529,10 @@ class _ScanArg(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def tracker_source() -> Path:
@@ -546,6 +569,35 @@ def range_mask(npages: int, *ranges: np.ndarray) -> np.ndarray:
         np.add.at(d, r[:, 0], 1)
         np.add.at(d, r[:, 1], -1)
     return np.cumsum(d[:npages]) > 0
+
+
+def _pagemap_scan(pagemap: int, base: int, first: int, end_page: int, how: tuple[int, int, int, int, int],
+                  vec: ctypes.Array, what: str, categories: bool = False) -> np.ndarray:
+    """PAGEMAP_SCAN (``pagemap`` an open ``/proc/<pid>/pagemap``) over pages ``[first, end_page)``
+    of the range at virtual address ``base``; ``how`` = (flags, category_inverted, category_mask,
+    category_anyof_mask, return_mask) -> ``(m, 2)`` page ranges of the matching pages (touching
+    ranges joined), or with ``categories`` ``(m, 3)`` regions as the kernel gives them: start,
+    end, category bits."""
+    flags, inverted, mask, anyof, ret = how
+    parts = []
+    start, end = base + first * PAGE, base + end_page * PAGE
+    while start < end:
+        arg = _ScanArg(ctypes.sizeof(_ScanArg), flags, start, end, 0, ctypes.addressof(vec), len(vec) // 3,
+                       0, inverted, mask, anyof, ret)
+        # PAGEMAP_SCAN: reads (and with PM_SCAN_WP_MATCHING write-protects) the page tables
+        n = _libc.ioctl(pagemap, _PAGEMAP_SCAN, ctypes.addressof(arg))
+        if n < 0:
+            err = ctypes.get_errno()
+            raise HarnessError(f"PAGEMAP_SCAN of {what}: {os.strerror(err)}")
+        parts.append(np.ctypeslib.as_array(vec).reshape(-1, 3)[:n].copy())
+        if n < len(vec) // 3 or arg.walk_end >= end:
+            break
+        start = arg.walk_end
+    r = np.concatenate(parts) if parts else np.zeros((0, 3), np.uint64)
+    out = np.empty((len(r), 3), np.int64)
+    out[:, :2] = ((r[:, :2] - np.uint64(base)) // np.uint64(PAGE)).astype(np.int64)
+    out[:, 2] = r[:, 2].astype(np.int64)
+    return out if categories else _join(out[:, :2])
 
 
 class TrackerUnavailable(HarnessError):
@@ -629,28 +681,9 @@ class WriteTracker:
         """PAGEMAP_SCAN over the whole range (or page range ``pages``) -> ``(m, 2)`` page ranges
         of the matching pages (touching ranges joined), or with ``categories`` ``(m, 3)``
         regions as the kernel gives them: start, end, category bits."""
-        parts = []
-        start, end = self.base, self.base + self.npages * PAGE
-        if pages is not None:
-            start, end = self.base + pages[0] * PAGE, self.base + pages[1] * PAGE
-        vec = self._vec
-        while start < end:
-            arg = _ScanArg(ctypes.sizeof(_ScanArg), flags, start, end, 0, ctypes.addressof(vec), _SCAN_VEC,
-                           0, inverted, mask, anyof, ret)
-            # PAGEMAP_SCAN: reads (and with PM_SCAN_WP_MATCHING write-protects) QEMU's page tables
-            n = _libc.ioctl(self.pagemap, _PAGEMAP_SCAN, ctypes.addressof(arg))
-            if n < 0:
-                err = ctypes.get_errno()
-                raise HarnessError(f"PAGEMAP_SCAN of process {self.pid}: {os.strerror(err)}")
-            parts.append(np.ctypeslib.as_array(vec).reshape(-1, 3)[:n].copy())
-            if n < _SCAN_VEC or arg.walk_end >= end:
-                break
-            start = arg.walk_end
-        r = np.concatenate(parts) if parts else np.zeros((0, 3), np.uint64)
-        out = np.empty((len(r), 3), np.int64)
-        out[:, :2] = ((r[:, :2] - np.uint64(self.base)) // np.uint64(PAGE)).astype(np.int64)
-        out[:, 2] = r[:, 2].astype(np.int64)
-        return out if categories else _join(out[:, :2])
+        a, b = pages if pages is not None else (0, self.npages)
+        return _pagemap_scan(self.pagemap, self.base, a, b, (flags, inverted, mask, anyof, ret), self._vec,
+                             f"process {self.pid}", categories)
 
     def scan(self) -> ScanResult:
         """Present pages written since the last scan (write-protected again, atomically with
@@ -701,3 +734,123 @@ class WriteTracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoreWatch:
+    """Which pages of a shared-memory file (the content store) left it since the oracle read
+    them: the kernel's word, not its writer's.
+
+    The engine frees a store slot by punching its page out of the file and may reuse the slot
+    for another content at once, so one slot can hold two contents between two samples with
+    the page resident at both. A punch (``fallocate(PUNCH_HOLE)``, also truncation and swap-out)
+    unmaps the page from every process that maps it. So the watch keeps its own read-only
+    shared mapping of the file with a page table entry for every page the oracle has read
+    (:meth:`hold`, before it reads them); a page whose entry is gone at the next look
+    (:meth:`present`: ``PAGEMAP_SCAN`` of our own page tables) was removed from the file since,
+    and what the file holds there now is another page, to be read again. Nothing is read
+    through the mapping, and no page is ever allocated in the file: the mapping is registered
+    with a userfaultfd in missing mode with ``UFFD_FEATURE_SIGBUS``, so making the entry of a
+    page that is a hole by then (punched after ``mincore`` said it was there) fails with
+    ``EFAULT`` instead of filling the hole. A page rewritten in place (``pwrite`` over a page
+    still in the file) keeps its entry: the engine never does that, and the re-check counts it.
+    """
+
+    def __init__(self, path: str | os.PathLike, reserve_pages: int, what: str = "the content store") -> None:
+        """``path``: the file (or ``/proc/<pid>/fd/<n>``), opened read-write though never written
+        through (the kernel lets a userfaultfd watch only a mapping that may become writable);
+        ``reserve_pages``: how long to map it at first (it is remapped longer if it grows past)."""
+        self.what = what
+        self.fd = self.uffd = self.pagemap = -1
+        self.addr, self.npages = 0, 0
+        self._vec = (ctypes.c_uint64 * (3 * _SCAN_VEC))()
+        try:
+            try:
+                self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise TrackerUnavailable(f"cannot open {what}: {e.strerror}") from None
+            nr = _SYS_USERFAULTFD.get(os.uname().machine)
+            if nr is None:
+                raise TrackerUnavailable(f"no userfaultfd system call number for {os.uname().machine}")
+            # userfaultfd(2): a context for our own address space (only for its SIGBUS mode)
+            uffd = _libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK)
+            if uffd < 0:
+                raise TrackerUnavailable(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
+            self.uffd = int(uffd)
+            api = (ctypes.c_uint64 * 3)(_UFFD_API, _UFFD_FEATURE_SIGBUS | _UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0)
+            # UFFDIO_API: missing faults in registered ranges fail (SIGBUS/EFAULT), none is queued
+            if _libc.ioctl(self.uffd, _UFFDIO_API, ctypes.addressof(api)) != 0:
+                raise TrackerUnavailable(f"userfaultfd SIGBUS mode: {os.strerror(ctypes.get_errno())}")
+            self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+            self._map(max(reserve_pages, 1))
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, npages: int) -> None:
+        """(Re)make the mapping, ``npages`` long (beyond the file's end is allowed; nothing there
+        is touched). A new mapping holds no page: every page is read again once."""
+        length = npages * PAGE
+        # mmap(2): read-only, shared (punches unmap it), no swap reserved; never read through
+        addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED | _MAP_NORESERVE, self.fd, 0)
+        if addr in (None, _MAP_FAILED):
+            raise TrackerUnavailable(f"cannot map {self.what}: {os.strerror(ctypes.get_errno())}")
+        reg = (ctypes.c_uint64 * 4)(addr, length, _UFFDIO_REGISTER_MODE_MISSING | _UFFDIO_REGISTER_MODE_WP, 0)
+        # UFFDIO_REGISTER: a fault on a hole of this mapping fails rather than allocate a page;
+        # write-protect mode (never used: the mapping is read-only) turns off fault-around, so
+        # that an entry is made only for a page held on purpose, just before it is read
+        if _libc.ioctl(self.uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
+            err = ctypes.get_errno()
+            _libc.munmap(addr, length)  # munmap(2): the mapping just made
+            raise TrackerUnavailable(f"userfaultfd on {self.what}: {os.strerror(err)}")
+        self._unmap()
+        self.addr, self.npages = int(addr), npages
+
+    def _unmap(self) -> None:
+        if self.addr:
+            # munmap(2): our mapping of the file (its registration goes with it)
+            _libc.munmap(self.addr, self.npages * PAGE)
+            self.addr, self.npages = 0, 0
+
+    def present(self, npages: int) -> np.ndarray:
+        """Per page of the file's first ``npages``: still mapped since :meth:`hold` (False: never
+        held, or removed from the file since). A file grown past the mapping gets a new one,
+        twice as long: nothing is held then."""
+        if npages > self.npages:
+            self._map(max(npages, 2 * self.npages))
+            return np.zeros(npages, bool)
+        r = _pagemap_scan(self.pagemap, self.addr, 0, npages, (0, 0, PAGE_IS_PRESENT, 0, PAGE_IS_PRESENT),
+                          self._vec, f"our mapping of {self.what}")
+        return range_mask(npages, r)
+
+    def hold(self, idx: np.ndarray) -> np.ndarray:
+        """Make the page table entries of pages ``idx`` (sorted, unique, below the last
+        :meth:`present`'s ``npages``) before reading them; per page: False where it is a hole
+        now (then nothing was allocated, and there is nothing to read)."""
+        idx = np.asarray(idx, np.int64)
+        ok = np.ones(len(idx), bool)
+        pos = 0
+        for s, n in zip(*(a.tolist() for a in runs(idx)), strict=True):
+            if self._populate(s, n) != 0:
+                for k in range(n):
+                    ok[pos + k] = self._populate(s + k, 1) == 0
+            pos += n
+        return ok
+
+    def _populate(self, first: int, n: int) -> int:
+        while True:
+            # madvise(MADV_POPULATE_READ): map pages first..first+n of the file without reading them
+            if _libc.madvise(self.addr + first * PAGE, n * PAGE, _MADV_POPULATE_READ) == 0:
+                return 0
+            err = ctypes.get_errno()
+            if err == errno.EFAULT:  # a hole (the userfaultfd refused to fill it), or past the end
+                return err
+            if err not in (errno.EINTR, errno.EAGAIN):
+                raise HarnessError(f"cannot map pages of {self.what}: {os.strerror(err)}")
+
+    def close(self) -> None:
+        self._unmap()
+        for fd in (self.fd, self.uffd, self.pagemap):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.uffd = self.pagemap = -1

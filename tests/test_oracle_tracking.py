@@ -6,6 +6,7 @@ The same comparison on real guests is in ``test_oracle_vms.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 from harness import accounting as acc
 from harness import oracle
+from harness.sharing import store as acc_store
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="PFNs and pidfd_getfd need root")
 
@@ -239,6 +241,67 @@ def test_recheck_counts_changes_the_tracker_cannot_see(shm, store):
             assert s.stale >= 1
             full = acc.measure([kid.target], disk_set=None)
             _same(s, full)
+    finally:
+        kid.close()
+
+
+def _punch(path: Path, page: int, fill: int | None = None, punch: bool = True) -> None:
+    """What the engine does to a store slot it frees and reuses (punch, then write another
+    content), or with ``punch=False`` a rewrite in place that the engine never does."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if punch:
+            acc_store.punch_hole(fd, page * 4096, 4096)
+        if fill is not None:
+            os.pwrite(fd, bytes([fill]) * 4096, page * 4096)
+    finally:
+        os.close(fd)
+
+
+def test_store_watch_sees_punches_and_never_fills_holes(store):
+    """The watch's own mapping loses a page when it is punched out of the file (even if written
+    again at once), and holding a hole fails without allocating it."""
+    fd = os.open(store, os.O_RDONLY)
+    try:
+        with contextlib.closing(oracle.StoreWatch(store, 8)) as w:  # grows past 8 pages below
+            assert not w.present(32).any()
+            before = os.fstat(fd).st_blocks
+            assert w.hold(np.array([0, 1, 2, 3, 15, 16, 20])).tolist() == [True] * 5 + [False] * 2
+            assert os.fstat(fd).st_blocks == before  # the holes stayed holes
+            assert np.flatnonzero(w.present(32)).tolist() == [0, 1, 2, 3, 15]
+            _punch(store, 1, fill=7)  # freed and reused with another content
+            _punch(store, 2)  # freed
+            _punch(store, 3, fill=9, punch=False)  # in place: the watch cannot see it
+            assert np.flatnonzero(w.present(32)).tolist() == [0, 3, 15]
+    finally:
+        os.close(fd)
+
+
+def test_reused_store_slot_is_read_again_and_in_place_rewrite_is_stale(shm, store):
+    """A store slot punched and written with another content between two samples (the engine
+    freeing and reusing it) is read again: the figures equal the full scan's and nothing is
+    stale. A store page rewritten in place behind the watch is found by the re-check: stale."""
+    kid = Child(shm, "z", False, store)
+    try:
+        kid.do("f:1:7", "m:10:1", "m:11:2")
+        with acc.Meter([kid.target], store, disk_set=None, scrub=4) as meter:
+            assert meter.untracked == {}
+            meter.sample()
+            meter.sample()
+            _punch(store, 3, fill=7)  # a store-only slot reused for the content of guest page 1
+            _punch(store, 4, fill=101)  # another reused for the content of slot 1, which the
+            kid.do("m:12:4")  # guest maps already: C is one less than with slot 4's old content
+            s = meter.sample()
+            _same(s, acc.measure([kid.target], store, disk_set=None))
+            assert meter.store.reread == 2 and s.stale == 0
+            for _ in range(32 // 4 + 1):  # the re-check goes round the store: nothing to find
+                s = meter.sample()
+            assert s.stale == 0
+            _punch(store, 5, fill=8, punch=False)  # behind the watch
+            for _ in range(32 // 4 + 1):
+                s = meter.sample()
+            assert s.stale == 1 and meter.store.reread == 2
+            _same(s, acc.measure([kid.target], store, disk_set=None))
     finally:
         kid.close()
 

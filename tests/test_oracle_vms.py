@@ -106,6 +106,8 @@ def test_incremental_oracle_equals_full_scan_with_merging(image):
             sampler.stop_evt.set()
             sampler.join(30)
             st = eng.stats()
+            print("store slots reused by the engine:", st["index"]["slots_reused"],
+                  "store pages the oracle read again after they left the store:", meter.store.reread)
         assert sum(v["merged"] for v in st["vms"].values()) >= 10_000
         assert full.R_disk >= 10_000 and any(v.store_backed for v in full.vms)
         print("incremental samples, CPU ms each (the first reads everything):", costs)
