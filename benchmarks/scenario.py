@@ -1,171 +1,199 @@
-"""Run one METRICS.md scenario (a config in configs/) and print its figures against the goals.
+"""Run one METRICS scenario and print its figures on the one CPU yardstick, against the goals.
 
-    python benchmarks/scenario.py configs/identical-readers-2vm.yaml
-    python benchmarks/scenario.py configs/short-lived.yaml --reps 1
-    python benchmarks/scenario.py configs/macro.yaml --modes none satori
+    python3 benchmarks/scenario.py                                   # identical readers, 2 VMs
+    python3 benchmarks/scenario.py configs/short-lived.yaml --reps 3
+    python3 benchmarks/scenario.py configs/macro.yaml --modes none satori
+    python3 benchmarks/scenario.py --report results/identical-readers-2vm-...   # no new run
 
-Every figure is measured in one run, modes interleaved, as ratios against the baselines of the
-same run (``none`` for slowdown and gain, ``ksm`` for time to 90% and CPU per merged page).
-Overrides (--reps, --modes, --keep, --vms) change the config before validation, so the config
-recorded in results.json is the one that ran.
+Defaults: ``configs/identical-readers-2vm.yaml``, 3 interleaved repetitions, the config's modes
+(that config's: none ksm ksm-advisor ksm-fast satori satori+ksm). Every figure is the registry's (harness/metrics.py,
+docs/metrics.md), median [min-max] over the repetitions; the goals are the registry's. Then,
+for each scanner in the run, where satori stands against it on CPU per page saved (paired by
+repetition: a ratio whose spread crosses 1.0 is "within noise"), idle CPU, E and E_disk.
+With a collapse workload (configs/collapse.yaml) the host-budget figures (group "isolation" of
+the registry) get their own table. Overrides (--reps, --modes, --keep, --vms, --surplus,
+--policy) change the config before validation, so the config recorded in results.json is the
+one that ran.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import yaml
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-from harness.config import validate
-from harness.experiment import Runner
-from harness.report import load_results, report
+import yaml  # noqa: E402
 
-GOALS = {
-    # figure: (mode, op, target, text)
-    "E_disk_final": ("satori", ">=", 0.98, "E_disk after the reads >= 98% (satori)"),
-    "E_final": ("satori+ksm", ">=", 0.95, "E over all memory >= 95% (satori+ksm)"),
-    "time_to_90_s": ("satori", "<=", 2.0, "time to 90% <= 2 s (satori)"),
-    "opportunity_captured": ("satori+ksm", ">=", 0.80, "opportunity captured >= 80% (satori+ksm, all memory)"),
-    "opportunity_disk": ("satori", ">=", 0.80, "opportunity captured on disk pages >= 80% (satori)"),
-    "guest_slowdown": ("satori", "<=", 1.02, "guest slowdown <= 2% (satori vs none)"),
-    "macro_gain": ("satori", ">=", 2.0, "macrobenchmark gain >= 2x (satori + surplus vs none)"),
-    "agent_us_per_page": ("satori", "<=", 3.0, "merge agent <= 3 us/page"),
-    # performance isolation when sharing collapses (configs/collapse.yaml, issue 12)
-    "peak_overshoot_pct": ("satori", "<=", 5.0, "peak overshoot of the host budget <= 5% (satori + surplus)"),
-    "reclaim_s": ("satori", "<=", 5.0, "reclaim time after the collapse <= 5 s (satori + surplus)"),
-    "entitlement_violations": ("satori", "<=", 0, "entitlement violations = 0 (satori + surplus)"),
-}
+from harness import metrics, modes, report  # noqa: E402
+from harness.config import load_yaml, read_text, validate  # noqa: E402
+from harness.errors import HarnessError  # noqa: E402
 
-ISOLATION = (  # figure, label, format
-    ("peak_overshoot_mb", "peak overshoot MB", "{:.0f}"),
-    ("peak_overshoot_pct", "% of budget", "{:.1f}"),
-    ("overshoot_s", "overshoot s", "{:.1f}"),
-    ("reclaim_s", "reclaim s", "{:.1f}"),
-    ("entitlement_violations", "violations", "{:.0f}"),
-    ("bystander_job_ratio", "bystander time vs alone", "{:.2f}"),
-    ("bystander_p99_ratio", "bystander p99 vs alone", "{:.2f}"),
-)
+DEFAULT_CONFIG = REPO / "configs" / "identical-readers-2vm.yaml"
+DEFAULT_MODES = ["none", "ksm", "ksm-advisor", "ksm-fast", "satori", "satori+ksm"]
+YARDSTICK = ["cpu_per_page_saved_s", "cpu_until_convergence_s", "idle_cpu_pct_core", "merge_lag_p99_s",
+             "E_final", "E_disk_final", "oracle_cpu_pct_core"]
+SCANNERS = [m for m in modes.NAMES if modes.get(m).scans and not modes.get(m).engine]
+HINTED = [m for m in modes.NAMES if modes.get(m).engine]
 
 
-def spread(v, fmt: str) -> str:
-    """median [min-max] of a figure over repetitions ("n/a" where a run has none)."""
-    vals = [x for x in (v if isinstance(v, list) else [v]) if x is not None]
-    if not vals:
-        return "n/a"
-    m = fmt.format(statistics.median(vals))
-    return m if len(vals) == 1 else f"{m} [{fmt.format(min(vals))}-{fmt.format(max(vals))}]"
+def yardstick_table(res: Mapping[str, Any], keys: Sequence[str] = YARDSTICK) -> str:
+    """The one-yardstick table (median [min-max]) with the registry's goals as the last row."""
+    return report.table(res, keys=list(keys), goals=True)
 
 
-def isolation_table(modes: dict) -> str | None:
-    """The collapse figures per mode, side by side (None if no run measured a collapse)."""
-    rows = [m for m in modes if any(x is not None for x in _list(modes[m].get("peak_overshoot_mb")))]
-    if not rows:
-        return None
-    head = "| mode | " + " | ".join(label for _, label, _ in ISOLATION) + " |"
-    out = [head, "|---|" + "---:|" * len(ISOLATION)]
-    for m in rows:
-        out.append(f"| {m} | " + " | ".join(spread(modes[m].get(k), f) for k, _, f in ISOLATION) + " |")
-    return "\n".join(out)
+def goals(res: Mapping[str, Any]) -> list[str]:
+    """Every registry goal that applies to a mode of this run and its workloads: met or not."""
+    kinds = {w["name"] for w in (res.get("meta") or {}).get("config", {}).get("workloads", [])}
+    stats = report.summarize(res)
+    out = []
+    for m in metrics.METRICS:
+        g = m.goal
+        if g is None or (g.workloads and not kinds & set(g.workloads)):
+            continue
+        for mode in (g.modes or list(stats)):
+            if mode not in stats or not m.applies_to(mode):
+                continue
+            st = stats[mode][m.key]
+            out.append(f"  {g.text} [{mode}]: {metrics.format_stat(m, st)} -> {metrics.goal_verdict(m, st)}")
+    return out
 
 
-def _list(v):
-    return v if isinstance(v, list) else [v]
+def _paired(res: Mapping[str, Any], key: str, a: str, b: str) -> list[float]:
+    """Per repetition (same rep in both modes): a's figure / b's figure."""
+    def by_rep(mode: str) -> dict[int, float]:
+        entry = res["modes"][mode]
+        vals = report.figure_values(res, mode, key)
+        return {rep: v for rep, v in zip(entry.get("reps") or [], vals, strict=False) if v}
+    va, vb = by_rep(a), by_rep(b)
+    return [va[r] / vb[r] for r in sorted(va.keys() & vb.keys())]
 
 
-def med(v):
-    if isinstance(v, list):
-        v = [x for x in v if x is not None]
-        return statistics.median(v) if v else None
-    return v
+def standing(res: Mapping[str, Any]) -> list[str]:
+    """Where each hinted mode stands against each scanner of the run, honestly."""
+    present = [m for m in res["modes"] if not res["modes"][m].get("skipped") and res["modes"][m].get("runs")]
+    lines = []
+    cpu = metrics.get("cpu_per_page_saved_s")
+    for h in [m for m in HINTED if m in present]:
+        for s in [m for m in SCANNERS if m in present]:
+            r = metrics.Stat.of(_paired(res, "cpu_per_page_saved_s", h, s))
+            hs = report.summarize(res)[h]
+            ss = report.summarize(res)[s]
+            if r is None:
+                why = report.figure_reasons(res, h, cpu.key) + report.figure_reasons(res, s, cpu.key)
+                lines.append(f"  {h} vs {s}: CPU per page saved not comparable ({'; '.join(why) or 'no value'})")
+                continue
+            text = metrics.format_ratio(r)
+            if r.within_noise():
+                verdict = "no difference that the spread allows to claim"
+            elif r.hi < 1.0:
+                verdict = f"{h} spends less CPU per page saved (1/{1 / r.median:.1f} of {s}); goal <= 1/10: " \
+                          + ("met" if r.hi <= 0.1 else "NOT met")
+            else:
+                verdict = f"{h} spends MORE CPU per page saved than {s} ({r.median:.2f}x)"
+            lines.append(f"  {h} vs {s}: CPU per page saved {metrics.format_stat(cpu, hs[cpu.key])} vs "
+                         f"{metrics.format_stat(cpu, ss[cpu.key])}, ratio {text}: {verdict}")
+            for key in ("idle_cpu_pct_core", "E_disk_final", "E_final", "time_to_90_after_reads_s"):
+                m = metrics.get(key)
+                lines.append(f"      {m.label}: {metrics.format_stat(m, hs[key])} vs {metrics.format_stat(m, ss[key])}")
+    return lines
 
 
-def main() -> int:
+def print_report(out: Path) -> None:
+    table, files = report.report(out)
+    res = report.load_results(out)
+    meta = res.get("meta") or {}
+    print()
+    print(table)
+    print(f"\nresults: {out}; files: {', '.join(f.name for f in files)}")
+    print(f"measured on: {meta.get('cpu_model')} x{meta.get('cpus')}, accelerator {meta.get('accel')}, "
+          f"host {meta.get('host_kernel')}, commit {(meta.get('git_commit') or '?')[:10]}"
+          + (" (dirty)" if meta.get("git_dirty") else ""))
+    reps = max((len(v.get("runs") or []) for v in res["modes"].values()), default=0)
+    print(f"\nthe one yardstick (docs/metrics.md), median [min-max] over {reps} repetition(s):\n")
+    print(yardstick_table(res))
+    iso = report.table(res, "isolation")
+    if iso and any(w.get("name") == "collapse" for w in meta.get("config", {}).get("workloads", [])):
+        print("\nwhen sharing collapses (host budget = sum of entitlements; median [min-max]):\n")
+        print(iso)
+    print("\ngoals (docs/metrics.md):")
+    print("\n".join(goals(res)) or "  (none applies to this run)")
+    lines = standing(res)
+    if lines:
+        print("\nwhere the hinted modes stand against each scanner (ratios paired by repetition):")
+        print("\n".join(lines))
+    if reps < 3:
+        print(f"\n{reps} repetition(s): figures without spread are not claims (use --reps 3 or more)")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("config")
-    ap.add_argument("--reps", type=int)
-    ap.add_argument("--modes", nargs="+")
+    ap.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, interleaved (default 3)")
+    ap.add_argument("--modes", nargs="+",
+                    help="modes (default: the config's; identical-readers-2vm.yaml has "
+                         f"{' '.join(DEFAULT_MODES)})")
     ap.add_argument("--keep", type=float, help="override keep_s of every workload that has it")
     ap.add_argument("--vms", type=int, help="override vms.count")
     ap.add_argument("--surplus", choices=["on", "off"], help="override surplus")
     ap.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
                     help="override surplus_policy entries, e.g. guard=false reserve=0.2")
     ap.add_argument("--out")
-    a = ap.parse_args()
-    path = Path(a.config)
-    data = yaml.safe_load(path.read_text())
-    if a.reps:
+    ap.add_argument("--report", metavar="RESULTS", help="print the tables of an existing result folder")
+    a = ap.parse_args(argv)
+    try:
+        if a.report:
+            print_report(Path(a.report))
+            return 0
+        if a.reps < 1:
+            raise HarnessError("--reps must be at least 1")
+        path = Path(a.config)
+        data, lines, dups = load_yaml(read_text(path, "config"), str(path))
+        if not isinstance(data, dict):
+            raise HarnessError(f"{path}: not an experiment config (a YAML mapping)")
         data["repetitions"] = a.reps
-    if a.modes:
-        data["modes"] = a.modes
-    if a.vms and isinstance(data.get("vms"), dict):
-        data["vms"]["count"] = a.vms
-        data["name"] = f"{data['name']}-{a.vms}vm"
-    if a.surplus:
-        data["surplus"] = a.surplus == "on"
-        data["name"] = f"{data['name']}-surplus-{a.surplus}"
-    if a.policy:
-        pol = dict(data.get("surplus_policy") or {})
-        for kv in a.policy:
-            k, _, v = kv.partition("=")
-            pol[k] = yaml.safe_load(v)
-        data["surplus_policy"] = pol
-        data["name"] = re.sub(r"[^A-Za-z0-9_-]", "", f"{data['name']}-" + "-".join(a.policy).replace(".", "p"))
-    if a.keep is not None:
-        for w in data["workloads"]:
-            if "keep_s" in (w.get("params") or {}):
-                w["params"]["keep_s"] = a.keep
-    cfg = validate(data, source=str(path), config_dir=path.parent)
-    t0 = time.monotonic()
-    runner = Runner(cfg, path, Path(a.out) if a.out else None,
-                    log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
-    out = runner.run()
-    table, files = report(out)
-    res = load_results(out)
-    modes = res["modes"]
-    print()
-    print(table)
-    print(f"\nresults: {out} ({time.monotonic() - t0:.0f} s); plots: {', '.join(f.name for f in files)}")
-    print(f"measured on: {res['meta'].get('cpu_model')} x{res['meta'].get('cpus')}, "
-          f"accelerator {res['meta'].get('accel')}, host {res['meta'].get('host_kernel')}")
-    iso = isolation_table(modes)
-    if iso:
-        print("\nwhen sharing collapses (host budget = sum of entitlements; median [min-max]):")
-        print(iso)
-    print("\ngoals (METRICS.md):")
-    for key, (mode, op, target, text) in GOALS.items():
-        if mode not in modes or key not in modes[mode]:
-            continue
-        v = med(modes[mode][key])
-        if v is None:
-            print(f"  {text}: n/a")
-            continue
-        ok = v >= target if op == ">=" else v <= target
-        print(f"  {text}: {v:.3g} -> {'met' if ok else 'NOT met'}")
-    if "ksm" in modes:
-        for mode in ("satori", "satori+ksm"):
-            if mode not in modes:
-                continue
-            k90, s90 = med(modes["ksm"]["time_to_90_s"]), med(modes[mode]["time_to_90_s"])
-            if s90:
-                ratio = f"{k90 / s90:.0f}x sooner" if k90 else f"ksm never reached 90% in the run (> {ratio_hint(modes)} s)"
-                print(f"  time to 90%, {mode} vs ksm: {s90:.2f} s vs {k90 if k90 else 'n/a'}: {ratio} (goal >= 40x)")
-            kc, sc = med(modes["ksm"]["cpu_per_merged_page_s"]), med(modes[mode]["cpu_per_merged_page_s"])
-            if kc and sc:
-                print(f"  host CPU per merged page, {mode}: {sc * 1e6:.1f} us vs ksm {kc * 1e6:.1f} us: "
-                      f"1/{kc / sc:.1f} (goal <= 1/10)")
+        if a.modes:
+            data["modes"] = a.modes
+        if a.vms and isinstance(data.get("vms"), dict):
+            data["vms"]["count"] = a.vms
+            data["name"] = f"{data['name']}-{a.vms}vm"
+        if a.surplus:
+            data["surplus"] = a.surplus == "on"
+            data["name"] = f"{data['name']}-surplus-{a.surplus}"
+        if a.policy:
+            pol = dict(data.get("surplus_policy") or {})
+            for kv in a.policy:
+                k, _, v = kv.partition("=")
+                pol[k] = yaml.safe_load(v)
+            data["surplus_policy"] = pol
+            data["name"] = re.sub(r"[^A-Za-z0-9_-]", "", f"{data['name']}-" + "-".join(a.policy).replace(".", "p"))
+        if a.keep is not None:
+            for w in data.get("workloads") or []:
+                if "keep_s" in (w.get("params") or {}):
+                    w["params"]["keep_s"] = a.keep
+        cfg = validate(data, source=str(path), lines=lines, config_dir=path.parent, extra_problems=dups)
+        report.require_plotting()
+        from harness.experiment import Runner
+
+        t0 = time.monotonic()
+        runner = Runner(cfg, path, Path(a.out) if a.out else None,
+                        log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
+        out = runner.run()
+        print(f"\n{cfg.name}: {time.monotonic() - t0:.0f} s")
+        print_report(out)
+    except HarnessError as e:
+        print(f"scenario: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("scenario: interrupted; everything started was stopped", file=sys.stderr)
+        return 130
     return 0
-
-
-def ratio_hint(modes) -> str:
-    s = modes["ksm"].get("samples") or []
-    if s and isinstance(s[0], list):
-        s = s[0]
-    return f"{s[-1]['t']:.0f}" if s else "?"
 
 
 if __name__ == "__main__":

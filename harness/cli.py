@@ -184,29 +184,46 @@ def cmd_vm_down(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- hints, share, status
 
 
+def hint_counts(snap: dict[str, int]) -> dict[str, int]:
+    """A hint ring's counters as a person reads them: ``records`` the guest produced
+    (published), ``consumed`` by the host's reader, ``pending`` in the ring now; of the
+    consumed, ``valid`` and ``rejected``; the guest's own ``dropped`` (ring full) and ``partial``."""
+    produced, consumed = int(snap["producer"]), int(snap["consumer"])
+    pending = produced - consumed
+    return {
+        "records": produced, "consumed": consumed,
+        "pending": pending if 0 <= pending <= int(snap["capacity"]) else 0,
+        "valid": int(snap["records"]), "rejected": int(snap["rejected"]), "dropped": int(snap["dropped"]),
+        "partial": int(snap["partial"]), "resyncs": int(snap["resyncs"]), "capacity": int(snap["capacity"]),
+        "guest_state": int(snap["guest_state"]),
+    }
+
+
 def cmd_hints(args: argparse.Namespace) -> int:
     """Live view (or one JSON snapshot) of a running VM's hint ring."""
     from harness.hints import HintRing
     from harness.vm import find_state
 
+    if not args.interval > 0:
+        raise HarnessError(f"--interval must be a positive number of seconds, not {args.interval}")
     s = find_state(args.name)
     if not s.get("ring"):
         raise HarnessError(f"VM {args.name} has no hint ring (image without hints, or started with --no-hints)")
     ring = HintRing(Path(s["ring"]), int(s["ram_size"]), readonly=True)
     try:
-        snap = ring.stats()
+        snap = hint_counts(ring.stats())
         if args.json:
-            print(json.dumps({k: snap[k] for k in ("records", "dropped", "rejected", "partial")} | snap))
+            print(json.dumps(snap))
             return 0
         print(f"hint ring of VM {args.name}: {s['ring']} (Ctrl-C to stop)")
         last, t_last = snap, time.monotonic()
         while True:
             time.sleep(args.interval)
-            snap, now = ring.stats(), time.monotonic()
+            snap, now = hint_counts(ring.stats()), time.monotonic()
             rate = (snap["records"] - last["records"]) / (now - t_last)
-            print(f"{time.strftime('%H:%M:%S')}  {rate:9.0f} records/s  total {snap['records']:>9}  "
-                  f"dropped {snap['dropped']:>7}  rejected {snap['rejected']:>7}  partial {snap['partial']:>7}",
-                  flush=True)
+            print(f"{time.strftime('%H:%M:%S')}  {rate:9.0f} records/s  produced {snap['records']:>9}  "
+                  f"consumed {snap['consumed']:>9}  pending {snap['pending']:>7}  dropped {snap['dropped']:>7}  "
+                  f"rejected {snap['rejected']:>7}  partial {snap['partial']:>7}", flush=True)
             last, t_last = snap, now
     except KeyboardInterrupt:
         return 0
@@ -263,7 +280,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstar
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run an experiment config; print the summary table and where results and plots are."""
+    """Run an experiment config; print the summary tables and where results and plots are.
+    Exit status 1 when a run did not complete (a VM died, an error): results.json says which."""
     from harness import report
     from harness.config import load_config
     from harness.experiment import Runner
@@ -272,18 +290,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(path)
     for note in cfg.domain_notes():
         print(note, flush=True)
+    report.require_plotting()  # before booting anything, not after the last mode
     runner = Runner(cfg, path, Path(args.out) if args.out else None,
                     log=lambda m: print(f"{time.strftime('%H:%M:%S')} {m}", flush=True))
     try:
-        folder = runner.run()
+        runner.run()
     finally:
-        if runner.runs:
+        if runner.runs or runner.skipped:
             table, files = report.report(runner.out)
             print()
             print(table)
             print(f"\nresults: {runner.out}/results.json; plots and summary: "
                   + ", ".join(str(f) for f in files))
-    return 0 if folder else 1
+    bad = [r for r in runner.runs if r.status != "ok"]
+    if bad:
+        raise HarnessError(f"{len(bad)} of {len(runner.runs)} runs did not complete: "
+                           + "; ".join(f"{r.mode} #{r.rep + 1}: {r.error or r.status}" for r in bad))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -384,8 +407,38 @@ def _xxh(data: bytes) -> str:
 # ---------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line and exit status 1 like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(1)
+
+
+def _number(kind: type, low: float, inclusive: bool = True):
+    """An argparse type: an int or float >= ``low`` (> ``low`` when not ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a {'whole number' if kind is int else 'number'}") from None
+        if v != v or v < low or (v == low and not inclusive):  # NaN too
+            raise argparse.ArgumentTypeError(f"{text} must be {'>=' if inclusive else '>'} {low:g}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+POSITIVE_FLOAT = _number(float, 0, inclusive=False)
+NONNEGATIVE_FLOAT = _number(float, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="satori", description=__doc__.splitlines()[0])
+    p = _Parser(prog="satori", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -398,8 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     vm = sub.add_parser("vm", help="VMs by hand").add_subparsers(dest="sub", required=True)
     up = vm.add_parser("up", help="boot a VM in the background")
     up.add_argument("name")
-    up.add_argument("--memory", type=int, default=512, help="MiB (default 512)")
-    up.add_argument("--vcpus", type=int, default=1)
+    up.add_argument("--memory", type=POSITIVE_INT, default=512, help="MiB (default 512)")
+    up.add_argument("--vcpus", type=POSITIVE_INT, default=1)
     up.add_argument("--hints", dest="hints", action="store_true", default=None, help="hint ring on (default when the image has it)")
     up.add_argument("--no-hints", dest="hints", action="store_false")
     up.add_argument("--sharing", action="store_true", help="hint ring and merge agent")
@@ -424,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("hints", help="live view of a VM's hint ring")
     h.add_argument("name")
     h.add_argument("--json", action="store_true", help="print one snapshot as JSON and exit")
-    h.add_argument("--interval", type=float, default=1.0)
+    h.add_argument("--interval", type=POSITIVE_FLOAT, default=1.0)
     h.set_defaults(func=cmd_hints)
 
     sh = sub.add_parser("share", help="run the sharing engine over running VMs (foreground)")
@@ -432,13 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--domain", metavar="NAME",
                     help="required: the sharing domain these VMs form (letters, digits, '-', '_'); "
                          "sharing is opt-in, only VMs that trust each other may share (README, Security)")
-    sh.add_argument("--batch", type=int, default=4096, help="pages per merge batch")
-    sh.add_argument("--interval", type=float, default=0.2, help="max seconds a planned merge waits")
+    sh.add_argument("--batch", type=POSITIVE_INT, default=4096, help="pages per merge batch")
+    sh.add_argument("--interval", type=POSITIVE_FLOAT, default=0.2, help="max seconds a planned merge waits")
     sh.set_defaults(func=cmd_share)
 
     st = sub.add_parser("status", help="per VM and per domain sharing figures now")
     st.add_argument("--json", action="store_true", help="one snapshot as JSON")
-    st.add_argument("--watch", type=float, default=0, help="refresh every N seconds")
+    st.add_argument("--watch", type=NONNEGATIVE_FLOAT, default=0, help="refresh every N seconds")
     st.set_defaults(func=cmd_status)
 
     run = sub.add_parser("run", help="run an experiment config (default: configs/quickstart.yaml)")
@@ -460,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="build the image, boot two VMs, read a guest page from the host")
-    demo.add_argument("--memory", type=int, default=512)
+    demo.add_argument("--memory", type=POSITIVE_INT, default=512)
     demo.set_defaults(func=cmd_demo)
     return p
 
@@ -475,6 +528,11 @@ def main(argv: list[str] | None = None) -> int:
         _err(e.message)
         if e.context:
             print(e.context, file=sys.stderr)
+        if args.verbose:
+            raise
+        return 1
+    except OSError as e:  # a file or folder named on the command line, a full disk ...
+        _err(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""))
         if args.verbose:
             raise
         return 1

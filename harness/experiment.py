@@ -1,5 +1,5 @@
 """One experiment (a YAML config) end to end: for every repetition and mode, boot the VMs, start
-the mode, run the workloads, sample the METRICS.md figures, shut down; then results and report.
+the mode, run the workloads, sample the figures of docs/metrics.md, shut down; then results and report.
 
 Modes are the table of :mod:`harness.modes`: how the VMs are built (RAM backend, hints), whether
 KSM scans and with which settings, whether the sharing engine runs. A mode this host cannot run
@@ -11,8 +11,13 @@ hits every mode alike. While a mode runs, one thread steps the sharing engines a
 updates the surplus manager: measuring never delays a hint. Workloads run in the main thread
 over SSH.
 
-Results are written after every mode (``results.json``), so a run stopped by Ctrl-C keeps what
-was measured; every QEMU process, socket, store and /dev/shm file is removed on the way out.
+Results are written after every mode (``results.json``, figures from :mod:`harness.metrics`),
+so a run stopped by Ctrl-C keeps what was measured; every QEMU process, socket, store and
+/dev/shm file is removed on the way out. Each run has a status: ``ok``, ``interrupted`` or
+``failed``. A QEMU that dies during a run is recorded (which VM, its signal or exit status, its
+console tail), its sharing domain is no longer stepped nor sampled, the workloads go on with the
+VMs left, and the experiment goes on with the next run; so does a run whose VMs did not boot.
+``satori run`` then exits with status 1 and the report lists what did not complete.
 """
 
 from __future__ import annotations
@@ -20,15 +25,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness import accounting, budget, ksm, modes, report
-from harness.config import ExperimentConfig, config_as_run, load_config
-from harness.errors import HarnessError
+from harness import accounting, budget, ksm, metrics, modes, report
+from harness.config import ExperimentConfig, config_as_run
+from harness.errors import BootError, HarnessError
 from harness.image import Image, ensure_image
 from harness.sharing.engine import IdlePoll, Member, SharingEngine
 from harness.surplus import Budget, Policy, SurplusManager
@@ -37,8 +43,6 @@ from harness.workloads import RunContext, make
 
 SETTLE_TAIL_S = 3.0  # sampling after the last workload
 GUARD_INTERVAL_S = 0.25  # host memory read between samples (the surplus guard acts on it)
-BUDGET_FIGURES = ("peak_overshoot_mb", "peak_overshoot_pct", "overshoot_s", "reclaim_s",
-                  "entitlement_violations", "bystander_job_ratio", "bystander_p99_ratio")
 
 
 @dataclasses.dataclass
@@ -54,11 +58,32 @@ class ModeRun:
     engine: dict[str, Any] | None
     ksm: dict[str, float] | None
     cpu: dict[str, float]
-    merged_pages: int
     boot_s: dict[str, float]
     surplus: list[dict[str, Any]]
+    quiet_since: float | None = None  # the workloads did nothing since (s from mode start)
+    status: str = "ok"  # ok | failed (a VM died, an error) | interrupted (Ctrl-C)
     error: str | None = None
+    failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # VMs that died
     entitlements_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def vm_death(vm: VM, t: float, domain: str | None) -> dict[str, Any]:
+    """What is known of a QEMU that exited during a run: which VM, how, its last words."""
+    rc = vm.proc.returncode if vm.proc is not None else None
+    how: dict[str, Any] = {"exit_status": rc, "signal": None}
+    if rc is not None and rc < 0:
+        with contextlib.suppress(ValueError):
+            how = {"exit_status": None, "signal": signal.Signals(-rc).name}
+    qemu_log = ""
+    with contextlib.suppress(OSError):
+        qemu_log = (vm.paths.work / "qemu.log").read_text(errors="replace")[-2000:].strip()
+    return {"vm": vm.name, "domain": domain, "t": round(t, 3), "pid": vm.pid, **how,
+            "console_tail": vm.console_tail(30), "qemu_output": qemu_log}
+
+
+def describe_death(f: dict[str, Any]) -> str:
+    how = f"killed by {f['signal']}" if f.get("signal") else f"exited with status {f.get('exit_status')}"
+    return f"VM {f['vm']} (QEMU pid {f.get('pid')}) {how} at t={f.get('t')} s"
 
 
 class _Loop:
@@ -78,6 +103,9 @@ class _Loop:
       is None and ``cpu["error"]`` says why (never a silent substitute);
     - ``oracle``: what this sample cost (``cpu_ms``, ``hashed`` pages, ``untracked_pages``,
       cumulative ``stale``, ``method``).
+
+    Both threads watch the QEMUs: a VM whose QEMU exits is recorded (:func:`vm_death`), its
+    sharing domain is no longer stepped nor sampled, and the other domains go on.
     """
 
     def __init__(self, vms: list[VM], engines: dict[str, SharingEngine], domains: dict[str, list[str]],
@@ -85,8 +113,9 @@ class _Loop:
                  ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None], budget_pages: int = 0, *,
                  scrub: int = 256) -> None:
         self.vms = {v.name: v for v in vms}
-        self.engines = engines
-        self.domains = domains
+        self.engines = dict(engines)
+        self.domains = dict(domains)
+        self.domain_of = {n: d for d, names in domains.items() for n in names}
         self.interval = interval
         self.surplus = surplus
         self.t_start = t_start
@@ -110,6 +139,40 @@ class _Loop:
         self._ksm0 = ksm_ctl.sample().ksmd_cpu_s if ksm_ctl is not None else None
         self._threads = [threading.Thread(target=self._engine_main, daemon=True, name="satori-engine"),
                          threading.Thread(target=self._sampler_main, daemon=True, name="satori-sampler")]
+        self.deaths: list[dict[str, Any]] = []
+        self.lost: dict[str, str] = {}  # domain -> why it is no longer stepped nor sampled
+        self._death_lock = threading.Lock()
+
+    def check_vms(self) -> bool:
+        """Record every QEMU that exited since the last look; True if one did (either thread)."""
+        died = False
+        with self._death_lock:
+            dead = {f["vm"] for f in self.deaths}
+            for name, vm in self.vms.items():
+                if name in dead or vm.proc is None or vm.proc.poll() is None:
+                    continue
+                dom = self.domain_of.get(name)
+                f = vm_death(vm, time.monotonic() - self.t_start, dom)
+                self.deaths.append(f)
+                died = True
+                self.log(describe_death(f) + (f"; domain {dom} is no longer measured" if dom else ""))
+                if dom is not None and dom not in self.lost:
+                    self.lost[dom] = describe_death(f)
+                    self.engines.pop(dom, None)
+                    self.domains.pop(dom, None)
+        return died
+
+    def _died_under(self, dom: str, wait_s: float = 2.0) -> bool:
+        """After an error on domain ``dom``: did one of its VMs die (a QEMU being killed may
+        fail a read a moment before it can be reaped)?"""
+        end = time.monotonic() + wait_s
+        while True:
+            self.check_vms()
+            if dom in self.lost:
+                return True
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.1)
 
     @property
     def error(self) -> BaseException | None:
@@ -124,10 +187,20 @@ class _Loop:
         for t in self._threads:
             t.join(None if end is None else max(0.0, end - time.monotonic()))
 
+    def is_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
     # ------------------------------------------------------------ engine thread
     def _publish_stats(self) -> None:
         c0 = time.thread_time()
-        stats = {dom: e.stats() for dom, e in self.engines.items()}
+        stats = {}
+        for dom, e in list(self.engines.items()):
+            try:
+                stats[dom] = e.stats()
+            except Exception:
+                if self._died_under(dom):
+                    continue
+                raise
         with self._stats_lock:
             self._stats = stats
         self.stats_cpu += time.thread_time() - c0
@@ -137,10 +210,17 @@ class _Loop:
             next_stats = time.monotonic()
             idle = IdlePoll(0.02, 0.1)
             while not self.stop_evt.is_set():
+                self.check_vms()
                 c0 = time.thread_time()
-                taken = sum(e.step() for e in self.engines.values())
+                taken = 0
+                for dom, e in list(self.engines.items()):
+                    try:
+                        taken += e.step()
+                    except Exception:
+                        if self._died_under(dom):
+                            continue  # its VM died under it: recorded, the others go on
+                        raise
                 self.engine_cpu += time.thread_time() - c0
-                self.stepped.set()
                 if taken == 0:
                     self.idle.set()
                 else:
@@ -148,6 +228,7 @@ class _Loop:
                 if self.engines and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.interval
                     self._publish_stats()
+                self.stepped.set()  # after the first stats: the first sample row has its counters
                 idle.wait(taken)  # 20 ms while hints flow, backing off to 100 ms when quiet
             c0 = time.thread_time()
             for e in self.engines.values():
@@ -185,9 +266,16 @@ class _Loop:
                 next_sample = max(next_sample + self.interval, time.monotonic())
                 c0 = time.thread_time()
                 samples = meters.sample()
-                if meters.errors:
+                failed = {}
+                for dom, why in meters.errors.items():
+                    if self._died_under(dom):
+                        meters.drop(dom)  # its VM died: recorded, the other domains go on
+                    else:
+                        failed[dom] = why
+                if failed:
                     raise HarnessError("measuring failed: " + "; ".join(
-                        f"domain {dom}: {why}" for dom, why in meters.errors.items()))
+                        f"domain {dom}: {why}" for dom, why in failed.items()))
+                samples = {d: x for d, x in samples.items() if d not in self.lost}
                 for unt in meters.untracked.values():
                     for name, why in unt.items():
                         if name not in told:
@@ -209,30 +297,24 @@ class _Loop:
     def sample(self, samples: dict[str, accounting.Sample]) -> None:
         """One sample row from one sample of each domain."""
         t = round(time.monotonic() - self.t_start, 3)
-        row: dict[str, Any] = {"t": t}
         saving = 0
         credits: dict[str, float] = {}
         oracle = {"cpu_ms": 0.0, "hashed": 0, "untracked_pages": 0, "stale": 0, "method": "incremental"}
-        for dom, s in samples.items():
+        for s in samples.values():
             oracle["cpu_ms"] += s.cpu_seconds * 1000
             oracle["hashed"] += s.frames_read
             oracle["untracked_pages"] += s.untracked_pages
             oracle["stale"] += s.stale
             if s.method != "incremental" or s.untracked_pages:
                 oracle["method"] = s.method if s.method != "incremental" else "incremental, partly untracked"
-            d = s.as_dict()
-            pre = "" if len(self.domains) == 1 else f"{dom}."
-            for k in ("G", "F", "C", "R", "M", "E", "E_nonzero", "E_disk", "R_disk", "M_disk",
-                      "G_disk", "zero_pages", "store_pages"):
-                if k in d:
-                    row[pre + k] = d[k]
-            saving += int(d.get("R") or 0)
+            saving += int(s.R or 0)
             # each VM's contribution: (n-1)/n for each of its pages on a frame held n times
             credits.update(s.credits)
-        if len(self.domains) > 1:
-            for k in ("G", "F", "C", "R", "M"):
-                row[k] = sum(row.get(f"{dom}.{k}", 0) or 0 for dom in self.domains)
-            row["E"] = (row["R"] / row["M"]) if row.get("M") else None
+        # per domain <dom>.<key> when the run has several, totals with ratios from summed counts
+        row = metrics.sample_row(t, {dom: s.as_dict() for dom, s in samples.items()},
+                                 prefixed=len(set(self.domain_of.values())) > 1)
+        if self.lost:
+            row["lost_domains"] = sorted(self.lost)
         # the host memory the guests use against the budget (the guard's reading now, with the
         # pages filled and broken since the last sample), and the balloons' actual sizes
         self.guard.merged = self._store_mappings()
@@ -241,9 +323,9 @@ class _Loop:
             self.surplus.update(saving, credits)
             row.update(self.surplus.snapshot())
             row["balloon_actual_mb"] = {n: int(vm.qmp("query-balloon")["actual"]) / (1 << 20)
-                                        for n, vm in self.vms.items()}
+                                        for n, vm in self.vms.items() if vm.alive()}
         cpu: dict[str, Any] = {"engine_s": round(self.engine_cpu, 3), "agent_s": None, "ksmd_s": None,
-                               "oracle_s": round(self.oracle_cpu, 3)}
+                               "hosthints_s": 0.0, "oracle_s": round(self.oracle_cpu, 3)}
         errors = []
         if self.ksm_ctl is not None:
             k = self.ksm_ctl.sample()
@@ -254,7 +336,8 @@ class _Loop:
             cpu["ksmd_s"] = 0.0  # ksmd does not run in this mode
         stats = self.engine_stats()
         if self.engines:
-            agent_ns = 0
+            agent_ns = hosthints_ns = 0
+            hosthints_ok = True
             for dom, st in stats.items():
                 row[("" if len(self.engines) == 1 else f"{dom}.") + "merged_total"] = st["merged_total"]
                 for name, v in st["vms"].items():
@@ -262,6 +345,13 @@ class _Loop:
                         errors.append(f"VM {name}: {v.get('agent_error') or 'agent CPU unknown'}")
                     else:
                         agent_ns += int(v["agent_cpu_ns"])
+                    if "hosthints_cpu_ns" in v:  # hints produced on the host (any-guest's preload)
+                        if v["hosthints_cpu_ns"] is None:
+                            hosthints_ok = False
+                            errors.append(f"VM {name}: host hints: {v.get('hosthints_error') or 'CPU unknown'}")
+                        else:
+                            hosthints_ns += int(v["hosthints_cpu_ns"])
+            cpu["hosthints_s"] = round(hosthints_ns / 1e9, 3) if hosthints_ok else None
             if not stats:
                 errors.append("no engine stats yet")
             elif not any(e.startswith("VM ") for e in errors):
@@ -332,8 +422,10 @@ class _Guard(threading.Thread):
         self._broken: dict[str, int] = {}
 
     def look(self) -> budget.HostUse:
-        """One reading (the guard thread's, or the first sample's); the manager acts on it."""
+        """One reading (the guard thread's, or the first sample's); the manager acts on it.
+        A VM whose QEMU exited is left out (the loop records its death)."""
         c0 = time.thread_time()
+        self.meter.vms = [v for v in self.meter.vms if v.alive()]
         with self._lock:
             hu = self.meter.read(self.stores, self.merged)
             self._latest = hu
@@ -360,7 +452,12 @@ class _Guard(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop_evt.wait(GUARD_INTERVAL_S):
-                self.look()
+                try:
+                    self.look()
+                except Exception:
+                    if all(v.alive() for v in self.meter.vms):
+                        raise
+                    # a QEMU died under the reading: the next one leaves it out
         except BaseException as e:  # noqa: BLE001 - reported by the runner
             self.error = e
 
@@ -394,18 +491,31 @@ class Runner:
         return specs
 
     def run_mode(self, mode: str, rep: int) -> ModeRun:
+        """One (mode, repetition): boot, share, run the workloads, sample; recorded in
+        :attr:`runs` whatever happens. A VM whose QEMU dies is recorded and the workloads go on
+        with the VMs left (the run's status is then ``failed``); any other error is recorded
+        and raised."""
         assert self.image is not None
         cfg = self.cfg
+        m = modes.get(mode)
         run_id = new_run_id()
         t_start = time.monotonic()
         cpu0 = time.process_time()
         with contextlib.ExitStack() as stack:
-            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log)
-                   for s in self._specs(modes.get(mode))]
+            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log) for s in self._specs(m)]
             for vm in vms:
                 stack.callback(vm.shutdown)
             self.log(f"[{mode} #{rep + 1}] booting {len(vms)} VMs")
-            start_all(vms)
+            try:
+                start_all(vms)
+            except BootError as e:  # recorded; the other modes and repetitions still run
+                run = ModeRun(mode=mode, rep=rep, samples=[], workloads=[], events=[], t0=None,
+                              engine=None, ksm=None, cpu={}, boot_s={}, surplus=[], status="failed",
+                              error=f"boot: {e.message}")
+                self.runs.append(run)
+                self.write()
+                self.log(f"[{mode} #{rep + 1}] {e.message}; this run is recorded as failed\n{e.context or ''}")
+                return run
             self.accel = vms[0].accel
             boot = {vm.name: round(vm.boot_seconds or 0.0, 2) for vm in vms}
             self.log(f"[{mode} #{rep + 1}] booted in {max(boot.values()):.1f} s")
@@ -413,16 +523,16 @@ class Runner:
             surplus = None
             if any(b.entitlement < b.max for b in budgets):
                 surplus = SurplusManager(budgets, {vm.name: vm.qmp for vm in vms},
-                                         enabled=cfg.surplus and mode != "none",
+                                         enabled=cfg.surplus and m.shares,
                                          policy=Policy(**cfg.surplus_policy.model_dump()))
                 surplus.start()
                 self._wait_balloons(vms, surplus)
             ksm_ctl = None
-            if modes.get(mode).scans:
+            if m.scans:
                 ksm_ctl = stack.enter_context(ksm.KSMControl(mode))
             ksm0 = ksm_ctl.sample() if ksm_ctl else None
             engines: dict[str, SharingEngine] = {}
-            if modes.get(mode).engine:
+            if m.engine:
                 by_name = {vm.name: vm for vm in vms}
                 for dom, names in cfg.domains().items():
                     engines[dom] = stack.enter_context(SharingEngine(
@@ -432,7 +542,7 @@ class Runner:
                          budget_pages=sum(b.entitlement for b in budgets))
             ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
             results = []
-            error = None
+            status, error = "ok", None
             loop.start()  # stopped and joined in the finally below
             loop.guard.start()
             try:
@@ -440,8 +550,21 @@ class Runner:
                 for i, w in enumerate(cfg.workloads):
                     wl = make(w.name, w.params.model_dump() if hasattr(w.params, "model_dump") else dict(w.params or {}),
                               seed=cfg.seed + rep)
+                    alive = [vm for vm in vms if vm.alive()]
+                    if not alive:
+                        break
                     self.log(f"[{mode} #{rep + 1}] workload {i + 1}/{len(cfg.workloads)}: {w.name}")
-                    r = wl.run(vms, ctx)
+                    try:
+                        r = wl.run(alive, ctx)
+                    except Exception as e:
+                        time.sleep(0.5)  # the loop's threads record a QEMU that died under the workload
+                        if loop.error is None and any(not vm.alive() for vm in alive):
+                            loop.check_vms()
+                            status = "failed"
+                            error = f"workload {w.name}: {e}"
+                            self.log(f"[{mode} #{rep + 1}] {w.name} failed after a VM died: {e}")
+                            continue
+                        raise
                     if loop.error:
                         raise loop.error
                     if loop.guard.error:
@@ -452,19 +575,33 @@ class Runner:
                 while time.monotonic() < end and loop.error is None:
                     time.sleep(0.1)
             except KeyboardInterrupt:
-                error = "interrupted"
+                status, error = "interrupted", "interrupted"
+                raise
+            except BaseException as e:
+                status, error = "failed", f"{type(e).__name__}: {e}"
                 raise
             finally:
                 loop.stop_evt.set()
                 loop.guard.stop_evt.set()
                 loop.join(30)
                 loop.guard.join(30)
+                if loop.is_alive():  # stuck in a QMP or agent call: say so, the VMs go down below
+                    self.log(f"[{mode} #{rep + 1}] the sampling/sharing loop did not stop within 30 s")
+                loop.check_vms()
+                if loop.deaths and status == "ok":
+                    status = "failed"
+                if loop.deaths and error is None:
+                    error = "; ".join(describe_death(f) for f in loop.deaths)
+                if loop.error is not None and error is None:
+                    status, error = "failed", f"sampling/sharing loop: {loop.error}"
                 if surplus is not None:
                     with contextlib.suppress(Exception):
                         surplus.release()
                 eng_stats = {d: e.stats() for d, e in engines.items()} or None
-                ksm_delta = ksm_ctl.sample().since(ksm0) if ksm_ctl and ksm0 else None
-                merged_pages = sum(s["merged_total"] for s in (eng_stats or {}).values())
+                ksm_delta = None
+                if ksm_ctl and ksm0:
+                    with contextlib.suppress(HarnessError):
+                        ksm_delta = ksm_ctl.sample().since(ksm0)
                 vm_stats = [v for s in (eng_stats or {}).values() for v in s["vms"].values()]
                 # the agents' thread CPU (every request: merges and the engine's LISTs); unknown
                 # (None, with the reason) if any agent could not say: never a substitute
@@ -473,7 +610,6 @@ class Runner:
                                 if v.get("agent_cpu_ns") is None]
                 agent_s = None if agent_errors else sum(v["agent_cpu_ns"] for v in vm_stats) / 1e9
                 agent_merge_s = sum(v["agent_ns"] for v in vm_stats) / 1e9
-                ksm_pages = max((s.get("ksm_pages_sharing", 0) for s in loop.samples), default=0)
                 cpu = {
                     "harness_s": round(time.process_time() - cpu0, 3),
                     "engine_s": round(loop.engine_cpu, 3),
@@ -491,14 +627,16 @@ class Runner:
                 run = ModeRun(
                     mode=mode, rep=rep, samples=loop.samples, workloads=results, events=ctx.events,
                     t0=starts[0] if starts else None, engine=eng_stats, ksm=ksm_delta, cpu=cpu,
-                    merged_pages=merged_pages + ksm_pages, boot_s=boot,
-                    surplus=surplus.series() if surplus else [], error=error,
+                    boot_s=boot, surplus=surplus.series() if surplus else [],
+                    quiet_since=ctx.quiet_since, status=status, error=error, failures=list(loop.deaths),
                     entitlements_mb={v.name: float(v.entitlement_mb) for v in cfg.vm_list()},
                 )
                 self.runs.append(run)
                 self.write()
             if loop.error:
                 raise HarnessError(f"mode {mode}: sampling/sharing loop failed: {loop.error}") from loop.error
+        for f in run.failures:
+            self.log(f"[{mode} #{rep + 1}] recorded: {describe_death(f)}")
         return run
 
     def _wait_balloons(self, vms: list[VM], surplus: SurplusManager, timeout: float = 60.0) -> None:
@@ -541,39 +679,22 @@ class Runner:
 
     # ------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
-        by_mode: dict[str, dict[str, Any]] = {}
-        for r in self.runs:
-            m = by_mode.setdefault(r.mode, {"reps": []})
-            m["reps"].append(_rep_figures(r))
-        none_times = [rep["workload_time_s"] for rep in by_mode.get("none", {}).get("reps", [])
-                      if rep["workload_time_s"]]
-        base = sorted(none_times)[len(none_times) // 2] if none_times else None
+        """``results.json`` (layout: :mod:`harness.report`): per mode the table entry, every
+        metric of :mod:`harness.metrics` per run, the runs' records (samples, events, engine
+        statistics, CPU, failures)."""
+        records = {(r.mode, r.rep): run_record(r, self.cfg) for r in self.runs}
         modes_out: dict[str, Any] = {}
-        for mode, m in by_mode.items():
-            reps = m["reps"]
-            fig: dict[str, Any] = {}
-            for key in ("E_final", "E_nonzero_final", "E_disk_final", "time_to_90_s", "opportunity_captured",
-                        "opportunity_disk",
-                        "cpu_per_merged_page_s", "workload_time_s", "hint_drops", "hint_rejects",
-                        "merged_pages", "cpu_total_pct_core", "agent_us_per_page", "boot_s",
-                        *BUDGET_FIGURES):
-                vals = [rep.get(key) for rep in reps]
-                fig[key] = vals if len(vals) > 1 else vals[0]
-            wt = [rep["workload_time_s"] for rep in reps]
-            if base:
-                slow = [t / base if t else None for t in wt]
-                gain = [base / t if t else None for t in wt]
-                fig["guest_slowdown"] = slow if len(slow) > 1 else slow[0]
-                fig["macro_gain"] = gain if len(gain) > 1 else gain[0]
-            else:
-                fig["guest_slowdown"] = None
-                fig["macro_gain"] = None
-            fig["samples"] = [rep["samples"] for rep in reps] if len(reps) > 1 else reps[0]["samples"]
-            fig["t0"] = [rep["t0"] for rep in reps] if len(reps) > 1 else reps[0]["t0"]
-            fig["runs"] = [{k: v for k, v in rep.items() if k != "samples"} for rep in reps]
-            modes_out[mode] = fig
+        for (mode, rep), rec in records.items():
+            base = records.get(("none", rep))
+            view = metrics.RunView.from_record(rec, mode)
+            base_view = metrics.RunView.from_record(base, "none") if base is not None else None
+            rec["figures"], rec["why"] = metrics.evaluate(view, base_view)
+            entry = modes_out.setdefault(mode, {"mode": mode_entry(mode), "runs": []})
+            entry["runs"].append(rec)
+        for entry in modes_out.values():
+            entry.update(aggregate_runs(entry["runs"]))
         for mode, why in self.skipped.items():
-            modes_out[mode] = {"skipped": why}
+            modes_out[mode] = {"mode": mode_entry(mode), "skipped": why}
         meta = report.collect_meta(
             config_as_run(self.cfg), self.accel.accel if self.accel else None,
             self.image.abi if self.image else None, self.image.recipe_hash if self.image else None,
@@ -582,62 +703,48 @@ class Runner:
             meta["accel_reason"] = self.accel.reason
         meta["config_file"] = str(self.config_path) if self.config_path else None
         meta["seed"] = self.cfg.seed
-        done = len(self.runs) == (len(self.cfg.modes) - len(self.skipped)) * self.cfg.repetitions
-        return {"name": self.cfg.name, "meta": meta, "modes": modes_out,
-                "complete": done, "partial": not done}
+        expected = (len(self.cfg.modes) - len(self.skipped)) * self.cfg.repetitions
+        complete = len(self.runs) == expected and all(r.status == "ok" for r in self.runs)
+        return {
+            "name": self.cfg.name, "meta": meta,
+            "status": "complete" if complete else "partial", "partial": not complete,
+            "runs_expected": expected,
+            "failures": [{"mode": r.mode, "rep": r.rep, **f} for r in self.runs for f in r.failures],
+            "modes": dict(sorted(modes_out.items(), key=lambda kv: modes.order_key(kv[0]))),
+        }
 
     def write(self) -> None:
         report.write_results(self.out, self.results())
 
 
-def _rep_figures(r: ModeRun) -> dict[str, Any]:
-    s = r.samples
-    last = s[-1] if s else {}
-    wt = sum(w["time_s"] for w in r.workloads) if r.workloads else None
-    drops = rejects = 0
-    for st in (r.engine or {}).values():
-        for v in st["vms"].values():
-            drops += v["dropped"]
-            rejects += v["rejected"] + v["changed"]
-    parts = (r.cpu["engine_s"], r.cpu["agent_s"], r.cpu["ksmd_s"])
-    cpu_s = None if None in parts else sum(parts)  # a part unknown: the total is unknown
-    agent_pages = sum(v["merged_total"] + v["mismatched"] for st in (r.engine or {}).values()
-                      for v in st["vms"].values())
-    bud = budget.run_figures(s, r.events, r.entitlements_mb, r.surplus)
-    by = next((w["extra"]["bystander"] for w in r.workloads if w.get("extra", {}).get("bystander")), None)
+def mode_entry(name: str) -> dict[str, Any]:
+    """The mode table's entry as recorded in results (what the mode was when it ran)."""
+    m = modes.get(name)
+    return {"name": m.name, "summary": m.summary, "ram_backend": m.ram_backend,
+            "ksm": dict(m.ksm) if m.ksm else None, "hints": m.hints, "engine": m.engine}
+
+
+def run_record(r: ModeRun, cfg: ExperimentConfig) -> dict[str, Any]:
+    """One run as ``results.json`` keeps it (what :class:`harness.metrics.RunView` reads)."""
+    from harness.workloads import registry
+
+    kinds = registry()
+    defines = sorted({d for w in cfg.workloads for d in kinds[w.name].DEFINES})
     return {
-        "rep": r.rep,
-        **bud,
-        "bystander_job_ratio": by["job_ratio"] if by else None,
-        "bystander_p99_ratio": by["p99_ratio"] if by else None,
-        "E_final": last.get("E"),
-        "E_nonzero_final": last.get("E_nonzero"),
-        "E_disk_final": last.get("E_disk"),
-        "time_to_90_s": report.time_to_threshold(s, "E_disk", 0.9, r.t0 or 0.0) if s else None,
-        "opportunity_captured": report.opportunity_captured(s, t0=r.t0) if s else None,
-        # the same over disk pages only: what reads can reveal (satori's target)
-        "opportunity_disk": report.opportunity_captured(s, r_key="R_disk", m_key="M_disk", t0=r.t0) if s else None,
-        "cpu_per_merged_page_s": (cpu_s / r.merged_pages) if r.merged_pages and cpu_s is not None else None,
-        "cpu_total_pct_core": round(100 * cpu_s / r.cpu["wall_s"], 2)
-        if r.cpu["wall_s"] and cpu_s is not None else None,
-        "agent_us_per_page": (r.cpu["agent_merge_s"] * 1e6 / agent_pages) if agent_pages else None,
-        "workload_time_s": wt,
-        "hint_drops": drops,
-        "hint_rejects": rejects,
-        "merged_pages": r.merged_pages,
-        "boot_s": max(r.boot_s.values()) if r.boot_s else None,
-        "cpu": r.cpu,
-        "ksm": r.ksm,
-        "engine": r.engine,
-        "workloads": r.workloads,
-        "events": r.events,
-        "surplus": r.surplus,
-        "error": r.error,
-        "t0": r.t0,
-        "samples": s,
+        "rep": r.rep, "status": r.status, "error": r.error, "failures": r.failures,
+        "entitlements_mb": r.entitlements_mb,
+        "t0": r.t0, "quiet_since": r.quiet_since, "defines": defines, "surplus_on": cfg.surplus,
+        "boot_s": r.boot_s, "cpu": r.cpu, "ksm": r.ksm, "engine": r.engine,
+        "workloads": r.workloads, "events": r.events, "surplus": r.surplus, "samples": r.samples,
     }
 
 
-def run_config(path: Path, out: Path | None = None, log: Callable[[str], None] = print) -> Path:
-    cfg = load_config(path)
-    return Runner(cfg, path, out, log).run()
+def aggregate_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A mode's figures over its runs: every metric's per-run values (``figures``, with the
+    reasons where a run has none, ``why``), over the runs that completed; over all of them, said
+    in ``figures_from``, when none did."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    use, frm = (ok, "completed runs") if ok else (runs, "runs that did not complete")
+    figures = {m.key: [r["figures"].get(m.key) for r in use] for m in metrics.METRICS}
+    why = {k: [r["why"].get(k) for r in use] for k in figures if any(r["why"].get(k) for r in use)}
+    return {"figures": figures, "why": why, "figures_from": frm, "reps": [r["rep"] for r in use]}

@@ -9,7 +9,7 @@ Use::
 The values each mode writes are the mode table's (:data:`harness.modes.MODES`, ``Mode.ksm``):
 ``ksm`` is the kernel's default rate, ``ksm-fast`` ten times it, ``ksm-advisor`` lets the kernel's
 scan-time advisor (Linux >= 6.8) pick the rate, ``satori+ksm`` scans at ``ksm``'s rate; ``none``
-and ``satori`` stop ksmd (``run=0``: pages it merged earlier stay merged). Values are numbers,
+and ``satori`` leave KSM alone (their RAM is not mergeable: no scanner can help them). Values are numbers,
 or words for the files that offer a choice (``advisor_mode``: the kernel shows ``[none]
 scan-time``, the harness reads ``none``).
 

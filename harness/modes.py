@@ -84,7 +84,7 @@ _KSM_DEFAULT_RATE = {"pages_to_scan": 100, "sleep_millisecs": 20}
 
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("none", "no sharing: stock guest driver, RAM not mergeable (the baseline)",
-         ram_backend="file", ksm={"run": 0}, hints=None, engine=False),
+         ram_backend="file", ksm=None, hints=None, engine=False),
     Mode("ksm", "KSM at the kernel's default rate (100 pages / 20 ms)",
          ram_backend="ram-merge", ksm={**_KSM_DEFAULT_RATE, "run": 1}, hints=None, engine=False,
          requires=(ksm_files(),)),
@@ -101,7 +101,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          ram_backend="ram-merge", ksm={"pages_to_scan": 1000, "sleep_millisecs": 20, "run": 1},
          hints=None, engine=False, requires=(ksm_files(),)),
     Mode("satori", "hints from the guest's disk reads, verified and merged at once",
-         ram_backend="file", ksm={"run": 0}, hints="guest", engine=True),
+         ram_backend="file", ksm=None, hints="guest", engine=True),
     Mode("satori+ksm", "satori's hints, and KSM at the default rate for what no read reveals",
          ram_backend="ram-merge", ksm={**_KSM_DEFAULT_RATE, "run": 1}, hints="guest", engine=True,
          requires=(ksm_files(),)),

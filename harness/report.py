@@ -1,39 +1,39 @@
 """Results and report: ``results.json`` in, a CSV of the samples, PNG plots and ``summary.md`` out.
 
 A result folder holds one ``results.json`` (written by :func:`write_results`, atomically, so a run
-stopped by Ctrl-C still leaves a file that loads)::
+stopped by Ctrl-C or a failure still leaves a file that loads)::
 
     {
-      "version": 1,
+      "version": 2,
       "name": "quickstart",
-      "partial": false,                  # true when the run was stopped early
+      "status": "complete",              # or "partial": a run failed, was interrupted or is missing
+      "partial": false,
+      "failures": [                      # QEMUs that died during a run
+        {"mode": "satori", "rep": 0, "vm": "vm2", "domain": "default", "t": 31.2, "pid": 1234,
+         "signal": "SIGKILL", "exit_status": null, "console_tail": "...", "qemu_output": "..."}],
       "meta": {...},                     # collect_meta(): what it was measured on
       "modes": {
         "satori": {
-          "E_final": 0.97,               # or a list, one value per repetition
-          "E_disk_final": 0.99, "time_to_90_s": 1.2, "opportunity_captured": 0.9,
-          "cpu_per_merged_page_s": 3e-6, "guest_slowdown": 1.01, "workload_time_s": 14.2,
-          "macro_gain": null, "hint_drops": 0, "hint_rejects": {"vm1": 0, "vm2": 3},
-          "t0": 5.0,                     # optional: workload's first read, s (or a list per rep)
-          "samples": [                   # flat with "rep", or a list of lists (one per rep)
-            {"rep": 0, "t": 0.0, "G": 1000, "F": 900, "C": 850, "R": 100, "M": 150,
-             "E": 0.66, "E_disk": 0.8, "R_disk": 80, "M_disk": 100,
-             "balloon_mb": {"vm1": 256}, "surplus_mb": {"vm1": 0}},
-            ...
-          ],
-          "surplus": [...]               # optional: SurplusManager.series()
-        }, ...
+          "mode": {...},                 # the mode table's entry (harness.modes)
+          "figures": {"E_disk_final": [0.99, 0.98, 0.99], ...},  # every metric, one value per run
+          "why": {"macro_gain": ["the workload defines no macro gain", ...]},  # where null
+          "figures_from": "completed runs",
+          "runs": [{"rep": 0, "status": "ok", "error": null, "figures": {...}, "why": {...},
+                    "samples": [{"t": 0.0, "G": ..., "E_disk": ..., "cpu": {"engine_s": ...}}, ...],
+                    "events": [[3.1, "reads start"], ...], "engine": {...}, ...}, ...]
+        },
+        "ksm-advisor": {"mode": {...}, "skipped": "this kernel's KSM has no smart_scan ..."}
       }
     }
 
-G, F, C, R, M (and their ``_disk`` / ``_nonzero`` variants) are in pages of 4 KiB, ``t`` in
-seconds from the start of the mode's run. A figure that is missing or ``null`` prints ``n/a``;
-``E_final``, ``E_disk_final``, ``time_to_90_s`` and ``opportunity_captured`` missing from a mode
-are derived from its samples (:func:`figures_from_samples`). With repetitions every figure is
-reported as median [min-max].
+The figures are the entries of :mod:`harness.metrics` (the registry): the tables here, the
+comparison of several folders and ``benchmarks/scenario.py`` print them from there, as median
+[min–max] over the repetitions; a figure the results lack (a metric added after the run) is
+computed from the runs' records. G, F, C, R, M are pages of 4 KiB, ``t`` seconds from the start
+of the mode's run.
 
-The metric arithmetic (:func:`time_to_threshold`, :func:`opportunity_captured`,
-:func:`trapezoid`) is pure and unit tested on hand-made series.
+Plots need matplotlib, a main dependency: without it :func:`write_plots` (and ``satori run``,
+before it boots anything) fails with one clear error instead of leaving the plots out.
 """
 
 from __future__ import annotations
@@ -43,133 +43,40 @@ import csv
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from harness import metrics
 from harness import modes as _modes
 from harness.errors import HarnessError
+from harness.metrics import (  # noqa: F401 - the metric arithmetic, re-exported for callers
+    Stat,
+    opportunity_captured,
+    time_to_threshold,
+    trapezoid,
+)
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.json"
+RESULTS_VERSION = 2
 SAMPLES_CSV = "samples.csv"
 SUMMARY = "summary.md"
 PLOT_SHARING = "sharing.png"
 PLOT_SURPLUS = "surplus.png"
 PLOT_WORKLOAD = "workload_times.png"
-PAGES_PER_MB = 256
+PAGES_PER_MB = metrics.PAGES_PER_MB
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-# ---------------------------------------------------------------- figure formatting
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def _secs(x: float) -> str:
-    return f"{x:.2f} s" if abs(x) < 10 else f"{x:.1f} s"
-
-
-def _us(x: float) -> str:
-    return f"{x * 1e6:.2f} µs"
-
-
-def _ratio(x: float) -> str:
-    return f"{x:.3f}x"
-
-
-def _count(x: float) -> str:
-    return f"{x:.0f}"
-
-
-# key, column header, formatter: the figures of METRICS.md, in the table's order
-FIGURES: tuple[tuple[str, str, Callable[[float], str]], ...] = (
-    ("E_final", "E", _pct),
-    ("E_disk_final", "E_disk", _pct),
-    ("time_to_90_s", "time to 90%", _secs),
-    ("opportunity_captured", "opportunity", _pct),
-    ("opportunity_disk", "opportunity disk", _pct),
-    ("cpu_per_merged_page_s", "CPU/merged page", _us),
-    ("guest_slowdown", "slowdown", _ratio),
-    ("workload_time_s", "workload time", _secs),
-    ("macro_gain", "macro gain", _ratio),
-    ("hint_drops", "hint drops", _count),
-    ("hint_rejects", "hint rejects", _count),
-)
-FIGURE_KEYS = tuple(k for k, _, _ in FIGURES)
-
-
-# ---------------------------------------------------------------- metric arithmetic
-
-
 def _value(s: Mapping[str, Any], key: str) -> float | None:
-    v = s.get(key)
-    if v is None or isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-        return None
-    return float(v)
-
-
-def time_to_threshold(samples: Sequence[Mapping[str, Any]], key: str, thr: float,
-                      t0: float = 0.0) -> float | None:
-    """Seconds from ``t0`` to the first sample at or after ``t0`` whose ``key`` is >= ``thr``.
-
-    ``None`` if it never gets there. The resolution is the sampling interval: no interpolation
-    (the answer is the first time the figure was *seen* at the threshold). Samples whose value
-    is missing (E is undefined while M = 0) are skipped.
-    """
-    for s in sorted(samples, key=lambda s: s["t"]):
-        if s["t"] < t0:
-            continue
-        v = _value(s, key)
-        if v is not None and v >= thr:
-            return float(s["t"]) - t0
-    return None
-
-
-def trapezoid(samples: Sequence[Mapping[str, Any]], key: str, t0: float | None = None,
-              t1: float | None = None) -> float:
-    """Integral of ``key`` over ``t`` (trapezoid rule) between ``t0`` and ``t1`` (sample times);
-    an interval with a missing value at either end counts as 0."""
-    pts = sorted((float(s["t"]), _value(s, key)) for s in samples
-                 if (t0 is None or s["t"] >= t0) and (t1 is None or s["t"] <= t1))
-    total = 0.0
-    for (ta, va), (tb, vb) in zip(pts, pts[1:], strict=False):
-        if va is not None and vb is not None:
-            total += (tb - ta) * (va + vb) / 2
-    return total
-
-
-def opportunity_captured(samples: Sequence[Mapping[str, Any]], r_key: str = "R", m_key: str = "M",
-                         t0: float | None = None, t1: float | None = None) -> float | None:
-    """∫R dt / ∫M dt (trapezoid): the share of the sharing opportunity, over time, realized.
-    ``None`` when there was no opportunity (∫M dt = 0)."""
-    m = trapezoid(samples, m_key, t0, t1)
-    if m <= 0:
-        return None
-    return trapezoid(samples, r_key, t0, t1) / m
-
-
-def figures_from_samples(samples: Sequence[Mapping[str, Any]], t0: float = 0.0) -> dict[str, float | None]:
-    """The figures one run's samples determine: final E and E_disk, time to 90% on E_disk,
-    opportunity captured (from ``t0`` on)."""
-    ordered = sorted(samples, key=lambda s: s["t"])
-    last = ordered[-1] if ordered else {}
-    return {
-        "E_final": _value(last, "E"),
-        "E_disk_final": _value(last, "E_disk"),
-        "time_to_90_s": time_to_threshold(ordered, "E_disk", 0.9, t0),
-        "opportunity_captured": opportunity_captured(ordered, t0=t0),
-    }
+    return metrics.value(s, key)
 
 
 # ---------------------------------------------------------------- results in and out
@@ -194,7 +101,7 @@ def write_results(folder: str | os.PathLike, results: Mapping[str, Any]) -> Path
     half-way, never sees half a file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"version": 1, **results}
+    data = {"version": RESULTS_VERSION, **results}
     fd, tmp = tempfile.mkstemp(prefix=".results-", suffix=".json", dir=folder)
     try:
         with os.fdopen(fd, "w") as f:
@@ -211,13 +118,23 @@ def write_results(folder: str | os.PathLike, results: Mapping[str, Any]) -> Path
 def load_results(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / RESULTS
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise HarnessError(f"{folder}: no {RESULTS} (is it a result folder of `satori run`?)") from None
-    except ValueError as e:
+    except IsADirectoryError:
+        raise HarnessError(f"{path}: is a folder, not a results file") from None
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read: {e.strerror or e}") from None
+    except ValueError as e:  # also bytes that are not UTF-8
         raise HarnessError(f"{path}: not valid JSON: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("modes"), dict):
         raise HarnessError(f"{path}: no 'modes' mapping: not a satori result")
+    if data.get("version") != RESULTS_VERSION:
+        raise HarnessError(f"{path}: results of format version {data.get('version')!r}; this harness "
+                           f"reads version {RESULTS_VERSION} (run the experiment again)")
+    for m, v in data["modes"].items():
+        if not isinstance(v, dict) or not isinstance(v.get("runs", []), list):
+            raise HarnessError(f"{path}: mode {m!r} is not a mapping with a list of runs")
     return data
 
 
@@ -225,77 +142,137 @@ def modes_in_order(results: Mapping[str, Any]) -> list[str]:
     return sorted(results["modes"], key=_modes.order_key)
 
 
+def mode_runs(mode: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A mode's run records, in repetition order."""
+    return sorted(mode.get("runs") or [], key=lambda r: int(r.get("rep", 0)))
+
+
 def runs(mode: Mapping[str, Any]) -> list[list[dict[str, Any]]]:
-    """A mode's samples, one list per repetition, in repetition order."""
-    samples = mode.get("samples") or []
-    if samples and isinstance(samples[0], list):
-        return [list(r) for r in samples]
-    reps: dict[int, list[dict[str, Any]]] = {}
-    for s in samples:
-        reps.setdefault(int(s.get("rep", 0)), []).append(s)
-    return [sorted(reps[k], key=lambda s: s["t"]) for k in sorted(reps)]
+    """A mode's samples, one list per run, in repetition order."""
+    return [sorted(r.get("samples") or [], key=lambda s: s["t"]) for r in mode_runs(mode)]
 
 
-def _per_rep(v: Any) -> list[Any]:
-    return list(v) if isinstance(v, list) else [v]
+def _counted(mode: Mapping[str, Any]) -> list[dict[str, Any]]:
+    ok = [r for r in mode_runs(mode) if r.get("status", "ok") == "ok"]
+    return ok or mode_runs(mode)
 
 
-def _scalar(v: Any) -> float | None:
-    """One repetition's value of a figure; a per-VM mapping (hint counters) is summed."""
-    if isinstance(v, Mapping):
-        vals = [_scalar(x) for x in v.values()]
-        vals = [x for x in vals if x is not None]
-        return float(sum(vals)) if vals else None
-    if v is None or isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-        return None
-    return float(v)
-
-
-def figure_values(mode: Mapping[str, Any], key: str) -> list[float]:
-    """Every repetition's value of one figure (missing ones derived from the samples)."""
-    if mode.get(key) is not None:
-        vals = [_scalar(v) for v in _per_rep(mode[key])]
-    elif key in ("E_final", "E_disk_final", "time_to_90_s", "opportunity_captured"):
-        t0 = mode.get("t0")
-        t0s = t0 if isinstance(t0, list) else None
-        vals = []
-        for i, r in enumerate(runs(mode)):
-            if t0s is not None:
-                t0 = t0s[i] if i < len(t0s) else None
-            t0 = float(t0) if isinstance(t0, int | float) else 0.0
-            vals.append(figures_from_samples(r, t0)[key] if r else None)
-    else:
-        vals = []
-    return [v for v in vals if v is not None]
-
-
-def summarize(results: Mapping[str, Any]) -> dict[str, dict[str, tuple[float, float, float, int] | None]]:
-    """mode -> figure -> (median, min, max, repetitions counted), or None where nothing measured."""
-    out: dict[str, dict[str, tuple[float, float, float, int] | None]] = {}
-    for m in modes_in_order(results):
-        row: dict[str, tuple[float, float, float, int] | None] = {}
-        for key in FIGURE_KEYS:
-            vals = figure_values(results["modes"][m], key)
-            row[key] = (statistics.median(vals), min(vals), max(vals), len(vals)) if vals else None
-        out[m] = row
+def figure_values(results: Mapping[str, Any], mode: str, key: str) -> list[float | None]:
+    """One figure of a mode, one value per counted run: as recorded, or computed from the runs'
+    records for a metric the results do not hold."""
+    entry = results["modes"][mode]
+    rec = entry.get("figures") or {}
+    if key in rec:
+        return list(rec[key])
+    none_runs = {int(r.get("rep", 0)): r for r in mode_runs(results["modes"].get("none") or {})}
+    out = []
+    for r in _counted(entry):
+        base = none_runs.get(int(r.get("rep", 0)))
+        vals, _ = metrics.evaluate(metrics.RunView.from_record(r, mode),
+                                   metrics.RunView.from_record(base, "none") if base else None, [key])
+        out.append(vals[key])
     return out
 
 
-def format_figure(stat: tuple[float, float, float, int] | None, fmt: Callable[[float], str]) -> str:
-    if stat is None:
-        return "n/a"
-    med, lo, hi, n = stat
-    return fmt(med) if n == 1 or lo == hi else f"{fmt(med)} [{fmt(lo)}–{fmt(hi)}]"
+def figure_reasons(results: Mapping[str, Any], mode: str, key: str) -> list[str]:
+    """Why a figure has no value in some runs of a mode (distinct reasons)."""
+    entry = results["modes"][mode]
+    why = (entry.get("why") or {}).get(key)
+    if why is None and key not in (entry.get("figures") or {}):
+        why = [metrics.evaluate(metrics.RunView.from_record(r, mode), None, [key])[1].get(key)
+               for r in _counted(entry)]
+    return list(dict.fromkeys(w for w in why or [] if w))
+
+
+def summarize(results: Mapping[str, Any]) -> dict[str, dict[str, Stat | None]]:
+    """mode -> metric key -> median/min/max over the counted runs (None: nothing measured)."""
+    out: dict[str, dict[str, Stat | None]] = {}
+    for m in modes_in_order(results):
+        if results["modes"][m].get("skipped"):
+            continue
+        out[m] = {k.key: Stat.of(figure_values(results, m, k.key)) for k in metrics.METRICS}
+    return out
+
+
+def format_figure(stat: Stat | None, metric: metrics.Metric | str) -> str:
+    return metrics.format_stat(metrics.get(metric) if isinstance(metric, str) else metric, stat)
+
+
+def shown_metrics(stats: Mapping[str, Mapping[str, Stat | None]], group: str | None = None,
+                  keys: Sequence[str] | None = None) -> list[metrics.Metric]:
+    """The metrics of ``group`` (or ``keys``) that some mode has a value for."""
+    chosen = [metrics.get(k) for k in keys] if keys else [m for m in metrics.METRICS if group in (None, m.group)]
+    return [m for m in chosen if keys or any(st.get(m.key) is not None for st in stats.values())]
+
+
+def _cell(mode: str, m: metrics.Metric, stat: Stat | None) -> str:
+    if not m.applies_to(mode):
+        return "—"
+    return format_figure(stat, m)
+
+
+def table(results: Mapping[str, Any], group: str | None = None, keys: Sequence[str] | None = None,
+          goals: bool = False) -> str:
+    """A markdown table, one row per mode, the metrics of ``group`` (or ``keys``) as median
+    [min–max]; ``goals``: a last row with each figure's goal. ``—``: not a figure of that mode."""
+    stats = summarize(results)
+    shown = shown_metrics(stats, group, keys)
+    if not shown:
+        return ""
+    head = "| mode | " + " | ".join(m.label for m in shown) + " |"
+    sep = "|---|" + "---:|" * len(shown)
+    rows = [f"| {mode} | " + " | ".join(_cell(mode, m, st[m.key]) for m in shown) + " |"
+            for mode, st in stats.items()]
+    if goals:
+        rows.append("| goal | " + " | ".join(goal_text(m) for m in shown) + " |")
+    return "\n".join([head, sep, *rows])
+
+
+def goal_text(m: metrics.Metric) -> str:
+    if m.goal is None:
+        return ""
+    g = m.goal
+    return f"{g.op} {m.fmt(g.target)}" + (f" ({', '.join(g.modes)})" if g.modes else "")
 
 
 def summary_table(results: Mapping[str, Any]) -> str:
-    """The markdown table: one row per mode, the METRICS.md figures as median [min–max]."""
+    """Every group's table (sharing, cost, guest, hints), each with its heading."""
+    parts = []
+    for group, title in metrics.GROUPS.items():
+        t = table(results, group)
+        if t:
+            parts += [f"### {title}", "", t, ""]
+    return "\n".join(parts).rstrip()
+
+
+def na_reasons(results: Mapping[str, Any]) -> list[str]:
+    """``mode: figure: why`` for each shown figure a mode has no value for although it applies."""
     stats = summarize(results)
-    head = "| mode | " + " | ".join(h for _, h, _ in FIGURES) + " |"
-    sep = "|---|" + "---:|" * len(FIGURES)
-    rows = [f"| {m} | " + " | ".join(format_figure(stats[m][k], f) for k, _, f in FIGURES) + " |"
-            for m in stats]
-    return "\n".join([head, sep, *rows])
+    lines = []
+    for group in metrics.GROUPS:
+        for m in shown_metrics(stats, group):
+            for mode, st in stats.items():
+                if m.applies_to(mode) and (st[m.key] is None or st[m.key].n < len(_counted(results["modes"][mode]))):
+                    why = figure_reasons(results, mode, m.key)
+                    if why:
+                        lines.append(f"- {mode}, {m.label}: n/a ({'; '.join(why)})")
+    return lines
+
+
+def run_problems(results: Mapping[str, Any]) -> list[str]:
+    """One line per run that did not complete, and per VM that died (with its console tail)."""
+    lines = []
+    for mode in modes_in_order(results):
+        for r in mode_runs(results["modes"][mode]):
+            if r.get("status", "ok") != "ok":
+                lines.append(f"- {mode} repetition {int(r.get('rep', 0)) + 1}: **{r['status']}**"
+                             + (f": {r['error']}" if r.get("error") else ""))
+    for f in results.get("failures") or []:
+        how = f"killed by {f['signal']}" if f.get("signal") else f"exited with status {f.get('exit_status')}"
+        tail = "\n".join("      " + x for x in str(f.get("console_tail") or "").splitlines()[-5:])
+        lines.append(f"- {f.get('mode')} repetition {int(f.get('rep', 0)) + 1}: VM {f.get('vm')} "
+                     f"(QEMU pid {f.get('pid')}) {how} at t={f.get('t')} s; console tail:\n{tail}")
+    return lines
 
 
 # ---------------------------------------------------------------- CSV
@@ -315,19 +292,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def write_csv(folder: str | os.PathLike, results: Mapping[str, Any] | None = None) -> Path:
-    """``samples.csv``: one row per sample per mode and repetition; nested per-VM mappings
-    become columns ``balloon_mb.vm1``..."""
+    """``samples.csv``: one row per sample per mode and run; nested mappings become columns
+    ``cpu.engine_s``, ``balloon_mb.vm1``..."""
     folder = Path(folder)
     results = results if results is not None else load_results(folder)
     rows: list[dict[str, Any]] = []
     for m in modes_in_order(results):
-        for rep, samples in enumerate(runs(results["modes"][m])):
-            for s in samples:
-                flat = _flatten({k: v for k, v in s.items() if k != "rep"})
-                rows.append({"mode": m, "rep": s.get("rep", rep), **flat})
-    first = ["mode", "rep", "t", "G", "F", "C", "R", "M", "E", "E_disk"]
+        for r in mode_runs(results["modes"][m]):
+            for s in r.get("samples") or []:
+                rows.append({"mode": m, "rep": r.get("rep", 0), "status": r.get("status", "ok"), **_flatten(s)})
+    first = ["mode", "rep", "status", "t", "G", "F", "C", "R", "M", "E", "E_disk"]
     seen = {k for r in rows for k in r}
-    columns = [c for c in first if c in seen or c in ("mode", "rep")]
+    columns = [c for c in first if c in seen or c in ("mode", "rep", "status")]
     columns += sorted(seen - set(columns))
     path = folder / SAMPLES_CSV
     with open(path, "w", newline="") as f:
@@ -340,14 +316,22 @@ def write_csv(folder: str | os.PathLike, results: Mapping[str, Any] | None = Non
 # ---------------------------------------------------------------- plots
 
 
+def require_plotting() -> None:
+    """Fail now, with one clear error, if the plots could not be made (matplotlib missing or
+    broken): ``satori run`` calls this before it boots anything."""
+    _pyplot()
+
+
 def _pyplot():
     try:
         import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install
+        raise HarnessError(
+            f"cannot make plots: matplotlib does not load ({type(e).__name__}: {e}); it is a "
+            "dependency of satori: pip install 'matplotlib>=3.6' (or bash ci/install.sh)") from None
     return plt
 
 
@@ -357,11 +341,11 @@ def _mb(v: float | None) -> float:
 
 def plot_sharing(results: Mapping[str, Any], path: Path) -> Path | None:
     """Sharing over time, one panel per mode: realized saving R against the oracle's maximum M
-    (MB; and their disk-content parts), with E_disk on the right axis. Repetitions after the
-    first are drawn faint."""
+    (MB; and their disk-content parts), with E_disk on the right axis. Runs after the first are
+    drawn faint."""
     plt = _pyplot()
     modes = [m for m in modes_in_order(results) if any(runs(results["modes"][m]))]
-    if plt is None or not modes:
+    if not modes:
         return None
     fig, axes = plt.subplots(len(modes), 1, figsize=(9, 2.6 * len(modes)), sharex=True, squeeze=False)
     for ax, m in zip(axes[:, 0], modes, strict=True):
@@ -395,14 +379,14 @@ def plot_sharing(results: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def _surplus_series(mode: Mapping[str, Any]) -> list[tuple[float, dict[str, float], float | None]]:
-    """(t, surplus MB per VM, saving MB) from the samples, or from the manager's decisions."""
+    """(t, surplus MB per VM, saving MB) from the first run's samples, or its manager's decisions."""
     out = []
-    first = runs(mode)[0] if runs(mode) else []
-    for s in first:
+    first = mode_runs(mode)[0] if mode_runs(mode) else {}
+    for s in first.get("samples") or []:
         if isinstance(s.get("surplus_mb"), Mapping):
             out.append((float(s["t"]), dict(s["surplus_mb"]), _mb(_value(s, "R"))))
     if not out:
-        for d in mode.get("surplus") or []:
+        for d in first.get("surplus") or []:
             if isinstance(d.get("surplus_mb"), Mapping):
                 out.append((float(d["t"]), dict(d["surplus_mb"]), d.get("saving_mb")))
     return out
@@ -414,7 +398,7 @@ def plot_surplus(results: Mapping[str, Any], path: Path) -> Path | None:
     plt = _pyplot()
     data = {m: _surplus_series(results["modes"][m]) for m in modes_in_order(results)}
     data = {m: s for m, s in data.items() if s}
-    if plt is None or not data:
+    if not data:
         return None
     fig, axes = plt.subplots(len(data), 1, figsize=(9, 2.4 * len(data)), sharex=True, squeeze=False)
     for ax, (m, series) in zip(axes[:, 0], data.items(), strict=True):
@@ -436,19 +420,22 @@ def plot_surplus(results: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def plot_workload_times(results: Mapping[str, Any], path: Path) -> Path | None:
-    """Workload time per mode: median bar, min-max whisker, every repetition as a dot."""
+    """Workload time per mode: median bar, min-max whisker, every run as a dot."""
     plt = _pyplot()
-    modes = [m for m in modes_in_order(results) if figure_values(results["modes"][m], "workload_time_s")]
-    if plt is None or not modes:
+    vals = {m: [v for v in figure_values(results, m, "workload_time_s") if v is not None]
+            for m in modes_in_order(results) if not results["modes"][m].get("skipped")}
+    vals = {m: v for m, v in vals.items() if v}
+    if not vals:
         return None
-    vals = [figure_values(results["modes"][m], "workload_time_s") for m in modes]
-    med = [statistics.median(v) for v in vals]
-    err = [[md - min(v) for md, v in zip(med, vals, strict=True)], [max(v) - md for md, v in zip(med, vals, strict=True)]]
+    modes = list(vals)
+    med = [Stat.of(vals[m]).median for m in modes]  # type: ignore[union-attr]
+    err = [[md - min(vals[m]) for md, m in zip(med, modes, strict=True)],
+           [max(vals[m]) - md for md, m in zip(med, modes, strict=True)]]
     fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(modes) + 2), 3.2))
     x = range(len(modes))
     ax.bar(x, med, yerr=err, capsize=4, color="tab:blue", alpha=0.7)
-    for i, v in enumerate(vals):
-        ax.plot([i] * len(v), v, "k.", ms=4)
+    for i, m in enumerate(modes):
+        ax.plot([i] * len(vals[m]), vals[m], "k.", ms=4)
     ax.set_xticks(list(x), modes)
     ax.set_ylabel("workload time (s)")
     ax.set_title(f"{results.get('name', '')}: workload time per mode (median, min-max)", fontsize=10)
@@ -460,11 +447,9 @@ def plot_workload_times(results: Mapping[str, Any], path: Path) -> Path | None:
 
 
 def write_plots(folder: str | os.PathLike, results: Mapping[str, Any] | None = None) -> list[Path]:
+    """The PNG plots of a result folder; raises :class:`HarnessError` if they cannot be made."""
     folder = Path(folder)
     results = results if results is not None else load_results(folder)
-    if _pyplot() is None:
-        log.warning("plots skipped: matplotlib is not installed (pip install -e '.[dev]')")
-        return []
     out = [plot_sharing(results, folder / PLOT_SHARING),
            plot_surplus(results, folder / PLOT_SURPLUS),
            plot_workload_times(results, folder / PLOT_WORKLOAD)]
@@ -490,18 +475,26 @@ def _meta_lines(meta: Mapping[str, Any]) -> list[str]:
 
 
 def summary_markdown(results: Mapping[str, Any], plots: Iterable[Path] = ()) -> str:
-    reps = max((len(runs(results["modes"][m])) for m in results["modes"]), default=0)
+    reps = max((len(mode_runs(results["modes"][m])) for m in results["modes"]), default=0)
     lines = [f"# {results.get('name', 'satori run')}", ""]
     if results.get("partial"):
-        lines += ["**Partial run**: stopped before the end; figures cover what was measured.", ""]
-    skipped = {m: v["skipped"] for m, v in results["modes"].items() if isinstance(v, Mapping) and v.get("skipped")}
-    for m, why in skipped.items():
-        lines += [f"- mode {m} was skipped: {why}"]
-    if skipped:
-        lines.append("")
+        lines += ["**Partial run**: not every mode and repetition ran to its end (see below); "
+                  "figures count the runs that completed.", ""]
+    for m in modes_in_order(results):
+        if results["modes"][m].get("skipped"):
+            lines.append(f"- mode {m} was skipped: {results['modes'][m]['skipped']}")
     lines += _meta_lines(results.get("meta") or {})
-    lines += ["", f"Figures of METRICS.md per mode; with {reps} repetitions: median [min–max]." if reps > 1
-              else "Figures of METRICS.md per mode.", "", summary_table(results), ""]
+    lines += ["", (f"Figures per mode (definitions: docs/metrics.md); {reps} repetitions: median "
+                   "[min–max]; a ratio to mode none whose spread crosses 1.0 is \"within noise\"; "
+                   "— where a figure is not one of that mode.") if reps > 1 else
+              "Figures per mode (definitions: docs/metrics.md); one repetition: no spread, no claim.",
+              "", summary_table(results), ""]
+    problems = run_problems(results)
+    if problems:
+        lines += ["### Runs that did not complete", "", *problems, ""]
+    reasons = na_reasons(results)
+    if reasons:
+        lines += ["### Figures without a value", "", *reasons, ""]
     for p in plots:
         lines.append(f"![{p.stem}]({p.name})")
     return "\n".join(lines).rstrip() + "\n"
@@ -509,14 +502,18 @@ def summary_markdown(results: Mapping[str, Any], plots: Iterable[Path] = ()) -> 
 
 def report(folder: str | os.PathLike) -> tuple[str, list[Path]]:
     """Write ``summary.md``, ``samples.csv`` and the plots into a result folder; return the
-    summary table and the files written."""
+    summary tables and the files written."""
     folder = Path(folder)
     results = load_results(folder)
     plots = write_plots(folder, results)
     csv_path = write_csv(folder, results)
     md = folder / SUMMARY
     md.write_text(summary_markdown(results, plots))
-    return summary_table(results), [md, csv_path, *plots]
+    text = summary_table(results)
+    problems = run_problems(results)
+    if problems:
+        text += "\n\nRuns that did not complete:\n" + "\n".join(problems)
+    return text, [md, csv_path, *plots]
 
 
 def _labels(folders: Sequence[Path]) -> list[str]:
@@ -539,17 +536,17 @@ def compare(folders: Sequence[str | os.PathLike]) -> str:
                      + (", partial" if r.get("partial") else ""))
     stats = [summarize(r) for r in all_results]
     modes: list[str] = []
-    for r in all_results:
-        modes += [m for m in modes_in_order(r) if m not in modes]
+    for st in stats:
+        modes += [m for m in st if m not in modes]
     modes.sort(key=_modes.order_key)
     lines += ["", "| mode | figure | " + " | ".join(labels) + " |",
               "|---|---|" + "---:|" * len(labels)]
     for m in modes:
-        for key, head, fmt in FIGURES:
-            cells = [format_figure(s[m][key], fmt) if m in s else "—" for s in stats]
+        for metric in metrics.METRICS:
+            cells = [format_figure(s[m][metric.key], metric) if m in s else "—" for s in stats]
             if all(c in ("n/a", "—") for c in cells):
                 continue
-            lines.append(f"| {m} | {head} | " + " | ".join(cells) + " |")
+            lines.append(f"| {m} | {metric.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

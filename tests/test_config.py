@@ -189,3 +189,14 @@ def test_a_folder_or_fifo_config_is_one_clear_error(tmp_path: Path) -> None:
         load_config(tmp_path / "pipe.yaml")
     with pytest.raises(ConfigError, match="cannot read the config: No such file"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["quickstart", "identical-readers-2vm", "identical-readers-4vm", "boot-storm"])
+def test_configs_that_report_idle_cpu_have_a_quiet_tail_long_enough(name: str) -> None:
+    from harness.metrics import IDLE_WINDOW_S
+
+    cfg = load_config(HERE.parent / "configs" / f"{name}.yaml", host_mem_mb=4096)
+    last = cfg.workloads[-1]
+    # the last workload ends in a quiet phase (ctx.quiet()) of keep_s seconds
+    assert last.name in ("identical-readers", "boot-storm")
+    assert last.params.keep_s >= IDLE_WINDOW_S + 5, f"{name}: keep_s {last.params.keep_s}"

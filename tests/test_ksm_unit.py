@@ -30,7 +30,7 @@ def values(root):
 
 @pytest.mark.parametrize(
     "mode,expect",
-    [("ksm", (1, 100, 20)), ("ksm-fast", (1, 1000, 20)), ("satori+ksm", (1, 100, 20)), ("none", (0, 37, 200))],
+    [("ksm", (1, 100, 20)), ("ksm-fast", (1, 1000, 20)), ("satori+ksm", (1, 100, 20))],
 )
 def test_modes_set_and_restore(sysfs, tmp_path, mode, expect):
     with ksm.KSMControl(mode, root=sysfs, state_dir=tmp_path) as k:
@@ -77,6 +77,8 @@ def test_missing_ksm_is_a_clear_error(tmp_path):
         ksm.sample(tmp_path / "nope")
     with pytest.raises(HarnessError, match="unknown sharing mode"):
         ksm.KSMControl("fast")
+    with pytest.raises(HarnessError, match="leaves KSM alone"):
+        ksm.KSMControl("none")
 
 
 def test_sample_and_ram_backend(sysfs):

@@ -30,7 +30,8 @@ def dataset_files(first: int, count: int) -> list[str]:
 
 @dataclasses.dataclass
 class WorkloadResult:
-    """What a workload measured. ``time_s``: the figure compared across modes (lower is better)."""
+    """What a workload measured. ``time_s``: its own time figure (lower is better); whether it may
+    be compared across modes is what the workload class says (:attr:`Workload.DEFINES`)."""
 
     kind: str
     time_s: float
@@ -48,15 +49,29 @@ class RunContext:
     events: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     stop: threading.Event = dataclasses.field(default_factory=threading.Event)
     settle: Callable[[], None] = lambda: None  # the runner: let sharing catch up (mode dependent)
+    quiet_since: float | None = None  # the guests have done nothing since (s from t0), or None
 
-    def mark(self, label: str) -> None:
-        self.events.append((round(time.monotonic() - self.t0, 3), label))
+    def mark(self, label: str, activity: bool = True) -> None:
+        """Record an event; ``activity`` (the default) ends a quiet phase."""
+        t = round(time.monotonic() - self.t0, 3)
+        self.events.append((t, label))
+        if activity:
+            self.quiet_since = None
+
+    def quiet(self) -> None:
+        """From now on the guests do nothing (until the next activity): the idle tail where a
+        scanner keeps paying and hinted sharing should not (idle CPU, docs/metrics.md)."""
+        self.mark("quiet", activity=False)
+        self.quiet_since = self.events[-1][0]
 
 
 class Workload:
     kind: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, Any]] = {}
     PARAM_TYPES: ClassVar[dict[str, Any]] = {}  # a type narrower than the default implies
+    # the ratio figures against mode none its time figure supports (harness.metrics):
+    # "slowdown" (guest slowdown) and "macro_gain"; none by default (a fixed duration, sleeps)
+    DEFINES: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: dict[str, Any] | None = None, seed: int = 0) -> None:
         params = dict(params or {})

@@ -17,7 +17,8 @@ class BootStorm(Workload):
     PARAMS = {"keep_s": 20.0}
 
     def run(self, vms: list, ctx: RunContext) -> WorkloadResult:
-        ctx.mark("idle start")
+        ctx.mark("idle start", activity=False)
+        ctx.quiet()
         ctx.settle()
         end = time.monotonic() + float(self.p["keep_s"])
         while time.monotonic() < end and not ctx.stop.is_set():

@@ -1,4 +1,4 @@
-"""Identical readers: every VM reads the same files cold (METRICS.md scenario 1)."""
+"""Identical readers: every VM reads the same files cold (docs/metrics.md scenario 1)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from harness.workloads import RunContext, Workload, WorkloadResult, dataset_file
 class IdenticalReaders(Workload):
     kind = "identical-readers"
     PARAMS = {"first_file": 0, "files": 50, "keep_s": 10.0}
+    DEFINES = frozenset({"slowdown"})  # the cold read's own time
 
     def run(self, vms: list, ctx: RunContext) -> WorkloadResult:
         files = " ".join(dataset_files(int(self.p["first_file"]), int(self.p["files"])))
@@ -19,11 +20,12 @@ class IdenticalReaders(Workload):
         times = on_all(vms, lambda vm: timed(vm, f"cat {files} > /dev/null"))
         wall = time.monotonic() - t0
         ctx.mark("reads end")
+        ctx.quiet()
         ctx.settle()
         end = time.monotonic() + float(self.p["keep_s"])
         while time.monotonic() < end and not ctx.stop.is_set():
             time.sleep(0.2)
-        ctx.mark("keep end")
+        ctx.mark("keep end", activity=False)
         return WorkloadResult(
             self.kind, max(times.values()),
             {n: {"read_s": round(t, 3), "mb": 4 * int(self.p["files"])} for n, t in times.items()},

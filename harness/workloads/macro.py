@@ -19,6 +19,7 @@ from harness.workloads import RunContext, Workload, WorkloadResult, dataset_file
 class Macro(Workload):
     kind = "macro"
     PARAMS = {"first_file": 0, "files": 50, "ios": 20000, "warmup_passes": 1, "settle_s": 5.0}
+    DEFINES = frozenset({"slowdown", "macro_gain"})  # fio's time for a fixed number of reads
 
     def _fio(self, vm, files: list[str]) -> dict:
         cmd = (

@@ -22,6 +22,7 @@ server.errorlog = "/tmp/lighttpd.err"
 class Web(Workload):
     kind = "web"
     PARAMS = {"files": 50, "duration_s": 20, "connections": 4, "threads": 1}
+    DEFINES = frozenset({"slowdown"})  # time per request
 
     def _one(self, vm, ctx: RunContext) -> dict:
         vm.ssh.put(LIGHTTPD_CONF.encode(), "/tmp/lighttpd.conf")
