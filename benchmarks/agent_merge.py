@@ -11,7 +11,7 @@ Each scenario gets a fresh QEMU. Prints the agent's own time (memcmp + mmap + pu
 and the wall time per page seen by the client (socket round trip included). The scattered case
 needs ~2 VMAs per page: as root the script raises vm.max_map_count for the run and restores it.
 
-    python benchmarks/agent_merge.py [--pages 50000] [--ram-mb 512] [--batch 4096]
+    python3 benchmarks/agent_merge.py [--pages 50000] [--ram-mb 512] [--batch 4096]
 """
 
 from __future__ import annotations

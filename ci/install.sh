@@ -18,4 +18,4 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 echo "[install] python package (pip install -e .[dev])"
 python3 -m pip install -q --disable-pip-version-check -e ".[dev]" 2>&1 | grep -v -E "^WARNING: (Running pip as|Location)" || true
-python3 -c "import harness, qemu.qmp, paramiko, xxhash" # fail here, not later, if pip did not work
+python3 -c "import harness, qemu.qmp, paramiko, xxhash, matplotlib, pytest" # fail here, not later, if pip did not work

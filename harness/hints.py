@@ -275,10 +275,6 @@ class HintRing:
         self._publish()
         return good
 
-    def poll_records(self, max_records: int | None = None) -> list[HintRecord]:
-        """:meth:`poll`, as dataclasses (convenient, slower; for small batches and tests)."""
-        return to_records(self.poll(max_records))
-
     def _publish(self) -> None:
         self._set64(OFF_CONSUMER, self._consumer)
         self._set64(OFF_HOST_RECORDS, self._records)

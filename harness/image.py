@@ -269,12 +269,19 @@ def apt_for(suite: str, log: Log = print, refresh: bool = False) -> Apt:
 
 
 def load_recipe(path: Path = DEFAULT_RECIPE) -> dict:
+    from harness.config import read_text
+    from harness.errors import ConfigError
+
+    if not Path(path).exists():
+        raise ImageError(f"image recipe not found: {path}")
     try:
-        recipe = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ImageError(f"image recipe not found: {path}") from None
+        recipe = yaml.safe_load(read_text(path, "image recipe"))
+    except ConfigError as e:
+        raise ImageError(e.message) from None
     except yaml.YAMLError as e:
         raise ImageError(f"image recipe {path} is not valid YAML: {e}") from None
+    if not isinstance(recipe, dict):
+        raise ImageError(f"image recipe {path}: expected a YAML mapping (key: value)")
     for key in ("suite", "packages", "kernel", "initramfs_modules", "image_size_mb"):
         if key not in recipe:
             raise ImageError(f"image recipe {path}: missing field '{key}'")
@@ -602,16 +609,6 @@ def _configure_rootfs(rootfs: Path, pubkey: str, recipe: dict) -> None:
 
 def image_root(rhash: str) -> Path:
     return cache_dir() / "images" / rhash
-
-
-def find_image(recipe_path: Path = DEFAULT_RECIPE) -> Image | None:
-    """The cached image for the recipe's current hash, or None."""
-    recipe = load_recipe(recipe_path)
-    abi, _ = resolve_kernel_abi(recipe["kernel"], apt_for(recipe["suite"]))
-    root = image_root(recipe_hash(recipe_path, abi))
-    if (root / "manifest.json").exists():
-        return Image.load(root)
-    return None
 
 
 def build_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print, force: bool = False,

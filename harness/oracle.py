@@ -370,11 +370,6 @@ def disk_block_set(path: Path, key: str | None = None) -> np.ndarray:
     return arr
 
 
-def image_disk_set(image) -> np.ndarray:
-    """The disk block set of a :class:`harness.image.Image` (its base ``rootfs.raw``)."""
-    return disk_block_set(image.rootfs, image.recipe_hash)
-
-
 # ============================================================================ content ids
 
 

@@ -118,9 +118,6 @@ class VMPaths:
             agent=work / "agent.sock",
         )
 
-    def all_files(self) -> list[Path]:
-        return [self.ram, self.ring, self.work]
-
 
 def build_cmdline(
     spec: VMSpec,

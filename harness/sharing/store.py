@@ -78,9 +78,6 @@ class ContentStore:
         self.live -= 1
         self.punched += 1
 
-    def resident_pages(self) -> int:
-        return os.fstat(self.fd).st_blocks * 512 // PAGE
-
     def close(self, unlink: bool = True) -> None:
         """Close the store. Unlinking is safe while QEMUs map it: the pages live until unmapped."""
         if self.fd >= 0:
