@@ -442,6 +442,33 @@ def _bystander(key: str) -> Compute:
     return f
 
 
+def _stall_of(run: RunView, key: str) -> float:
+    """The worst VM's figure of the guest-visible stall probe (workload ``extra``)."""
+    vals = [_num(w["extra"].get(key)) for w in run.workloads
+            if isinstance(w.get("extra"), Mapping) and w["extra"].get(key) is not None]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        raise NA("no stall probe in the workloads (identical-readers stall_probe: true)")
+    return max(vals)
+
+
+def _stall(key: str) -> Compute:
+    def f(run: RunView, base: RunView | None) -> float | None:
+        return _stall_of(run, key)
+    return f
+
+
+def _stall_vs_none(run: RunView, base: RunView | None) -> float | None:
+    if run.mode == "none":
+        raise NA("the baseline")
+    if base is None:
+        raise NA("no run of mode none in the same repetition")
+    mine, theirs = _stall_of(run, "stall_p999_us"), _stall_of(base, "stall_p999_us")
+    if theirs <= 0:
+        raise NA("mode none's p99.9 stall is 0")
+    return mine / theirs
+
+
 # ---------------------------------------------------------------- formatting
 
 
@@ -471,6 +498,10 @@ def count(x: float) -> str:
 
 def mb(x: float) -> str:
     return f"{x / PAGES_PER_MB:.1f} MB"
+
+
+def micros(x: float) -> str:
+    return f"{x:,.0f} µs"
 
 
 def megabytes(x: float) -> str:
@@ -597,6 +628,18 @@ METRICS: tuple[Metric, ...] = (
            _against_none(True, "macro_gain"), ratio, "higher", "guest", applies="sharing",
            workloads=("macro",), ratio=True,
            goal=Goal(">=", 2.0, ("satori",), ("macro",), "macrobenchmark gain >= 2x")),
+    Metric("stall_max_us", "stall max", "µs",
+           "longest gap an in-guest loop saw in CLOCK_MONOTONIC (worst VM; stall probe)",
+           _stall("stall_max_us"), micros, "lower", "guest",
+           goal=Goal("<=", 1000, ("satori", "satori-host"), None, "guest-visible stall max <= 1 ms")),
+    Metric("stall_p999_us", "stall p99.9", "µs", "the same gaps, 99.9th percentile (worst VM)",
+           _stall("stall_p999_us"), micros, "lower", "guest"),
+    Metric("stall_p999_vs_none", "stall p99.9 vs none", "x",
+           "the p99.9 gap / mode none's, same repetition (the probe's own noise in mode none)",
+           _stall_vs_none, ratio, "lower", "guest", applies="sharing", ratio=True,
+           goal=Goal("<=", 1.10, ("satori", "satori-host"), None, "stall p99.9 within 10% of mode none")),
+    Metric("stall_over1ms", "stalls > 1 ms", "count", "gaps longer than 1 ms (worst VM)",
+           _stall("stall_over1ms"), count, "lower", "guest"),
     # ---- hints
     Metric("hint_drops", "hint drops", "records", "records the guests dropped (ring full)",
            _hint_counter("dropped"), count, "lower", "hints", applies="engine"),

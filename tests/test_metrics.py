@@ -236,3 +236,14 @@ def test_docs_metrics_md_carries_the_registry() -> None:
 def test_samples_helper_is_consistent() -> None:
     s = samples("satori")
     assert s[0]["cpu"]["engine_s"] == 0.0 and s[-1]["cpu"]["engine_s"] > 0
+
+
+def test_stall_probe_figures_from_the_workloads() -> None:
+    run, base = view("satori"), view("none")
+    assert evaluate(run)[1]["stall_max_us"].startswith("no stall probe")
+    run.workloads[0]["extra"] = {"stall_max_us": 900.0, "stall_p999_us": 220.0, "stall_over1ms": 0}
+    base.workloads[0]["extra"] = {"stall_max_us": 400.0, "stall_p999_us": 200.0, "stall_over1ms": 0}
+    vals, _ = evaluate(run, base)
+    assert (vals["stall_max_us"], vals["stall_p999_us"], vals["stall_over1ms"]) == (900.0, 220.0, 0.0)
+    assert vals["stall_p999_vs_none"] == pytest.approx(1.1)
+    assert metrics.goal_verdict(metrics.get("stall_max_us"), Stat.of([900.0])) == "met"
