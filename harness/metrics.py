@@ -372,6 +372,17 @@ def _oracle_pct_core(run: RunView, base: RunView | None) -> float | None:
     return 100.0 * (b - a) / _window(run)
 
 
+def _oracle_most(key: str) -> Compute:
+    """The most of a per-sample oracle figure (``row["oracle"][key]``) over the run."""
+    def f(run: RunView, base: RunView | None) -> float | None:
+        vals = [_num(r["oracle"].get(key)) for r in run.need_samples() if isinstance(r.get("oracle"), Mapping)]
+        vals = [v for v in vals if v is not None]
+        if not vals:
+            raise NA("the samples carry no oracle figures")
+        return max(vals)
+    return f
+
+
 def _merge_lag(stat: str) -> Compute:
     def f(run: RunView, base: RunView | None) -> float | None:
         if not run.engine:
@@ -617,6 +628,14 @@ METRICS: tuple[Metric, ...] = (
            "the measurement's own CPU (accounting + oracle) / the sampling window; never charged to a mode",
            _oracle_pct_core, pct_core, "lower", "cost",
            goal=Goal("<=", 5.0, None, None, "oracle cost <= 5% of a core")),
+    Metric("oracle_untracked_pages", "oracle untracked", "pages",
+           "most pages in one sample the oracle could not track writes to and re-read in full",
+           _oracle_most("untracked_pages"), count, "lower", "cost"),
+    Metric("oracle_stale_pages", "oracle stale", "pages",
+           "pages the oracle's background re-check found changed behind the write tracker "
+           "(cumulative, at the last sample; the oracle missed them until then)",
+           _oracle_most("stale"), count, "lower", "cost",
+           goal=Goal("<=", 0, None, None, "the oracle misses no write (stale pages = 0)")),
     # ---- guest
     Metric("workload_time_s", "workload time", "s", "the workloads' own time figure, summed",
            _workload_time, secs, "lower", "guest"),

@@ -3,6 +3,10 @@ no QEMU): the CPU counters, and no silent substitute when an agent cannot say it
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from harness.accounting import Sample, VMPages
 from harness.experiment import _Loop
 
@@ -34,7 +38,7 @@ def test_row_carries_cpu_counters_and_oracle_cost():
     loop.engine_cpu, loop.oracle_cpu = 1.5, 0.25
     loop.sample({"d": _sample()})
     row = loop.samples[-1]
-    assert row["cpu"] == {"engine_s": 1.5, "agent_s": 0.003, "ksmd_s": 0.0, "oracle_s": 0.25}
+    assert row["cpu"] == {"engine_s": 1.5, "agent_s": 0.003, "ksmd_s": 0.0, "hosthints_s": 0.0, "oracle_s": 0.25}
     assert row["oracle"] == {"cpu_ms": 4.0, "hashed": 12, "untracked_pages": 0, "stale": 0,
                              "method": "incremental"}
     assert row["G"] == 10 and row["E_disk"] == 1.0 and row["merged_total"] == 8
@@ -56,3 +60,54 @@ def test_modes_without_agents_or_ksmd_charge_zero():
     loop.sample({"d": _sample()})
     cpu = loop.samples[-1]["cpu"]
     assert cpu["agent_s"] == 0.0 and cpu["ksmd_s"] == 0.0 and "error" not in cpu
+
+
+def test_host_hint_cpu_is_summed_and_unknown_when_a_vm_cannot_say():
+    loop = _loop({"d": _Eng()})
+    st = _stats(1_000_000)
+    st["d"]["vms"]["a"]["hosthints_cpu_ns"] = 500_000_000
+    st["d"]["vms"]["b"]["hosthints_cpu_ns"] = 250_000_000
+    loop._stats = st
+    loop.sample({"d": _sample()})
+    assert loop.samples[-1]["cpu"]["hosthints_s"] == 0.75
+    st["d"]["vms"]["b"].update(hosthints_cpu_ns=None, hosthints_error="ring header unreadable")
+    loop.sample({"d": _sample()})
+    cpu = loop.samples[-1]["cpu"]
+    assert cpu["hosthints_s"] is None and "ring header unreadable" in cpu["error"]
+
+
+def test_rows_of_several_domains_carry_totals_with_ratios_from_the_sums():
+    loop = _Loop([], {}, {"x": ["a"], "y": ["b"]}, 1.0, None, 0.0, None, lambda m: None)
+    loop.sample({"x": _sample(), "y": _sample()})
+    row = loop.samples[-1]
+    assert row["x.R"] == 3 and row["y.R"] == 3 and row["R"] == 6 and row["M"] == 8
+    assert row["E"] == 0.75 and row["E_disk"] == 1.0 and row["R_disk"] == 4
+
+
+def test_the_registry_reads_the_rows_the_loop_writes():
+    """Rows as the sampler writes them go through the registry: the yardstick charges engine +
+    agents (+ ksmd, host hints), never the oracle, over peak R; the oracle's own figures too."""
+    from harness import metrics
+
+    loop = _loop({"d": _Eng()})
+    for i, (eng, agent_ns, orc, stale, r) in enumerate([(0.1, 1_000_000, 0.5, 0, 1), (0.6, 101_000_000, 1.5, 0, 3),
+                                                        (0.9, 201_000_000, 2.0, 2, 2)]):
+        loop._stats = _stats(agent_ns)
+        loop.engine_cpu, loop.oracle_cpu = eng, orc
+        s = dataclasses.replace(_sample(stale=stale), R=r)
+        loop.sample({"d": s})
+        loop.samples[-1]["t"] = float(i * 10)
+    run = metrics.RunView(mode="satori", rep=0, samples=loop.samples)
+    vals, why = metrics.evaluate(run)
+    charged = (0.9 - 0.1) + (0.203 - 0.003)  # engine + agents (b's 2 ms is in both ends)
+    assert vals["cpu_s"] == pytest.approx(charged)
+    assert vals["pages_saved"] == 3
+    assert vals["cpu_per_page_saved_s"] == pytest.approx(charged / 3)
+    assert vals["oracle_cpu_pct_core"] == pytest.approx(100 * 1.5 / 20)
+    assert vals["oracle_stale_pages"] == 2 and vals["oracle_untracked_pages"] == 0
+    # an agent that could not say its CPU at the end: no CPU figure, and why
+    loop._stats = _stats(None, "agent STATS: connection reset")
+    loop.sample({"d": _sample()})
+    loop.samples[-1]["t"] = 30.0
+    vals, why = metrics.evaluate(metrics.RunView(mode="satori", rep=0, samples=loop.samples))
+    assert vals["cpu_per_page_saved_s"] is None and "connection reset" in why["cpu_per_page_saved_s"]
