@@ -162,13 +162,13 @@ class _Loop:
                     self.domains.pop(dom, None)
         return died
 
-    def _died_under(self, dom: str, wait_s: float = 2.0) -> bool:
-        """After an error on domain ``dom``: did one of its VMs die (a QEMU being killed may
-        fail a read a moment before it can be reaped)?"""
+    def _died_under(self, dom: str | None, wait_s: float = 2.0) -> bool:
+        """After an error on domain ``dom``: did one of its VMs die (None: did any VM of the run
+        die)? A QEMU being killed may fail a read a moment before it can be reaped."""
         end = time.monotonic() + wait_s
         while True:
             self.check_vms()
-            if dom in self.lost:
+            if (dom in self.lost) if dom is not None else bool(self.deaths):
                 return True
             if time.monotonic() >= end:
                 return False
@@ -231,7 +231,7 @@ class _Loop:
                 self.stepped.set()  # after the first stats: the first sample row has its counters
                 idle.wait(taken)  # 20 ms while hints flow, backing off to 100 ms when quiet
             c0 = time.thread_time()
-            for e in self.engines.values():
+            for e in list(self.engines.values()):
                 e.flush_all()
             self.engine_cpu += time.thread_time() - c0
             if self.engines:
@@ -283,7 +283,12 @@ class _Loop:
                             self.log(f"VM {name}: the oracle cannot track writes and re-reads pages at "
                                      f"every sample ({why}); see oracle.untracked_pages in the samples")
                 self.oracle_cpu = meters.cpu_s()
-                self.sample(samples)
+                try:
+                    self.sample(samples)
+                except Exception:
+                    if not self._died_under(None):
+                        raise
+                    continue  # a QEMU died under the row (QMP, its maps): recorded, next sample
                 self.sample_cpu += time.thread_time() - c0
                 self.first_sample.set()
         except BaseException as e:  # noqa: BLE001 - reported by the runner
@@ -370,7 +375,7 @@ class _Loop:
         ``(guest offset, store offset, pages)`` ranges, read from ``/proc/<pid>/maps`` (the
         kernel's word; the merge agents' LIST is what is being measured)."""
         out: dict[str, Any] = {}
-        for dom, eng in self.engines.items():
+        for dom, eng in list(self.engines.items()):
             try:
                 fd = os.open(eng.store_path, os.O_RDONLY)
             except (OSError, TypeError):
