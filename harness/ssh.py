@@ -9,6 +9,7 @@ paramiko connect.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -17,6 +18,10 @@ from pathlib import Path
 import paramiko
 
 from harness.errors import SSHError
+
+# paramiko's transport thread logs each failed try with a traceback, which Python's last-resort
+# handler prints to stderr; the retries below say what failed, once, as an SSHError
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 
 @dataclasses.dataclass(frozen=True)
