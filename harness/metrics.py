@@ -666,6 +666,11 @@ METRICS: tuple[Metric, ...] = (
            "records refused by the ring reader or by verification (page changed, wrong hash, bad address)",
            _hint_counter("rejected", "changed"), count, "lower", "hints", applies="engine"),
     # ---- isolation: when sharing collapses (harness/budget.py; budget = the sum of entitlements)
+    Metric("budget_mb", "host budget", "MB", "the host memory promised to the guests: the sum of their entitlements",
+           _budget("budget_mb"), megabytes, None, "isolation"),
+    Metric("peak_used_mb", "peak host use", "MB",
+           "most host memory the guests used (the frames their QEMUs map, plus store and RAM-file pages no guest maps)",
+           _budget("peak_used_mb"), megabytes, "lower", "isolation"),
     Metric("peak_overshoot_mb", "peak overshoot", "MB",
            "most host memory the guests used above the budget (the sum of their entitlements)",
            _budget("peak_overshoot_mb"), megabytes, "lower", "isolation"),
