@@ -92,6 +92,8 @@ def standing(res: Mapping[str, Any]) -> list[str]:
             text = metrics.format_ratio(r)
             if r.within_noise():
                 verdict = "no difference that the spread allows to claim"
+            elif r.n < 2:
+                verdict = "one repetition: no spread, no claim"
             elif r.hi < 1.0:
                 verdict = f"{h} spends less CPU per page saved (1/{1 / r.median:.1f} of {s}); goal <= 1/10: " \
                           + ("met" if r.hi <= 0.1 else "NOT met")

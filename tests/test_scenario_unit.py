@@ -58,6 +58,12 @@ def test_standing_says_within_noise(tmp_path: Path) -> None:
     assert "within noise" in st and "no difference that the spread allows to claim" in st
 
 
+def test_standing_claims_nothing_from_one_repetition(tmp_path: Path) -> None:
+    runner(tmp_path, reps=1, modes_=["none", "ksm", "satori"]).write()
+    st = "\n".join(scenario.standing(report.load_results(tmp_path)))
+    assert "one repetition: no spread, no claim" in st and "spends" not in st
+
+
 def test_report_only(res, tmp_path: Path, capsys) -> None:
     assert scenario.main(["--report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
