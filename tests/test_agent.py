@@ -632,8 +632,13 @@ def test_anonymous_ram_backend_satori_ksm_mode(world):
     assert vm.client.unmerge(goff, n).restored == n
     assert vm.guest_read(goff, n * PAGE) == new + b"".join(pages[1:])
     assert not [ln for ln in maps_lines(vm.pid, str(store.path)) if " rw-p " in ln]
-    assert map_count(vm.pid) == maps_before, "the anonymous RAM VMA did not heal"
     st = vm.client.stats()
+    # pause-free (wp=1), the bytes are moved in with mremap, in one step: the moved pages keep
+    # their own anon_vma, so that range stays a VMA of its own (2 more than before); held vCPUs
+    # (wp=0) allow mapping fresh memory and copying, and the RAM VMA heals
+    extra = 2 if st["wp"] else 0
+    assert map_count(vm.pid) == maps_before + extra, "the anonymous RAM VMA did not heal"
+
     assert st["merged_pages"] == 0 and st["punch_errors"] == 0 and st["madvise_errors"] == 0
 
 
@@ -735,3 +740,123 @@ def test_random_merge_unmerge_write_matches_model(world):
     tracked.clear()
     check()
     assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1
+
+
+# ------------------------------------------------------------ pause-free merging (uffd-wp)
+
+WRITERS_SRC = Path(__file__).parent / "helpers" / "wp_writers.c"
+
+
+@pytest.mark.integration
+def test_pause_free_merge_keeps_racing_writes(tmp_path):
+    """Writer threads inside the process that holds "guest RAM" (standing in for vCPUs) keep
+    writing the very pages that are being merged, broken, re-merged and unmerged, with nothing
+    stopped: every write must land (each writer checks every page against what it last wrote
+    there before writing it again). The writers must have raced the merges: some waited on a
+    write-protected page. BREAKS reports pages written since their merge."""
+    exe = tmp_path / "wp_writers"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-pthread", "-o", str(exe), str(WRITERS_SRC)],
+                   check=True)  # fmt: skip
+    run = secrets.token_hex(4)
+    npages, secs = 4096, 12.0
+    ram = Path("/dev/shm") / f"satori-test-{run}-wpram"
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, npages * PAGE)
+    os.close(fd)
+    sock = tmp_path / "w.sock"
+    env = {**os.environ, **agent_env(sock, ram)}
+    env.pop("SATORI_AGENT_WP", None)
+    proc = subprocess.Popen([str(exe), str(ram), str(npages), "2", str(secs)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    stores: list[Path] = []
+    sfd = soff = -1
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        c = AgentClient(sock)
+        st = c.stats()
+        assert st["wp"] == 1, f"no pause-free merging on this kernel: {st['wp_error']}"
+        base = int(st["ram_base"])
+        mem = os.open(f"/proc/{proc.pid}/mem", os.O_RDONLY)
+        rng = np.random.default_rng(7)
+        merged = mismatched = unmerged = broken = 0
+        ever_merged: set[int] = set()
+        end = time.monotonic() + secs - 2
+        while time.monotonic() < end:
+            if sfd < 0 or soff >= 24 << 20:  # a fresh store every 24 MB (unmerge everything)
+                if sfd >= 0:
+                    unmerged += c.unmerge(0, npages).restored
+                    os.close(sfd)
+                    stores[-1].unlink()
+                stores.append(Path("/dev/shm") / f"satori-test-{run}-store{len(stores)}")
+                sfd = os.open(stores[-1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                soff = 0
+                c.open_store(stores[-1])
+            # the pages as they are now, into the store, then merged while the writers run on
+            start = int(rng.integers(0, npages - 64))
+            os.pwrite(sfd, os.pread(mem, 64 * PAGE, base + start * PAGE), soff)
+            res = c.merge([((start + i) * PAGE, soff + i * PAGE) for i in range(64)], status=True)
+            soff += 64 * PAGE
+            merged += res.merged
+            mismatched += res.mismatched
+            assert res.failed == 0 and len(res.status) == 64
+            ever_merged.update(start + i for i in np.flatnonzero(res.status == 0).tolist())
+            rep = c.breaks()
+            for g, _s, n in rep.ranges.tolist():
+                assert all(g // PAGE + k in ever_merged for k in range(n)), "break of an unmerged page"
+                broken += n
+        st = c.stats()
+        c.close()
+        os.close(mem)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sfd >= 0:
+            os.close(sfd)
+        for p in [ram, *stores]:
+            p.unlink(missing_ok=True)
+    result = dict(kv.split("=") for kv in out.split())
+    assert proc.returncode == 0 and result["bad"] == "0", (out, err)
+    assert int(result["writes"]) > 10_000
+    assert merged > 1000 and unmerged > 0, (merged, mismatched, unmerged)
+    assert st["wp_faults"] > 0, "no write ever raced a merge: the test did not test anything"
+    assert st["wp_leftovers"] == 0 and st["wp_errors"] == 0, st
+    assert broken > 0 and st["breaks_found"] == broken
+
+
+@pytest.mark.integration
+@needs_qemu
+def test_breaks_reports_each_write_once_and_mapped_answers_for_slots(world):
+    """BREAKS looks only when QEMU took a page fault since its last look (a write by another
+    process, like this test's /proc/<pid>/mem, is charged to that process: only a forced look
+    sees it) and reports each broken page once; MAPPED says which store pages are still
+    mapped."""
+    vm = world.vm()
+    store = world.store()
+    n = 16
+    pages = [page_of(i, salt=21) for i in range(n)]
+    goff = 16 << 20
+    vm.write_pages(goff, pages)
+    soff = store.append(pages)
+    vm.client.open_store(store.path)
+    assert vm.client.merge([(goff + i * PAGE, soff + i * PAGE) for i in range(n)]).merged == n
+    assert vm.guest_read(goff, n * PAGE) == b"".join(pages)  # the store pages mapped in
+    assert vm.client.breaks(force=True).pages == 0
+    assert vm.client.breaks().checked == 0, "QEMU (paused) took a page fault: looked anyway"
+    write_mem(vm.pid, vm.hva(goff + 3 * PAGE), page_of(99))
+    assert vm.client.breaks().checked == 0  # not QEMU's fault
+    rep = vm.client.breaks(force=True)
+    assert rep.checked == n and rep.ranges.tolist() == [[goff + 3 * PAGE, soff + 3 * PAGE, 1]]
+    assert vm.client.breaks(force=True).pages == 0, "reported twice"
+    st = vm.client.stats()
+    assert st["merged_pages"] == n - 1 and st["breaks_found"] == 1
+    asked = [soff + 3 * PAGE, soff + 4 * PAGE, soff + 64 * PAGE]
+    assert vm.client.mapped(asked).tolist() == [False, True, False]
+    # LIST still has every mapped range (the broken page too, without exclude_private)
+    assert vm_ranges(vm, False) == [(goff, soff, n)]
+    # a page merged again after its break is tracked afresh
+    store.append([page_of(99)])
+    assert vm.client.merge([(goff + 3 * PAGE, soff + n * PAGE)]).merged == 1
+    assert vm.client.mapped([soff + n * PAGE]).tolist() == [True]
+    assert vm.client.stats()["merged_pages"] == n

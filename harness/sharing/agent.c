@@ -9,6 +9,8 @@
  *   SATORI_AGENT_SOCKET   path of the UNIX stream socket to serve (required; unset = agent off)
  *   SATORI_AGENT_MEMPATH  mem-path= of the guest RAM backend
  *                         (-object memory-backend-file,share=on,mem-path=...)
+ *   SATORI_AGENT_WP       "0": never use userfaultfd write-protection (merges then need the
+ *                         vCPUs held); anything else or unset: use it when the kernel can
  *   SATORI_AGENT_RAMSIZE  instead of MEMPATH, for an anonymous RAM backend
  *                         (-object memory-backend-ram,merge=on: the satori+ksm mode): its size
  *                         in bytes. The mapping is the one private anonymous rw VMA of exactly
@@ -20,10 +22,23 @@
  * With an anonymous backend there is no file to punch: mapping the store over the guest's
  * anonymous pages frees them, and an unmerge maps fresh anonymous memory back.
  *
- * Threading: the constructor binds the socket and starts ONE thread (all signals blocked) that
- * serves every client with poll(); requests are handled one at a time, to completion.
- * The caller must hold the vCPUs (QMP stop/cont) around merge and unmerge requests: a guest
- * write between the memcmp and the mmap would be lost.
+ * Threading: the constructor binds the socket and starts the request thread (all signals
+ * blocked) that serves every client with poll(); requests are handled one at a time, to
+ * completion. Once guest RAM is found, a second thread (satori-uffd) serves the userfaultfd.
+ *
+ * Pause-free merging (docs/merging.md has the argument): when the kernel supports userfaultfd
+ * write-protection of the RAM mapping (shmem: Linux >= 6.0; anonymous RAM needs
+ * UFFD_FEATURE_WP_UNPOPULATED, Linux >= 6.6), guest RAM is registered with
+ * UFFDIO_REGISTER_MODE_WP once, and every chunk of at most WP_CHUNK_PAGES pages of a merge is
+ * write-protected (UFFDIO_WRITEPROTECT) while it is compared and remapped, then woken
+ * (UFFDIO_WAKE). A vCPU or an I/O thread that writes one of those pages meanwhile sleeps in the
+ * kernel with mmap_lock dropped; when woken it retries the write, which lands in the new
+ * mapping (a copy-on-write copy of the store page). Nothing else is ever held: the caller need
+ * not stop the vCPUs. PING/STATS say wp=1. Without the capability (or with SATORI_AGENT_WP=0 in
+ * QEMU's environment) wp=0, wp_error says why, and the caller must hold the vCPUs (QMP
+ * stop/cont) around merge and unmerge requests: a guest write between the memcmp and the mmap
+ * would be lost. The uffd thread only serves faults on pages no chunk protects any more (it
+ * takes the chunk lock, then unprotects and wakes the page): nothing is ever left waiting.
  *
  * ---------------------------------------------------------------------------------------------
  * PROTOCOL (binary, little-endian, version 1). Every request and every reply is a 16-byte
@@ -38,25 +53,33 @@
  * agent replies with an error and closes that connection (it cannot resynchronise); after every
  * other error the connection stays usable. Whatever happens, the agent keeps serving.
  *
- *   op 1 PING        payload: none.   reply: text "key=value\n" lines (version, pid, ...)
+ *   op 1 PING        payload: none.   reply: text "key=value\n" lines (version, pid, wp, wp_error,
+ *                    ops, ...). wp=1: merges are pause-free (see above), wp=0: hold the vCPUs.
+ *                    ops lists the op numbers this agent serves (comma-separated).
  *   op 2 OPEN_STORE  payload: the store file path (1..4095 bytes, no NUL). Opened O_RDONLY
  *                    (MAP_PRIVATE mappings may still be written: copy-on-write). Re-opening the
  *                    same file is fine; switching to another file while pages are merged from
  *                    the current one is EBUSY.   reply: u64 store size in bytes
- *   op 3 MERGE       payload: n x (u64 guest_off, u64 store_off), n >= 0, both 4096-aligned,
+ *   op 3 MERGE       flags bit 1 (MERGE_STATUS): append one status byte per pair to the reply
+ *                    (0 merged, 1 mismatched, 2 failed), in the order of the pairs.
+ *                    payload: n x (u64 guest_off, u64 store_off), n >= 0, both 4096-aligned,
  *                    inside the RAM file / the store file (checked for the whole batch first:
  *                    any bad pair -> EINVAL/ERANGE and nothing is done).
  *                    Pairs are handled in order; consecutive pairs whose guest and store offsets
  *                    both advance by one page form a run; a run is memcmp'ed page by page and
- *                    split at mismatches; each matching sub-run is mapped with ONE mmap;
+ *                    split at mismatches (and, with wp=1, into chunks of WP_CHUNK_PAGES, each
+ *                    write-protected while it is compared and mapped); each matching sub-run is
+ *                    mapped with ONE mmap;
  *                    MADV_DONTFORK and the RAM file punch follow once per guest-contiguous
  *                    extent of merged pages (fewer calls when only the guest side advances).
  *                    reply: u64 merged, u64 mismatched, u64 failed, u64 elapsed_ns,
  *                           u64 mmap_calls, u64 last_errno (of a failed page, 0 if none)
  *                    "failed" pages (e.g. ENOMEM from vm.max_map_count) are left as they were.
  *   op 4 UNMERGE     payload: u64 guest_off, u64 npages (aligned, inside RAM). Pages of the
- *                    range that this agent merged are copied out, the RAM file is mapped back
- *                    MAP_SHARED and the bytes written back (the guest sees no change).
+ *                    range that this agent merged get their current bytes written back into
+ *                    the RAM file, which is then mapped back MAP_SHARED (anonymous RAM: a filled
+ *                    anonymous mapping is moved in with mremap); the guest sees no change.
+ *                    With wp=1 each chunk is write-protected meanwhile (pause-free).
  *                    reply: u64 restored, u64 failed
  *   op 5 STATS       payload: none.   reply: text "key=value\n" lines (see do_stats;
  *                    thread_cpu_ns is the CPU time of the agent's thread: every request so far)
@@ -65,6 +88,23 @@
  *                    present-or-swapped and not file-backed).
  *                    reply: m x (u64 guest_off, u64 store_off, u64 npages): the ranges mapped
  *                    from the store by this agent, coalesced where both offsets advance together.
+ *   op 7 BREAKS      payload: none, or u32 flags; flags bit 0 = look even if nothing faulted.
+ *                    The copy-on-write breaks since the last BREAKS: merged pages the guest has
+ *                    written since (private now, as in LIST). Looked for only if one of QEMU's
+ *                    threads other than the agent's took a page fault since the last look
+ *                    (getrusage: a break is a write fault of a vCPU or an I/O thread, so no
+ *                    fault, no break; a write by ANOTHER process, e.g. through /proc/<pid>/mem,
+ *                    is charged to that process: only a forced look sees it); then only the
+ *                    merged pages not yet reported are checked (PAGEMAP_SCAN, Linux >= 6.7,
+ *                    else /proc/self/pagemap). Each broken page is reported once.
+ *                    reply: u64 pages_checked (0: nothing faulted, not looked), u64 faults (page
+ *                           faults of QEMU's other threads so far), then m x (u64 guest_off,
+ *                           u64 store_off, u64 npages): the newly broken pages, coalesced.
+ *   op 8 MAPPED      payload: n x u64 store_off (4096-aligned). reply: n bytes, 1 if a guest page
+ *                    of this VM may still map that store page (merged and not broken; a page
+ *                    reported broken counts again if it is no longer private, e.g. after QEMU
+ *                    discarded it with MADV_DONTNEED). For freeing store pages safely, without
+ *                    listing every merged page.
  * ---------------------------------------------------------------------------------------------
  *
  * Until QEMU has mapped guest RAM, MERGE/UNMERGE/LIST answer ENOENT (STATS: ram_found=0).
@@ -90,12 +130,36 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
+
+/* userfaultfd features newer than the build host's headers may know (the values are ABI) */
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12) /* Linux 6.0: wp on shmem and hugetlbfs */
+#endif
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13) /* Linux 6.6: wp on never-touched anon ptes */
+#endif
+/* PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7), from linux/fs.h */
+struct satori_page_region {
+    uint64_t start, end, categories;
+};
+struct satori_pm_scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define SATORI_PAGEMAP_SCAN _IOWR('f', 16, struct satori_pm_scan_arg)
+#define SATORI_PAGE_IS_FILE (1ULL << 2)
+#define SATORI_PAGE_IS_PRESENT (1ULL << 3)
+#define SATORI_PAGE_IS_SWAPPED (1ULL << 4)
 
 #define AGENT_MAGIC 0x52544153u
 #define AGENT_VERSION 1
@@ -104,8 +168,28 @@
 #define MAX_CLIENTS 16
 #define IO_TIMEOUT_S 30
 #define UNMERGE_CHUNK_PAGES 512
+/* pages write-protected at once during a pause-free merge: bounds how long a guest write to one
+ * of them waits (one chunk's memcmp + mmap, tens of microseconds) */
+#define WP_CHUNK_PAGES 64
 
-enum { OP_PING = 1, OP_OPEN_STORE = 2, OP_MERGE = 3, OP_UNMERGE = 4, OP_STATS = 5, OP_LIST = 6 };
+enum {
+    OP_PING = 1,
+    OP_OPEN_STORE = 2,
+    OP_MERGE = 3,
+    OP_UNMERGE = 4,
+    OP_STATS = 5,
+    OP_LIST = 6,
+    OP_BREAKS = 7,
+    OP_MAPPED = 8,
+};
+#define OPS_SERVED "1,2,3,4,5,6,7,8"
+#define MERGE_STATUS 2u /* MERGE flags bit 1: per-pair status bytes in the reply */
+enum { PAIR_MERGED = 0, PAIR_MISMATCHED = 1, PAIR_FAILED = 2 };
+
+/* g_track entry: 0, or store_off | TRACK_MAPPED [| TRACK_BROKEN once BREAKS reported it] */
+#define TRACK_MAPPED 1ULL
+#define TRACK_BROKEN 2ULL
+#define TRACK_FLAGS (PG - 1)
 
 struct req_hdr {
     uint32_t magic;
@@ -148,6 +232,19 @@ static const uint8_t *g_store_view;  /* PROT_READ MAP_SHARED view of the store f
 static uint64_t g_store_view_size;
 
 static int g_pagemap_fd = -1;
+static int g_pagemap_scan = -1; /* PAGEMAP_SCAN works: -1 unknown, 0 no, 1 yes */
+static uint64_t g_faults_seen = UINT64_MAX; /* other threads' faults when BREAKS last looked */
+
+/* userfaultfd write-protection (pause-free merging) */
+static int g_wp_off;                 /* SATORI_AGENT_WP=0 */
+static int g_uffd = -1;
+static int g_wp;                     /* 1: merges protect their pages themselves */
+static char g_wp_error[256] = "guest RAM not found yet";
+static pthread_t g_uffd_thread;
+static int g_uffd_thread_ok;
+/* held by the request thread while a chunk is protected; the uffd thread takes it before it
+ * touches a page, so it never unprotects a page a chunk is comparing */
+static pthread_mutex_t g_chunk_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static struct {
     uint64_t merged, mismatched, failed, mmap_calls, merge_ns, merge_requests;
@@ -155,7 +252,12 @@ static struct {
     uint64_t unmerged, unmerge_failed, punch_errors, madvise_errors, repaired;
     uint64_t requests, bad_requests, last_errno;
     uint64_t discarded, discard_failed; /* merged pages QEMU discarded (balloon): RAM back */
+    uint64_t wp_chunks, wp_ns, wp_max_ns, wp_registers, wp_errors;
+    uint64_t breaks_looks, breaks_skipped, breaks_pages_checked, breaks_found, breaks_ns;
+    uint64_t mapped_queries;
 } st;
+/* written by the uffd thread, read by STATS: atomics */
+static uint64_t g_wp_faults, g_wp_leftovers;
 
 static void logmsg(const char *fmt, ...)
 {
@@ -312,6 +414,202 @@ static void parse_vmflags(const char *line)
     g_ram_mergeable = strstr(line, " mg") != NULL;
 }
 
+/* ------------------------------ userfaultfd (wp) ------------------------------- */
+
+static uint64_t g_track_gen; /* bumped whenever g_track changes (STATS caches its counts) */
+
+/* The uffd thread: a write to a write-protected page sleeps in the kernel and queues a message
+ * here. The request thread wakes the pages of each chunk itself when the chunk is done, so a
+ * message read here is normally for a waiter already woken (or about to be). The thread waits
+ * until no chunk is protected, then unprotects and wakes the page: a page left protected by
+ * mistake can never hold a vCPU. */
+static void *uffd_main(void *arg)
+{
+    (void)arg;
+    /* open(2) /proc/self/pagemap: this thread's own fd, to tell a page left protected */
+    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    for (;;) {
+        struct uffd_msg m;
+        /* read(2): the next userfaultfd message; the fd is blocking, so an idle agent costs
+         * nothing here */
+        ssize_t r = read(g_uffd, &m, sizeof m);
+        if (r < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            logmsg("satori-agent: userfaultfd read: %s\n", strerror(errno));
+            sleep(1);
+            continue;
+        }
+        if (r != (ssize_t)sizeof m || m.event != UFFD_EVENT_PAGEFAULT)
+            continue;
+        __atomic_add_fetch(&g_wp_faults, 1, __ATOMIC_RELAXED);
+        uint64_t addr = m.arg.pagefault.address & ~(PG - 1);
+        pthread_mutex_lock(&g_chunk_lock);
+        uint64_t pme = 0;
+        /* pread(2): the page's pagemap entry; bit 57 = still write-protected (uffd-wp) */
+        if (pm >= 0 && pread(pm, &pme, 8, (off_t)(addr / PG * 8)) == 8 && (pme >> 57) & 1) {
+            /* no chunk protects it now: a leftover (should never happen); unprotect it */
+            __atomic_add_fetch(&g_wp_leftovers, 1, __ATOMIC_RELAXED);
+            struct uffdio_writeprotect w = {.range = {addr, PG}, .mode = 0};
+            /* ioctl(2) UFFDIO_WRITEPROTECT mode 0: clear the protection (wakes its waiters) */
+            ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w);
+        }
+        struct uffdio_range rg = {addr, PG};
+        /* ioctl(2) UFFDIO_WAKE: wake whoever still waits on that address (by address range,
+         * whatever maps it now) */
+        ioctl(g_uffd, UFFDIO_WAKE, &rg);
+        pthread_mutex_unlock(&g_chunk_lock);
+    }
+    return NULL;
+}
+
+/* Register guest RAM for write-protection and start the uffd thread; on any failure g_wp stays
+ * 0 and g_wp_error says why (merges then need the vCPUs held by the caller). */
+static void setup_wp(void)
+{
+    if (g_wp_off) {
+        snprintf(g_wp_error, sizeof g_wp_error, "disabled by SATORI_AGENT_WP=0");
+        return;
+    }
+    /* shmem RAM needs wp on shmem (Linux 6.0); anonymous RAM needs markers on never-touched
+     * ptes (Linux 6.6), or a write to such a page would not fault */
+    uint64_t need = g_ram_fd >= 0 ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : UFFD_FEATURE_WP_UNPOPULATED;
+    /* userfaultfd(2): blocking, close-on-exec; not UFFD_USER_MODE_ONLY, so that QEMU's I/O
+     * threads writing guest RAM from the kernel (preadv into guest buffers) wait like vCPUs */
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(g_wp_error, sizeof g_wp_error, "userfaultfd(): %s", strerror(errno));
+        return;
+    }
+    struct uffdio_api api = {.api = UFFD_API, .features = need};
+    /* ioctl(2) UFFDIO_API: the handshake, asking for the feature this kind of RAM needs */
+    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+        snprintf(g_wp_error, sizeof g_wp_error,
+                 "this kernel's userfaultfd cannot write-protect %s guest RAM (%s; needs Linux "
+                 ">= %s)", g_ram_fd >= 0 ? "shmem" : "anonymous", strerror(errno),
+                 g_ram_fd >= 0 ? "6.0" : "6.6");
+        close(fd);
+        return;
+    }
+    struct uffdio_register reg = {
+        .range = {(uint64_t)(uintptr_t)g_ram_base, g_ram_size}, .mode = UFFDIO_REGISTER_MODE_WP};
+    /* ioctl(2) UFFDIO_REGISTER: guest RAM in write-protect mode only (no missing faults); by
+     * itself this changes nothing for the guest until a page is protected */
+    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ||
+        !(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+        snprintf(g_wp_error, sizeof g_wp_error, "UFFDIO_REGISTER of guest RAM in wp mode: %s",
+                 errno ? strerror(errno) : "no UFFDIO_WRITEPROTECT");
+        /* close(2): also unregisters the range */
+        close(fd);
+        return;
+    }
+    g_uffd = fd;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    /* pthread_create(3): the uffd thread; it inherits the request thread's full signal mask */
+    int e = pthread_create(&g_uffd_thread, &attr, uffd_main, NULL);
+    pthread_attr_destroy(&attr);
+    if (e) {
+        snprintf(g_wp_error, sizeof g_wp_error, "pthread_create: %s", strerror(e));
+        close(fd);
+        g_uffd = -1;
+        return;
+    }
+    g_uffd_thread_ok = 1;
+    pthread_setname_np(g_uffd_thread, "satori-uffd");
+    g_wp = 1;
+    g_wp_error[0] = 0;
+}
+
+/* Register [goff, goff+len) of guest RAM (mappings made since: store pages, RAM mapped back) in
+ * wp mode. 0 or an errno. */
+static int wp_register(uint64_t goff, uint64_t len)
+{
+    struct uffdio_register reg = {
+        .range = {(uint64_t)(uintptr_t)(g_ram_base + goff), len}, .mode = UFFDIO_REGISTER_MODE_WP};
+    /* ioctl(2) UFFDIO_REGISTER: parts already registered are left as they are */
+    if (ioctl(g_uffd, UFFDIO_REGISTER, &reg) < 0)
+        return errno;
+    st.wp_registers++;
+    return 0;
+}
+
+/* Write-protect [goff, goff+len) of guest RAM (registering mappings made since registration
+ * first), or unprotect it without waking (waking is the caller's job, by range). 0 or errno. */
+static int wp_set(uint64_t goff, uint64_t len, int protect)
+{
+    struct uffdio_writeprotect w = {
+        .range = {(uint64_t)(uintptr_t)(g_ram_base + goff), len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE};
+    /* ioctl(2) UFFDIO_WRITEPROTECT: set (or clear) the uffd-wp bit of every pte of the range,
+     * markers on empty ones; when setting, the TLBs are flushed before it returns, so no CPU
+     * can write there afterwards without faulting */
+    if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w) == 0)
+        return 0;
+    int e = errno;
+    if (e != ENOENT)
+        return e;
+    if (protect) {
+        /* part of the range is a mapping made since guest RAM was registered */
+        e = wp_register(goff, len);
+        if (e)
+            return e;
+        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w) == 0)
+            return 0;
+        return errno;
+    }
+    /* unprotect page by page: pages mapped anew are not registered and hold no protection */
+    int bad = 0;
+    for (uint64_t o = 0; o < len; o += PG) {
+        struct uffdio_writeprotect w1 = {
+            .range = {(uint64_t)(uintptr_t)(g_ram_base + goff + o), PG},
+            .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE};
+        /* ioctl(2) UFFDIO_WRITEPROTECT mode 0, one page; ENOENT: not registered, not protected */
+        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w1) < 0 && errno != ENOENT)
+            bad = errno;
+    }
+    return bad;
+}
+
+/* Wake every thread waiting on a write to [goff, goff+len). */
+static void wp_wake(uint64_t goff, uint64_t len)
+{
+    struct uffdio_range rg = {(uint64_t)(uintptr_t)(g_ram_base + goff), len};
+    /* ioctl(2) UFFDIO_WAKE: by address range, so it also reaches a waiter whose mapping was
+     * replaced by the store page meanwhile; it retries its write there */
+    if (ioctl(g_uffd, UFFDIO_WAKE, &rg) < 0)
+        st.wp_errors++;
+}
+
+/* Start protecting a chunk: takes the chunk lock. 0, or an errno (lock released, range left
+ * unprotected and woken). */
+static int chunk_begin(uint64_t goff, uint64_t len, uint64_t *t0)
+{
+    pthread_mutex_lock(&g_chunk_lock);
+    *t0 = now_ns();
+    int e = wp_set(goff, len, 1);
+    if (e) {
+        st.wp_errors++;
+        wp_set(goff, len, 0);
+        wp_wake(goff, len);
+        pthread_mutex_unlock(&g_chunk_lock);
+    }
+    return e;
+}
+
+/* End a chunk: wake its waiters, account for how long it was held, release the lock. */
+static void chunk_end(uint64_t goff, uint64_t len, uint64_t t0)
+{
+    wp_wake(goff, len);
+    uint64_t dt = now_ns() - t0;
+    pthread_mutex_unlock(&g_chunk_lock);
+    st.wp_chunks++;
+    st.wp_ns += dt;
+    if (dt > st.wp_max_ns)
+        st.wp_max_ns = dt;
+}
+
 static int set_ram(uint64_t start, uint64_t size, int fd, const char **why)
 {
     uint64_t *track = calloc(size / PG ? size / PG : 1, sizeof *track);
@@ -329,6 +627,7 @@ static int set_ram(uint64_t start, uint64_t size, int fd, const char **why)
     g_ram_size = size;
     g_track = track;
     g_ram_base = (uint8_t *)(uintptr_t)start;
+    setup_wp();
     return 0;
 }
 
@@ -510,27 +809,46 @@ static int refresh_store_view(const char **why)
     return 0;
 }
 
+/* Pages mapped from the store now (merged, not reported broken) and the ranges they form;
+ * cached until g_track changes. */
 static uint64_t merged_pages_now(uint64_t *ranges)
 {
-    uint64_t pages = 0, nr = 0, prev_g = 0, prev_s = 0;
-    int have_prev = 0;
-    uint64_t n = g_ram_size / PG;
-    for (uint64_t i = 0; g_track && i < n; i++) {
-        if (!g_track[i]) {
-            have_prev = 0;
-            continue;
+    static uint64_t gen = UINT64_MAX, c_pages, c_ranges;
+    if (gen != g_track_gen) {
+        uint64_t pages = 0, nr = 0, prev_g = 0, prev_s = 0;
+        int have_prev = 0;
+        uint64_t n = g_ram_size / PG;
+        for (uint64_t i = 0; g_track && i < n; i++) {
+            uint64_t t = g_track[i];
+            if (!(t & TRACK_MAPPED) || (t & TRACK_BROKEN)) {
+                have_prev = 0;
+                continue;
+            }
+            uint64_t s = t & ~TRACK_FLAGS;
+            if (!(have_prev && prev_g + 1 == i && prev_s + PG == s))
+                nr++;
+            pages++;
+            have_prev = 1;
+            prev_g = i;
+            prev_s = s;
         }
-        uint64_t s = g_track[i] & ~1ULL;
-        if (!(have_prev && prev_g + 1 == i && prev_s + PG == s))
-            nr++;
-        pages++;
-        have_prev = 1;
-        prev_g = i;
-        prev_s = s;
+        gen = g_track_gen;
+        c_pages = pages;
+        c_ranges = nr;
     }
     if (ranges)
-        *ranges = nr;
-    return pages;
+        *ranges = c_ranges;
+    return c_pages;
+}
+
+/* Any page still mapped from the store (broken or not): the store must not change under it. */
+static int any_tracked(void)
+{
+    uint64_t n = g_ram_size / PG;
+    for (uint64_t i = 0; g_track && i < n; i++)
+        if (g_track[i])
+            return 1;
+    return 0;
 }
 
 static int do_open_store(int fd, const uint8_t *p, uint32_t len)
@@ -559,7 +877,7 @@ static int do_open_store(int fd, const uint8_t *p, uint32_t len)
     }
     if (g_store_fd >= 0) {
         int same = sb.st_dev == g_store_dev && sb.st_ino == g_store_ino;
-        if (!same && merged_pages_now(NULL) > 0) {
+        if (!same && any_tracked()) {
             close(sfd);
             reply_err(fd, OP_OPEN_STORE, EBUSY,
                       "pages are still merged from store %s; unmerge them first", g_store_path);
@@ -647,7 +965,8 @@ struct merge_acc {
 
 /* madvise and punch a guest extent that was just mapped from the store. Deferred and done per
  * guest-contiguous extent, not per mmap: when the guest advances but the store does not
- * (one mmap per page), one fallocate covers many pages (the shmem punch costs ~5 us a call). */
+ * (one mmap per page), one fallocate covers many pages (the shmem punch costs ~5 us a call).
+ * Never inside a protected chunk: the guest need not wait for it. */
 static void flush_pending(struct merge_acc *a)
 {
     if (!a->pend_len)
@@ -666,7 +985,20 @@ static void flush_pending(struct merge_acc *a)
     a->pend_len = 0;
 }
 
-static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_acc *a)
+/* Note pages [goff, goff+len) as mapped from the store: madvise+punch them later. */
+static void add_pending(struct merge_acc *a, uint64_t goff, uint64_t len)
+{
+    if (a->pend_len && a->pend_off + a->pend_len == goff) {
+        a->pend_len += len;
+        return;
+    }
+    flush_pending(a);
+    a->pend_off = goff;
+    a->pend_len = len;
+}
+
+/* Map store pages over npages guest pages. 1 if mapped, 0 if not (the guest page is as it was). */
+static int map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_acc *a)
 {
     uint8_t *hva = g_ram_base + goff;
     uint64_t len = npages * PG;
@@ -682,25 +1014,84 @@ static void map_run(uint64_t goff, uint64_t soff, uint64_t npages, struct merge_
         a->last_errno = (uint64_t)errno;
         ensure_mapped(hva, len, goff);
         st.mmap_ns += now_ns() - t0;
-        return;
+        return 0;
     }
     st.mmap_ns += now_ns() - t0;
-    if (a->pend_len && a->pend_off + a->pend_len == goff) {
-        a->pend_len += len;
-    } else {
-        flush_pending(a);
-        a->pend_off = goff;
-        a->pend_len = len;
-    }
     for (uint64_t i = 0; i < npages; i++)
-        g_track[goff / PG + i] = (soff + i * PG) | 1;
+        g_track[goff / PG + i] = (soff + i * PG) | TRACK_MAPPED;
+    g_track_gen++;
     a->merged += npages;
+    return 1;
 }
 
-static int do_merge(int fd, const uint8_t *p, uint32_t len)
+/* Merge pairs [i, j), a run (guest and store offsets both advance by one page). With wp the
+ * run is one chunk, write-protected from before its memcmp until after its mmap: a guest write
+ * meanwhile waits and lands in the store page's copy-on-write copy. status[k] gets the outcome
+ * of pair k. */
+static void merge_chunk(const uint64_t *pairs, uint64_t i, uint64_t j, uint8_t *status,
+                        struct merge_acc *a)
+{
+    uint64_t g0 = pairs[2 * i], len = (j - i) * PG, t0 = 0;
+    if (g_wp) {
+        int e = chunk_begin(g0, len, &t0);
+        if (e) {
+            a->failed += j - i;
+            a->last_errno = (uint64_t)e;
+            memset(status + i, PAIR_FAILED, j - i);
+            return;
+        }
+    }
+    uint64_t k = i;
+    while (k < j) {
+        uint64_t g = pairs[2 * k], s = pairs[2 * k + 1];
+        if (memcmp(g_ram_base + g, g_store_view + s, PG) != 0) {
+            a->mismatched++;
+            status[k++] = PAIR_MISMATCHED;
+            continue;
+        }
+        uint64_t m = k + 1;
+        while (m < j && memcmp(g_ram_base + pairs[2 * m], g_store_view + pairs[2 * m + 1],
+                               PG) == 0)
+            m++;
+        memset(status + k, map_run(g, s, m - k, a) ? PAIR_MERGED : PAIR_FAILED, m - k);
+        k = m;
+    }
+    if (g_wp) {
+        /* pages not mapped keep their old mapping: unprotect them (waiters are woken below) */
+        for (k = i; k < j;) {
+            if (status[k] == PAIR_MERGED) {
+                k++;
+                continue;
+            }
+            uint64_t m = k + 1;
+            while (m < j && status[m] != PAIR_MERGED)
+                m++;
+            if (wp_set(pairs[2 * k], (m - k) * PG, 0))
+                st.wp_errors++;
+            k = m;
+        }
+        chunk_end(g0, len, t0);
+    }
+    /* madvise and punch what was mapped, outside the protected window */
+    for (k = i; k < j;) {
+        if (status[k] != PAIR_MERGED) {
+            k++;
+            continue;
+        }
+        uint64_t m = k + 1;
+        while (m < j && status[m] == PAIR_MERGED)
+            m++;
+        add_pending(a, pairs[2 * k], (m - k) * PG);
+        k = m;
+    }
+}
+
+static int do_merge(int fd, const uint8_t *p, uint32_t len, uint32_t flags)
 {
     if (len % 16)
         return reply_err(fd, OP_MERGE, EINVAL, "merge payload of %u bytes is not n x 16", len);
+    if (flags & ~MERGE_STATUS)
+        return reply_err(fd, OP_MERGE, EINVAL, "unknown merge flags %#x", flags);
     const char *why = "";
     int e = find_ram(&why);
     if (e)
@@ -711,56 +1102,49 @@ static int do_merge(int fd, const uint8_t *p, uint32_t len)
     if (e)
         return reply_err(fd, OP_MERGE, e, "%s: %s", why, strerror(e));
     uint64_t n = len / 16;
+    /* the reply: 6 counters, then (MERGE_STATUS) one status byte per pair */
+    uint8_t *out = malloc(48 + n);
     uint64_t *pairs = malloc(len ? len : 1);
-    if (!pairs)
+    if (!pairs || !out) {
+        free(pairs);
+        free(out);
         return reply_err(fd, OP_MERGE, ENOMEM, "out of memory");
+    }
     memcpy(pairs, p, len);
     for (uint64_t i = 0; i < n; i++) {
         uint64_t g = pairs[2 * i], s = pairs[2 * i + 1];
+        const char *bad = NULL;
         if ((g | s) & (PG - 1)) {
+            e = EINVAL;
+            bad = "not 4096-aligned";
+        } else if (g >= g_ram_size) {
+            e = ERANGE;
+            bad = "guest offset outside guest RAM";
+        } else if (s >= g_store_view_size) {
+            e = ERANGE;
+            bad = "store offset beyond the store's end";
+        }
+        if (bad) {
             free(pairs);
-            return reply_err(fd, OP_MERGE, EINVAL,
+            free(out);
+            return reply_err(fd, OP_MERGE, e,
                              "pair %" PRIu64 ": offsets %#" PRIx64 ", %#" PRIx64
-                             " not 4096-aligned", i, g, s);
-        }
-        if (g >= g_ram_size) {
-            free(pairs);
-            return reply_err(fd, OP_MERGE, ERANGE,
-                             "pair %" PRIu64 ": guest offset %#" PRIx64
-                             " outside guest RAM (%#" PRIx64 " bytes)", i, g, g_ram_size);
-        }
-        if (s >= g_store_view_size) {
-            free(pairs);
-            return reply_err(fd, OP_MERGE, ERANGE,
-                             "pair %" PRIu64 ": store offset %#" PRIx64
-                             " beyond the store's end (%#" PRIx64 " bytes)", i, s,
-                             g_store_view_size);
+                             ": %s (RAM %#" PRIx64 ", store %#" PRIx64 " bytes)",
+                             i, g, s, bad, g_ram_size, g_store_view_size);
         }
     }
     uint64_t t0 = now_ns();
     struct merge_acc a = {0};
+    uint8_t *status = out + 48;
     uint64_t i = 0;
     while (i < n) {
+        /* a run: both offsets advance by one page; with wp at most WP_CHUNK_PAGES long */
         uint64_t j = i + 1;
         while (j < n && pairs[2 * j] == pairs[2 * (j - 1)] + PG &&
-               pairs[2 * j + 1] == pairs[2 * (j - 1) + 1] + PG)
+               pairs[2 * j + 1] == pairs[2 * (j - 1) + 1] + PG &&
+               (!g_wp || j - i < WP_CHUNK_PAGES))
             j++;
-        /* [i, j) is a run: memcmp it whole, then map each matching sub-run with one mmap */
-        uint64_t k = i;
-        while (k < j) {
-            uint64_t g = pairs[2 * k], s = pairs[2 * k + 1];
-            if (memcmp(g_ram_base + g, g_store_view + s, PG) != 0) {
-                a.mismatched++;
-                k++;
-                continue;
-            }
-            uint64_t m = k + 1;
-            while (m < j && memcmp(g_ram_base + pairs[2 * m], g_store_view + pairs[2 * m + 1],
-                                   PG) == 0)
-                m++;
-            map_run(g, s, m - k, &a);
-            k = m;
-        }
+        merge_chunk(pairs, i, j, status, &a);
         i = j;
     }
     flush_pending(&a);
@@ -774,11 +1158,112 @@ static int do_merge(int fd, const uint8_t *p, uint32_t len)
     st.merge_requests++;
     if (a.last_errno)
         st.last_errno = a.last_errno;
-    uint64_t out[6] = {a.merged, a.mismatched, a.failed, dt, a.mmap_calls, a.last_errno};
-    return reply(fd, OP_MERGE, 0, out, sizeof out);
+    uint64_t c[6] = {a.merged, a.mismatched, a.failed, dt, a.mmap_calls, a.last_errno};
+    memcpy(out, c, sizeof c);
+    int r = reply(fd, OP_MERGE, 0, out, 48 + ((flags & MERGE_STATUS) ? n : 0));
+    free(out);
+    return r;
 }
 
 /* ----------------------------------- unmerge ----------------------------------- */
+
+/* Give guest pages [i, j) (all mapped from the store) their own RAM back, bytes unchanged.
+ * 1 on success, 0 if they stay as they were. */
+static int unmerge_chunk(uint64_t i, uint64_t j)
+{
+    uint8_t *hva = g_ram_base + i * PG;
+    uint64_t l = (j - i) * PG, t0 = 0;
+    if (g_wp && chunk_begin(i * PG, l, &t0))
+        return 0;
+    int ok = 0;
+    if (g_ram_fd >= 0) {
+        /* the guest's current bytes (store page or its private copy) into the RAM file, whose
+         * pages here are holes since the merge and mapped by nobody; then the file is mapped
+         * back: the guest never sees a state without its bytes */
+        uint64_t done = 0;
+        while (done < l) {
+            /* pwrite(2): from QEMU's own mapping of the page into the RAM file */
+            ssize_t w = pwrite(g_ram_fd, hva + done, l - done, (off_t)(i * PG + done));
+            if (w <= 0) {
+                if (w < 0 && errno == EINTR)
+                    continue;
+                break;
+            }
+            done += (uint64_t)w;
+        }
+        if (done == l && map_ram_back(hva, l, i * PG) != MAP_FAILED) {
+            ok = 1;
+        } else if (done == l && msync(hva, l, MS_ASYNC) < 0 && errno == ENOMEM) {
+            /* msync(2) as a probe: the failed MAP_FIXED left a hole (kernels before 6.12); the
+             * file holds the bytes, so mapping it back is the unmerge */
+            ok = map_ram_back(hva, l, i * PG) != MAP_FAILED;
+            st.repaired += ok;
+        }
+        if (!ok) {
+            st.last_errno = (uint64_t)(errno ? errno : EIO);
+            uint64_t repaired = st.repaired;
+            ensure_mapped(hva, l, i * PG);
+            /* fallocate(2) PUNCH_HOLE: the copy just written is not used (the store mapping is
+             * still there): free it again */
+            if (st.repaired == repaired)
+                fallocate(g_ram_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(i * PG),
+                          (off_t)l);
+        }
+    } else if (!g_wp) {
+        /* anonymous RAM, vCPUs held by the caller: fresh anonymous memory over the range (it
+         * merges into the RAM VMA again), then the bytes copied back */
+        uint8_t *buf = malloc(l);
+        if (buf) {
+            memcpy(buf, hva, l);
+            if (map_ram_back(hva, l, i * PG) != MAP_FAILED) {
+                apply_madvise(hva, l, 1); /* first: an untouched VMA can still merge back */
+                memcpy(hva, buf, l);
+                ok = 1;
+            } else {
+                st.last_errno = (uint64_t)errno;
+                ensure_mapped(hva, l, i * PG);
+            }
+            free(buf);
+        } else {
+            st.last_errno = ENOMEM;
+        }
+    } else {
+        /* anonymous RAM, pause-free: the guest must never see the range without its bytes, so
+         * fill a fresh anonymous mapping elsewhere and move it in at once (the moved pages keep
+         * their own anon_vma: the range stays a VMA of its own) */
+        /* mmap(2): a private anonymous staging area of the chunk's size */
+        void *tmp = mmap(NULL, l, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (tmp != MAP_FAILED) {
+            memcpy(tmp, hva, l);
+            /* mremap(2) MREMAP_FIXED: replaces the store mapping at hva with the filled pages in
+             * one step (the pages move, nothing is copied again) */
+            if (mremap(tmp, l, l, MREMAP_MAYMOVE | MREMAP_FIXED, hva) != MAP_FAILED)
+                ok = 1;
+            else {
+                st.last_errno = (uint64_t)errno;
+                /* munmap(2): the staging area was not moved */
+                munmap(tmp, l);
+            }
+        } else {
+            st.last_errno = (uint64_t)errno;
+        }
+    }
+    if (ok) {
+        apply_madvise(hva, l, 1); /* an untouched anonymous VMA can still merge back */
+        /* registered again so that it can be protected later and the RAM mapping heals into
+         * one VMA (VMAs merge only with the same userfaultfd context) */
+        if (g_wp && wp_register(i * PG, l))
+            st.wp_errors++;
+        for (uint64_t k = i; k < j; k++)
+            g_track[k] = 0;
+        g_track_gen++;
+    } else if (g_wp) {
+        wp_set(i * PG, l, 0);
+    }
+    if (g_wp)
+        chunk_end(i * PG, l, t0);
+    return ok;
+}
 
 static int do_unmerge(int fd, const uint8_t *p, uint32_t len)
 {
@@ -797,10 +1282,7 @@ static int do_unmerge(int fd, const uint8_t *p, uint32_t len)
         return reply_err(fd, OP_UNMERGE, ERANGE,
                          "range %#" PRIx64 " + %" PRIu64 " pages outside guest RAM", goff,
                          npages);
-    uint8_t *buf = malloc(UNMERGE_CHUNK_PAGES * PG);
-    if (!buf)
-        return reply_err(fd, OP_UNMERGE, ENOMEM, "out of memory");
-    uint64_t restored = 0, failed = 0;
+    uint64_t restored = 0, failed = 0, chunk = g_wp ? WP_CHUNK_PAGES : UNMERGE_CHUNK_PAGES;
     uint64_t first = goff / PG, last = first + npages;
     uint64_t i = first;
     while (i < last) {
@@ -809,28 +1291,14 @@ static int do_unmerge(int fd, const uint8_t *p, uint32_t len)
             continue;
         }
         uint64_t j = i + 1;
-        while (j < last && g_track[j] && j - i < UNMERGE_CHUNK_PAGES)
+        while (j < last && g_track[j] && j - i < chunk)
             j++;
-        uint8_t *hva = g_ram_base + i * PG;
-        uint64_t l = (j - i) * PG;
-        memcpy(buf, hva, l); /* the guest's current bytes (store page or its private copy) */
-        /* the RAM file back where QEMU had it (the punched hole reads as zeros until the bytes
-         * are written back below), or fresh anonymous memory */
-        void *m = map_ram_back(hva, l, i * PG);
-        if (m == MAP_FAILED) {
+        if (unmerge_chunk(i, j))
+            restored += j - i;
+        else
             failed += j - i;
-            st.last_errno = (uint64_t)errno;
-            i = j;
-            continue;
-        }
-        apply_madvise(hva, l, 1); /* first: an untouched anonymous VMA can still merge back */
-        memcpy(hva, buf, l);      /* allocates the RAM pages again */
-        for (uint64_t k = i; k < j; k++)
-            g_track[k] = 0;
-        restored += j - i;
         i = j;
     }
-    free(buf);
     st.unmerged += restored;
     st.unmerge_failed += failed;
     uint64_t out[2] = {restored, failed};
@@ -847,6 +1315,255 @@ static int page_private(uint64_t pme)
     return (present || swapped) && !file;
 }
 
+static int open_pagemap(void)
+{
+    if (g_pagemap_fd >= 0)
+        return 0;
+    /* open(2) /proc/self/pagemap: per-page present/file bits of QEMU's own mappings */
+    g_pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    return g_pagemap_fd < 0 ? -1 : 0;
+}
+
+/* growable list of (guest_off, store_off, npages) ranges, coalesced where both advance */
+struct ranges {
+    uint64_t *v;
+    uint64_t n, cap;
+    int oom;
+};
+
+static void ranges_add(struct ranges *r, uint64_t goff, uint64_t soff)
+{
+    if (r->n && r->v[3 * (r->n - 1)] + r->v[3 * (r->n - 1) + 2] * PG == goff &&
+        r->v[3 * (r->n - 1) + 1] + r->v[3 * (r->n - 1) + 2] * PG == soff) {
+        r->v[3 * (r->n - 1) + 2]++;
+        return;
+    }
+    if (r->n == r->cap) {
+        uint64_t ncap = r->cap ? r->cap * 2 : 256;
+        uint64_t *nv = ncap * 24 <= MAX_PAYLOAD * 4ULL ? realloc(r->v, ncap * 24) : NULL;
+        if (!nv) {
+            r->oom = 1;
+            return;
+        }
+        r->v = nv;
+        r->cap = ncap;
+    }
+    r->v[3 * r->n] = goff;
+    r->v[3 * r->n + 1] = soff;
+    r->v[3 * r->n + 2] = 1;
+    r->n++;
+}
+
+/* Call fn(page) for every page of guest pages [first, first+n) that is private now (present
+ * or swapped, not a file page: copy-on-write broken). PAGEMAP_SCAN returns only those (Linux
+ * >= 6.7); else the pagemap entries are read and tested here. 0 or an errno. */
+static int for_private_pages(uint64_t first, uint64_t n, void (*fn)(uint64_t, void *), void *arg)
+{
+    uint64_t start = (uint64_t)(uintptr_t)(g_ram_base + first * PG), end = start + n * PG;
+    if (g_pagemap_scan != 0) {
+        struct satori_page_region vec[256];
+        uint64_t cur = start;
+        while (cur < end) {
+            struct satori_pm_scan_arg a = {
+                .size = sizeof a,
+                .start = cur,
+                .end = end,
+                .vec = (uint64_t)(uintptr_t)vec,
+                .vec_len = 256,
+                .category_inverted = SATORI_PAGE_IS_FILE,
+                .category_mask = SATORI_PAGE_IS_FILE,
+                .category_anyof_mask = SATORI_PAGE_IS_PRESENT | SATORI_PAGE_IS_SWAPPED,
+                .return_mask = SATORI_PAGE_IS_PRESENT | SATORI_PAGE_IS_SWAPPED,
+            };
+            /* ioctl(2) PAGEMAP_SCAN: the kernel walks the page tables of the range and returns
+             * only the regions whose pages are not file pages and present or swapped */
+            long r = ioctl(g_pagemap_fd, SATORI_PAGEMAP_SCAN, &a);
+            if (r < 0) {
+                if (g_pagemap_scan < 0 && (errno == ENOTTY || errno == EINVAL)) {
+                    g_pagemap_scan = 0; /* an older kernel: read the entries instead */
+                    break;
+                }
+                return errno;
+            }
+            g_pagemap_scan = 1;
+            for (long k = 0; k < r; k++)
+                for (uint64_t a2 = vec[k].start; a2 < vec[k].end; a2 += PG)
+                    fn((a2 - (uint64_t)(uintptr_t)g_ram_base) / PG, arg);
+            if (a.walk_end <= cur)
+                break;
+            cur = a.walk_end;
+        }
+        if (g_pagemap_scan == 1)
+            return 0;
+    }
+    uint64_t pm[512];
+    for (uint64_t i = 0; i < n; i += 512) {
+        uint64_t c = n - i < 512 ? n - i : 512;
+        uint64_t vpn = (uint64_t)(uintptr_t)g_ram_base / PG + first + i;
+        /* pread(2): c pagemap entries (8 bytes each) from this page on */
+        ssize_t r = pread(g_pagemap_fd, pm, c * 8, (off_t)(vpn * 8));
+        if (r != (ssize_t)(c * 8))
+            return r < 0 ? errno : EIO;
+        for (uint64_t k = 0; k < c; k++)
+            if (page_private(pm[k]))
+                fn(first + i + k, arg);
+    }
+    return 0;
+}
+
+static void note_break(uint64_t page, void *arg)
+{
+    uint64_t t = g_track[page];
+    if (!(t & TRACK_MAPPED) || (t & TRACK_BROKEN))
+        return;
+    g_track[page] = t | TRACK_BROKEN;
+    ranges_add(arg, page * PG, t & ~TRACK_FLAGS);
+}
+
+static int do_breaks(int fd, const uint8_t *p, uint32_t len)
+{
+    uint32_t flags = 0;
+    if (len == 4)
+        memcpy(&flags, p, 4);
+    else if (len != 0)
+        return reply_err(fd, OP_BREAKS, EINVAL, "breaks payload must be empty or u32 flags");
+    if (flags & ~1u)
+        return reply_err(fd, OP_BREAKS, EINVAL, "unknown breaks flags %#x", flags);
+    const char *why = "";
+    int e = find_ram(&why);
+    if (e)
+        return reply_err(fd, OP_BREAKS, e, "%s", why);
+    struct rusage ru, me;
+    /* getrusage(2) RUSAGE_SELF and RUSAGE_THREAD: page faults of all of QEMU's threads so far
+     * (a copy-on-write break is a write fault of one of them), less this thread's own (it
+     * never writes guest RAM: its faults are its heap, stack and the pages it compares) */
+    if (getrusage(RUSAGE_SELF, &ru) < 0 || getrusage(RUSAGE_THREAD, &me) < 0)
+        return reply_err(fd, OP_BREAKS, errno, "getrusage failed");
+    uint64_t faults = (uint64_t)(ru.ru_minflt + ru.ru_majflt - me.ru_minflt - me.ru_majflt);
+    uint64_t head[2] = {0, faults};
+    if (!(flags & 1) && faults == g_faults_seen) {
+        st.breaks_skipped++;
+        return reply(fd, OP_BREAKS, 0, head, sizeof head);
+    }
+    if (open_pagemap())
+        return reply_err(fd, OP_BREAKS, errno, "cannot open /proc/self/pagemap");
+    uint64_t t0 = now_ns();
+    struct ranges out = {0};
+    uint64_t n = g_ram_size / PG, checked = 0;
+    e = 0;
+    for (uint64_t i = 0; i < n && !e;) {
+        if ((g_track[i] & (TRACK_MAPPED | TRACK_BROKEN)) != TRACK_MAPPED) {
+            i++;
+            continue;
+        }
+        uint64_t j = i + 1;
+        while (j < n && (g_track[j] & (TRACK_MAPPED | TRACK_BROKEN)) == TRACK_MAPPED)
+            j++;
+        e = for_private_pages(i, j - i, note_break, &out);
+        checked += j - i;
+        i = j;
+    }
+    if (!e && out.oom)
+        e = ENOMEM;
+    if (out.n)
+        g_track_gen++;
+    st.breaks_looks++;
+    st.breaks_pages_checked += checked;
+    st.breaks_ns += now_ns() - t0;
+    if (e) {
+        /* not reported: unmark them, they are found again at the next look */
+        for (uint64_t k = 0; k < out.n; k++)
+            for (uint64_t q = 0; q < out.v[3 * k + 2]; q++)
+                g_track[out.v[3 * k] / PG + q] &= ~TRACK_BROKEN;
+        free(out.v);
+        return reply_err(fd, OP_BREAKS, e, "looking for copy-on-write breaks failed");
+    }
+    g_faults_seen = faults; /* counted before looking: a fault during the look is seen next time */
+    uint64_t found = 0;
+    for (uint64_t k = 0; k < out.n; k++)
+        found += out.v[3 * k + 2];
+    st.breaks_found += found;
+    head[0] = checked;
+    uint8_t *buf = malloc(16 + out.n * 24);
+    if (!buf) {
+        free(out.v);
+        return reply_err(fd, OP_BREAKS, ENOMEM, "out of memory");
+    }
+    memcpy(buf, head, 16);
+    if (out.n)
+        memcpy(buf + 16, out.v, out.n * 24);
+    int r = reply(fd, OP_BREAKS, 0, buf, 16 + out.n * 24);
+    free(buf);
+    free(out.v);
+    return r;
+}
+
+static int do_mapped(int fd, const uint8_t *p, uint32_t len)
+{
+    if (len % 8)
+        return reply_err(fd, OP_MAPPED, EINVAL, "mapped payload of %u bytes is not n x 8", len);
+    const char *why = "";
+    int e = find_ram(&why);
+    if (e)
+        return reply_err(fd, OP_MAPPED, e, "%s", why);
+    uint64_t n = len / 8, maxs = 0;
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t s;
+        memcpy(&s, p + 8 * k, 8);
+        if (s & (PG - 1))
+            return reply_err(fd, OP_MAPPED, EINVAL, "store offset %#" PRIx64 " not aligned", s);
+        if (s / PG + 1 > maxs)
+            maxs = s / PG + 1;
+    }
+    uint64_t tn = g_ram_size / PG;
+    if (g_store_fd < 0 || refresh_store_view(&why))
+        maxs = 0; /* no store: nothing is mapped from it */
+    else if (maxs > g_store_view_size / PG)
+        maxs = g_store_view_size / PG; /* past the store's end: never mapped */
+    /* per store page up to maxs: 0 not asked, 1 asked, 2 asked and mapped */
+    uint8_t *want = calloc(maxs ? maxs : 1, 1), *ans = malloc(n ? n : 1);
+    if (!want || !ans) {
+        free(want);
+        free(ans);
+        return reply_err(fd, OP_MAPPED, ENOMEM, "out of memory");
+    }
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t s;
+        memcpy(&s, p + 8 * k, 8);
+        if (s / PG < maxs)
+            want[s / PG] = 1;
+    }
+    for (uint64_t i = 0; i < tn; i++) {
+        uint64_t t = g_track[i], sp = (t & ~TRACK_FLAGS) / PG;
+        if (!t || sp >= maxs || !want[sp])
+            continue;
+        if (t & TRACK_BROKEN) {
+            /* reported broken: mapped again only if no longer private (QEMU discarded its copy
+             * with MADV_DONTNEED: the store page shows through again) */
+            uint64_t pme = 0;
+            if (open_pagemap() == 0 &&
+                /* pread(2): the one pagemap entry of this page */
+                pread(g_pagemap_fd, &pme, 8,
+                      (off_t)(((uint64_t)(uintptr_t)g_ram_base / PG + i) * 8)) == 8 &&
+                page_private(pme))
+                continue;
+            g_track[i] = t & ~TRACK_BROKEN;
+            g_track_gen++;
+        }
+        want[sp] = 2;
+    }
+    for (uint64_t k = 0; k < n; k++) {
+        uint64_t s;
+        memcpy(&s, p + 8 * k, 8);
+        ans[k] = s / PG < maxs && want[s / PG] == 2;
+    }
+    st.mapped_queries++;
+    int r = reply(fd, OP_MAPPED, 0, ans, n);
+    free(want);
+    free(ans);
+    return r;
+}
+
 static int do_list(int fd, const uint8_t *p, uint32_t len)
 {
     uint32_t flags = 0;
@@ -860,12 +1577,8 @@ static int do_list(int fd, const uint8_t *p, uint32_t len)
     int e = find_ram(&why);
     if (e)
         return reply_err(fd, OP_LIST, e, "%s", why);
-    if ((flags & 1) && g_pagemap_fd < 0) {
-        /* open(2) /proc/self/pagemap: per-page present/file bits of QEMU's own mappings */
-        g_pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-        if (g_pagemap_fd < 0)
-            return reply_err(fd, OP_LIST, errno, "cannot open /proc/self/pagemap");
-    }
+    if ((flags & 1) && open_pagemap())
+        return reply_err(fd, OP_LIST, errno, "cannot open /proc/self/pagemap");
     uint64_t n = g_ram_size / PG, cap = 1024, cnt = 0;
     uint64_t *out = malloc(cap * 24);
     uint64_t pm[512];
@@ -888,12 +1601,19 @@ static int do_list(int fd, const uint8_t *p, uint32_t len)
                 }
             }
             keep = !page_private(pm[i - pm_first]);
+            if (keep && (g_track[i] & TRACK_BROKEN)) {
+                /* reported broken, shows the store page again (QEMU discarded its copy with
+                 * MADV_DONTNEED): merged again, as this list says; BREAKS reports its next
+                 * write */
+                g_track[i] &= ~TRACK_BROKEN;
+                g_track_gen++;
+            }
         }
         if (!keep) {
             have_prev = 0;
             continue;
         }
-        uint64_t s = g_track[i] & ~1ULL;
+        uint64_t s = g_track[i] & ~TRACK_FLAGS;
         if (have_prev && out[3 * (cnt - 1)] + out[3 * (cnt - 1) + 2] * PG == i * PG &&
             out[3 * (cnt - 1) + 1] + out[3 * (cnt - 1) + 2] * PG == s) {
             out[3 * (cnt - 1) + 2]++;
@@ -925,15 +1645,32 @@ static int do_list(int fd, const uint8_t *p, uint32_t len)
 
 /* ------------------------------------ stats ------------------------------------ */
 
+/* CPU time of the agent's threads (the request thread calls this) */
+static uint64_t agent_cpu_ns(uint64_t *uffd_ns)
+{
+    struct timespec cpu;
+    /* clock_gettime(2) CLOCK_THREAD_CPUTIME_ID: the request thread serves every request */
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+    uint64_t req = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec, uf = 0;
+    clockid_t cid;
+    /* pthread_getcpuclockid(3) + clock_gettime(2): the uffd thread's CPU time */
+    if (g_uffd_thread_ok && pthread_getcpuclockid(g_uffd_thread, &cid) == 0 &&
+        clock_gettime(cid, &cpu) == 0)
+        uf = (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec;
+    *uffd_ns = uf;
+    return req + uf;
+}
+
 static int do_stats(int fd, uint16_t op)
 {
     struct tbuf b = {0};
-    tb_printf(&b, "version=%d\npid=%d\n", AGENT_VERSION, (int)getpid());
+    const char *why = "";
+    find_ram(&why); /* best effort: ping and stats work before QEMU mapped RAM */
+    tb_printf(&b, "version=%d\npid=%d\nops=%s\n", AGENT_VERSION, (int)getpid(), OPS_SERVED);
     tb_printf(&b, "mem_path=%s\nram_kind=%s\n", g_mem_path ? g_mem_path : "",
               g_mem_path ? "file" : (g_anon_size ? "anon" : "none"));
+    tb_printf(&b, "wp=%d\nwp_error=%s\n", g_wp, g_wp ? "" : g_wp_error);
     if (op == OP_STATS) {
-        const char *why = "";
-        find_ram(&why); /* best effort: stats work before QEMU mapped RAM */
         uint64_t ranges = 0, pages = merged_pages_now(&ranges);
         tb_printf(&b, "ram_found=%d\nram_base=%" PRIu64 "\nram_size=%" PRIu64 "\n",
                   g_ram_base != NULL, (uint64_t)(uintptr_t)g_ram_base, g_ram_size);
@@ -951,10 +1688,21 @@ static int do_stats(int fd, uint16_t op)
                   "unmerged_total=%" PRIu64 "\nunmerge_failed_total=%" PRIu64
                   "\nmerged_pages=%" PRIu64 "\nmerged_ranges=%" PRIu64 "\n",
                   st.unmerged, st.unmerge_failed, pages, ranges);
-        struct timespec cpu;
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu); /* this thread serves every request */
-        tb_printf(&b, "thread_cpu_ns=%" PRIu64 "\n",
-                  (uint64_t)cpu.tv_sec * 1000000000ULL + (uint64_t)cpu.tv_nsec);
+        uint64_t uffd_ns = 0, cpu_ns = agent_cpu_ns(&uffd_ns);
+        tb_printf(&b, "thread_cpu_ns=%" PRIu64 "\nuffd_cpu_ns=%" PRIu64 "\n", cpu_ns, uffd_ns);
+        tb_printf(&b,
+                  "wp_chunks=%" PRIu64 "\nwp_ns=%" PRIu64 "\nwp_max_ns=%" PRIu64
+                  "\nwp_faults=%" PRIu64 "\nwp_leftovers=%" PRIu64 "\nwp_registers=%" PRIu64
+                  "\nwp_errors=%" PRIu64 "\n",
+                  st.wp_chunks, st.wp_ns, st.wp_max_ns,
+                  __atomic_load_n(&g_wp_faults, __ATOMIC_RELAXED),
+                  __atomic_load_n(&g_wp_leftovers, __ATOMIC_RELAXED), st.wp_registers, st.wp_errors);
+        tb_printf(&b,
+                  "breaks_looks=%" PRIu64 "\nbreaks_skipped=%" PRIu64
+                  "\nbreaks_pages_checked=%" PRIu64 "\nbreaks_found=%" PRIu64
+                  "\nbreaks_ns=%" PRIu64 "\npagemap_scan=%d\nmapped_queries=%" PRIu64 "\n",
+                  st.breaks_looks, st.breaks_skipped, st.breaks_pages_checked, st.breaks_found,
+                  st.breaks_ns, g_pagemap_scan, st.mapped_queries);
         tb_printf(&b,
                   "punch_errors=%" PRIu64 "\nmadvise_errors=%" PRIu64 "\nrepaired=%" PRIu64
                   "\nlast_errno=%" PRIu64 "\nrequests=%" PRIu64 "\nbad_requests=%" PRIu64 "\n",
@@ -1135,7 +1883,13 @@ static int serve_one(int fd)
             r = do_open_store(fd, p, h.len);
             break;
         case OP_MERGE:
-            r = do_merge(fd, p, h.len);
+            r = do_merge(fd, p, h.len, h.flags);
+            break;
+        case OP_BREAKS:
+            r = do_breaks(fd, p, h.len);
+            break;
+        case OP_MAPPED:
+            r = do_mapped(fd, p, h.len);
             break;
         case OP_UNMERGE:
             r = do_unmerge(fd, p, h.len);
@@ -1249,9 +2003,12 @@ __attribute__((constructor)) static void satori_agent_init(void)
     const char *anon = getenv("SATORI_AGENT_RAMSIZE");
     if (anon && *anon)
         g_anon_size = strtoull(anon, NULL, 0);
+    const char *wp = getenv("SATORI_AGENT_WP");
+    g_wp_off = wp && strcmp(wp, "0") == 0;
     unsetenv("SATORI_AGENT_SOCKET");
     unsetenv("SATORI_AGENT_MEMPATH");
     unsetenv("SATORI_AGENT_RAMSIZE");
+    unsetenv("SATORI_AGENT_WP");
     scrub_ld_preload();
     if (!g_sock_path)
         return;

@@ -5,8 +5,11 @@ Typical use::
     env = {**os.environ, **agent_env(sock, mem_path)}     # start QEMU with this env
     with AgentClient(sock) as agent:
         agent.open_store("/dev/shm/satori-run-store")
-        res = agent.merge([(guest_off, store_off), ...])  # vCPUs held (QMP stop) around this
-        res.merged, res.mismatched, res.failed
+        if not agent.pause_free():                        # wp=0: hold the vCPUs (QMP stop)
+            ...
+        res = agent.merge([(guest_off, store_off), ...], status=True)
+        res.merged, res.mismatched, res.failed, res.status
+        agent.breaks().ranges                             # pages broken since the last call
 
 The wire protocol is described in the header comment of ``agent.c``.
 """
@@ -50,9 +53,14 @@ class Op(IntEnum):
     UNMERGE = 4
     STATS = 5
     LIST = 6
+    BREAKS = 7
+    MAPPED = 8
 
 
 LIST_EXCLUDE_PRIVATE = 1
+MERGE_STATUS = 2  # MERGE flags: one status byte per pair in the reply
+BREAKS_FORCE = 1  # BREAKS flags: look even if QEMU took no page fault since the last look
+STATUS_MERGED, STATUS_MISMATCHED, STATUS_FAILED = 0, 1, 2
 
 
 class AgentRequestError(AgentError):
@@ -160,12 +168,17 @@ class MergeResult:
     elapsed_ns: int
     mmap_calls: int = 0
     last_errno: int = 0  # errno of the last failed page (ENOMEM: vm.max_map_count), 0 if none
+    # per pair, in order (``merge(..., status=True)``): STATUS_MERGED, _MISMATCHED or _FAILED
+    status: np.ndarray | None = None
 
     @property
     def pages(self) -> int:
         return self.merged + self.mismatched + self.failed
 
     def __add__(self, other: MergeResult) -> MergeResult:
+        status = None
+        if self.status is not None and other.status is not None:
+            status = np.concatenate([self.status, other.status])
         return MergeResult(
             self.merged + other.merged,
             self.mismatched + other.mismatched,
@@ -173,7 +186,23 @@ class MergeResult:
             self.elapsed_ns + other.elapsed_ns,
             self.mmap_calls + other.mmap_calls,
             other.last_errno or self.last_errno,
+            status,
         )
+
+
+@dataclass(frozen=True)
+class BreakReport:
+    """What BREAKS answered: ``checked`` merged pages looked at (0: QEMU took no page fault
+    since the last look, so none can have broken, and nothing was walked), QEMU's page
+    ``faults`` so far, and the pages newly broken as (guest_off, store_off, npages) ranges."""
+
+    checked: int
+    faults: int
+    ranges: np.ndarray
+
+    @property
+    def pages(self) -> int:
+        return int(self.ranges[:, 2].sum()) if len(self.ranges) else 0
 
 
 @dataclass(frozen=True)
@@ -320,22 +349,36 @@ class AgentClient:
         body = self.call(Op.OPEN_STORE, os.fsencode(os.fspath(path)))
         return struct.unpack("<Q", body)[0]
 
+    def pause_free(self) -> bool:
+        """Whether this agent protects the pages it merges itself (userfaultfd write-protect,
+        PING ``wp=1``); if not, hold the VM's vCPUs (QMP stop/cont) around merges."""
+        return self.ping().get("wp") == 1
+
     def merge(
-        self, pairs: np.ndarray | Iterable[Sequence[int]], timeout: float | None = None
+        self,
+        pairs: np.ndarray | Iterable[Sequence[int]],
+        timeout: float | None = None,
+        status: bool = False,
     ) -> MergeResult:
         """Merge (guest_off, store_off) pairs, byte offsets, 4096-aligned.
 
-        Hold the VM's vCPUs around this call. Batches above the agent's request limit are
-        split; the results are summed.
+        Unless the agent is pause-free (:meth:`pause_free`), hold the VM's vCPUs around this
+        call. With ``status`` the result has one status per pair. Batches above the agent's
+        request limit are split; the results are summed.
         """
         arr = _as_pairs(pairs)
-        total = MergeResult(0, 0, 0, 0)
+        total = MergeResult(0, 0, 0, 0, status=np.zeros(0, np.uint8) if status else None)
         for start in range(0, max(len(arr), 1), MAX_PAIRS_PER_REQUEST):
             chunk = arr[start : start + MAX_PAIRS_PER_REQUEST]
             t = timeout if timeout is not None else self.timeout + len(chunk) * 200e-6
             payload = memoryview(chunk).cast("B") if len(chunk) else b""
-            body = self.call(Op.MERGE, payload, timeout=t)
-            total = total + MergeResult(*struct.unpack("<6Q", body))
+            body = self.call(Op.MERGE, payload, flags=MERGE_STATUS if status else 0, timeout=t)
+            st = None
+            if status:
+                st = np.frombuffer(body, dtype=np.uint8, offset=48).copy()
+                if len(st) != len(chunk):
+                    raise AgentError(f"merge agent MERGE: {len(st)} status bytes for {len(chunk)} pairs")
+            total = total + MergeResult(*struct.unpack_from("<6Q", body), status=st)
         return total
 
     def unmerge(self, guest_off: int, npages: int) -> UnmergeResult:
@@ -351,6 +394,25 @@ class AgentClient:
         """Counters: merged_total, mismatched_total, failed_total, mmap_calls, merge_ns,
         merged_pages and merged_ranges (now), ram_size, store_size, ... (see agent.c)."""
         return _parse_kv(self.call(Op.STATS))
+
+    def breaks(self, force: bool = False) -> BreakReport:
+        """The pages that broke copy-on-write since the last call (each reported once). Cheap
+        when QEMU took no page fault since the last call; ``force`` looks anyway."""
+        body = self.call(Op.BREAKS, struct.pack("<I", BREAKS_FORCE if force else 0))
+        checked, faults = struct.unpack_from("<2Q", body)
+        ranges = np.frombuffer(body, dtype="<u8", offset=16).reshape(-1, 3).astype(np.uint64)
+        return BreakReport(checked, faults, ranges)
+
+    def mapped(self, store_offs: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Per store offset (bytes, 4096-aligned): whether a page of this VM may still map it."""
+        arr = np.ascontiguousarray(np.asarray(store_offs, dtype=np.uint64), dtype="<u8")
+        out = np.zeros(0, dtype=bool)
+        step = MAX_PAYLOAD // 8
+        for start in range(0, len(arr), step):
+            chunk = arr[start : start + step]
+            body = self.call(Op.MAPPED, memoryview(chunk).cast("B"))
+            out = np.concatenate([out, np.frombuffer(body, dtype=np.uint8).astype(bool)])
+        return out
 
     def merged_ranges(self, exclude_private: bool = False) -> np.ndarray:
         """Ranges still mapped from the store: array (m, 3) of guest_off, store_off, npages.
