@@ -96,7 +96,9 @@
  *                    fault, no break; a write by ANOTHER process, e.g. through /proc/<pid>/mem,
  *                    is charged to that process: only a forced look sees it); then only the
  *                    merged pages not yet reported are checked (PAGEMAP_SCAN, Linux >= 6.7,
- *                    else /proc/self/pagemap). Each broken page is reported once.
+ *                    else /proc/self/pagemap). Each broken page is reported once. Merged pages
+ *                    QEMU discarded since (balloon: they got their RAM back and left the table)
+ *                    are reported too, without any look.
  *                    reply: u64 pages_checked (0: nothing faulted, not looked), u64 faults (page
  *                           faults of QEMU's other threads so far), then m x (u64 guest_off,
  *                           u64 store_off, u64 npages): the newly broken pages, coalesced.
@@ -245,6 +247,12 @@ static int g_uffd_thread_ok;
 /* held by the request thread while a chunk is protected; the uffd thread takes it before it
  * touches a page, so it never unprotects a page a chunk is comparing */
 static pthread_mutex_t g_chunk_lock = PTHREAD_MUTEX_INITIALIZER;
+/* the merge table (g_track) and the mappings it describes: held by every request (a MERGE
+ * per chunk, so QEMU's discards never wait for a whole batch) and by the discard hook that
+ * runs in QEMU's threads (see "discards" below); recursive, as the agent's own calls of the
+ * interposed functions come back through the hook */
+static pthread_mutex_t g_state_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
+static __thread int t_agent_thread; /* 1 in the agent's request thread */
 
 static struct {
     uint64_t merged, mismatched, failed, mmap_calls, merge_ns, merge_requests;
@@ -1093,14 +1101,17 @@ static int do_merge(int fd, const uint8_t *p, uint32_t len, uint32_t flags)
     if (flags & ~MERGE_STATUS)
         return reply_err(fd, OP_MERGE, EINVAL, "unknown merge flags %#x", flags);
     const char *why = "";
+    pthread_mutex_lock(&g_state_lock);
     int e = find_ram(&why);
+    if (!e && g_store_fd < 0) {
+        e = EBADF;
+        why = "no store open (send OPEN_STORE first)";
+    } else if (!e) {
+        e = refresh_store_view(&why);
+    }
+    pthread_mutex_unlock(&g_state_lock);
     if (e)
-        return reply_err(fd, OP_MERGE, e, "%s", why);
-    if (g_store_fd < 0)
-        return reply_err(fd, OP_MERGE, EBADF, "no store open (send OPEN_STORE first)");
-    e = refresh_store_view(&why);
-    if (e)
-        return reply_err(fd, OP_MERGE, e, "%s: %s", why, strerror(e));
+        return reply_err(fd, OP_MERGE, e, "%s (%s)", why, strerror(e));
     uint64_t n = len / 16;
     /* the reply: 6 counters, then (MERGE_STATUS) one status byte per pair */
     uint8_t *out = malloc(48 + n);
@@ -1144,10 +1155,14 @@ static int do_merge(int fd, const uint8_t *p, uint32_t len, uint32_t flags)
                pairs[2 * j + 1] == pairs[2 * (j - 1) + 1] + PG &&
                (!g_wp || j - i < WP_CHUNK_PAGES))
             j++;
+        pthread_mutex_lock(&g_state_lock);
         merge_chunk(pairs, i, j, status, &a);
+        pthread_mutex_unlock(&g_state_lock);
         i = j;
     }
+    pthread_mutex_lock(&g_state_lock);
     flush_pending(&a);
+    pthread_mutex_unlock(&g_state_lock);
     uint64_t dt = now_ns() - t0;
     free(pairs);
     st.merged += a.merged;
@@ -1411,6 +1426,9 @@ static int for_private_pages(uint64_t first, uint64_t n, void (*fn)(uint64_t, vo
     return 0;
 }
 
+/* merged pages QEMU discarded since the last BREAKS (they left the table) */
+static struct ranges g_gone;
+
 static void note_break(uint64_t page, void *arg)
 {
     uint64_t t = g_track[page];
@@ -1418,6 +1436,42 @@ static void note_break(uint64_t page, void *arg)
         return;
     g_track[page] = t | TRACK_BROKEN;
     ranges_add(arg, page * PG, t & ~TRACK_FLAGS);
+}
+
+/* Look for copy-on-write breaks among the merged pages not yet reported: marks them and adds
+ * them to *brk. Returns pages looked at; *err gets an errno on failure (marks undone). */
+static uint64_t look_for_breaks(struct ranges *brk, int *err)
+{
+    uint64_t t0 = now_ns(), n = g_ram_size / PG, checked = 0;
+    int e = open_pagemap() ? errno : 0;
+    for (uint64_t i = 0; i < n && !e;) {
+        if ((g_track[i] & (TRACK_MAPPED | TRACK_BROKEN)) != TRACK_MAPPED) {
+            i++;
+            continue;
+        }
+        uint64_t j = i + 1;
+        while (j < n && (g_track[j] & (TRACK_MAPPED | TRACK_BROKEN)) == TRACK_MAPPED)
+            j++;
+        e = for_private_pages(i, j - i, note_break, brk);
+        checked += j - i;
+        i = j;
+    }
+    if (!e && brk->oom)
+        e = ENOMEM;
+    if (e) {
+        /* not reported: unmark them, they are found again at the next look */
+        for (uint64_t k = 0; k < brk->n; k++)
+            for (uint64_t q = 0; q < brk->v[3 * k + 2]; q++)
+                g_track[brk->v[3 * k] / PG + q] &= ~TRACK_BROKEN;
+        brk->n = 0;
+    }
+    if (brk->n)
+        g_track_gen++;
+    st.breaks_looks++;
+    st.breaks_pages_checked += checked;
+    st.breaks_ns += now_ns() - t0;
+    *err = e;
+    return checked;
 }
 
 static int do_breaks(int fd, const uint8_t *p, uint32_t len)
@@ -1441,60 +1495,36 @@ static int do_breaks(int fd, const uint8_t *p, uint32_t len)
         return reply_err(fd, OP_BREAKS, errno, "getrusage failed");
     uint64_t faults = (uint64_t)(ru.ru_minflt + ru.ru_majflt - me.ru_minflt - me.ru_majflt);
     uint64_t head[2] = {0, faults};
-    if (!(flags & 1) && faults == g_faults_seen) {
+    struct ranges brk = {0};
+    if ((flags & 1) || faults != g_faults_seen) {
+        head[0] = look_for_breaks(&brk, &e);
+        if (e)
+            return reply_err(fd, OP_BREAKS, e, "looking for copy-on-write breaks failed");
+        /* counted before looking: a fault during the look is seen next time */
+        g_faults_seen = faults;
+        for (uint64_t k = 0; k < brk.n; k++)
+            st.breaks_found += brk.v[3 * k + 2];
+    } else {
         st.breaks_skipped++;
-        return reply(fd, OP_BREAKS, 0, head, sizeof head);
     }
-    if (open_pagemap())
-        return reply_err(fd, OP_BREAKS, errno, "cannot open /proc/self/pagemap");
-    uint64_t t0 = now_ns();
-    struct ranges out = {0};
-    uint64_t n = g_ram_size / PG, checked = 0;
-    e = 0;
-    for (uint64_t i = 0; i < n && !e;) {
-        if ((g_track[i] & (TRACK_MAPPED | TRACK_BROKEN)) != TRACK_MAPPED) {
-            i++;
-            continue;
-        }
-        uint64_t j = i + 1;
-        while (j < n && (g_track[j] & (TRACK_MAPPED | TRACK_BROKEN)) == TRACK_MAPPED)
-            j++;
-        e = for_private_pages(i, j - i, note_break, &out);
-        checked += j - i;
-        i = j;
-    }
-    if (!e && out.oom)
-        e = ENOMEM;
-    if (out.n)
-        g_track_gen++;
-    st.breaks_looks++;
-    st.breaks_pages_checked += checked;
-    st.breaks_ns += now_ns() - t0;
-    if (e) {
-        /* not reported: unmark them, they are found again at the next look */
-        for (uint64_t k = 0; k < out.n; k++)
-            for (uint64_t q = 0; q < out.v[3 * k + 2]; q++)
-                g_track[out.v[3 * k] / PG + q] &= ~TRACK_BROKEN;
-        free(out.v);
-        return reply_err(fd, OP_BREAKS, e, "looking for copy-on-write breaks failed");
-    }
-    g_faults_seen = faults; /* counted before looking: a fault during the look is seen next time */
-    uint64_t found = 0;
-    for (uint64_t k = 0; k < out.n; k++)
-        found += out.v[3 * k + 2];
-    st.breaks_found += found;
-    head[0] = checked;
-    uint8_t *buf = malloc(16 + out.n * 24);
+    /* the reply: the counts, the pages QEMU discarded since the last call (they left the table
+     * already: no look needed), then the breaks just found */
+    uint64_t m = g_gone.n + brk.n;
+    uint8_t *buf = malloc(16 + m * 24);
     if (!buf) {
-        free(out.v);
+        free(brk.v);
         return reply_err(fd, OP_BREAKS, ENOMEM, "out of memory");
     }
     memcpy(buf, head, 16);
-    if (out.n)
-        memcpy(buf + 16, out.v, out.n * 24);
-    int r = reply(fd, OP_BREAKS, 0, buf, 16 + out.n * 24);
+    if (g_gone.n)
+        memcpy(buf + 16, g_gone.v, g_gone.n * 24);
+    if (brk.n)
+        memcpy(buf + 16 + g_gone.n * 24, brk.v, brk.n * 24);
+    free(g_gone.v);
+    memset(&g_gone, 0, sizeof g_gone);
+    free(brk.v);
+    int r = reply(fd, OP_BREAKS, 0, buf, 16 + m * 24);
     free(buf);
-    free(out.v);
     return r;
 }
 
@@ -1735,8 +1765,6 @@ static int do_stats(int fd, uint16_t op)
  * stay merged. The table is shared with the agent's thread: g_state_lock (recursive, as the
  * agent's own calls come back through here) is held by every request and by this hook.
  */
-static pthread_mutex_t g_state_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
-static __thread int t_agent_thread; /* 1 in the agent's request thread */
 
 /* Give the merged pages among the whole pages of [goff, goff+len) their RAM back and forget
  * them. Caller holds g_state_lock; g_track is set. */
@@ -1764,8 +1792,17 @@ static void forget_discarded(uint64_t goff, uint64_t len)
             ensure_mapped(hva, l, i * PG);
         } else {
             apply_madvise(hva, l, 1); /* the RAM VMA can merge back into one */
-            for (uint64_t k = i; k < j; k++)
+            /* registered like the rest of guest RAM: it heals into one VMA, and a later merge
+             * of these pages can protect them */
+            if (g_wp && wp_register(i * PG, l))
+                st.wp_errors++;
+            for (uint64_t k = i; k < j; k++) {
+                /* no longer mapped from the store: the next BREAKS reports it */
+                if ((g_track[k] & (TRACK_MAPPED | TRACK_BROKEN)) == TRACK_MAPPED)
+                    ranges_add(&g_gone, k * PG, g_track[k] & ~TRACK_FLAGS);
                 g_track[k] = 0;
+            }
+            g_track_gen++;
             st.discarded += j - i;
         }
         i = j;
@@ -1870,7 +1907,10 @@ static int serve_one(int fd)
         return -1;
     }
     int r;
-    pthread_mutex_lock(&g_state_lock); /* QEMU's discards (discard_hook) wait meanwhile */
+    /* QEMU's discards (discard_hook) wait meanwhile; a MERGE takes the lock per chunk */
+    int whole = h.op != OP_MERGE;
+    if (whole)
+        pthread_mutex_lock(&g_state_lock);
     if (h.version != AGENT_VERSION) {
         r = reply_err(fd, h.op, EPROTONOSUPPORT, "protocol version %u, agent speaks %u",
                       h.version, AGENT_VERSION);
@@ -1905,7 +1945,8 @@ static int serve_one(int fd)
             r = reply_err(fd, h.op, EOPNOTSUPP, "unknown op %u", h.op);
         }
     }
-    pthread_mutex_unlock(&g_state_lock);
+    if (whole)
+        pthread_mutex_unlock(&g_state_lock);
     free(p);
     return r;
 }
