@@ -105,7 +105,7 @@ def test_merging_pause_free_and_fallback_through_the_engine(pair):
     assert v[pf.name]["paused_s"] == 0 and v[fb.name]["paused_s"] > 0, v
     assert v[fb.name]["paused_max_s"] > 0
     st = state(eng, pf).agent.stats()
-    assert st["wp_chunks"] > 0 and st["wp_leftovers"] == 0 and st["wp_errors"] == 0, st
+    assert st["wp_chunks"] > 0 and st["wp_errors"] == 0, st
     sums = {vm.name: vm.ssh.check(f"cat {FILES} | md5sum").split()[0] for vm in (pf, fb)}
     assert sums[pf.name] == sums[fb.name]
 
@@ -159,7 +159,7 @@ def test_guest_write_storm_on_pages_being_merged_loses_nothing(pair):
         assert merged > 500, (vm.name, merged, result)
         if vm is pf:
             assert st["wp_faults"] > 0, f"no guest write raced a merge: {st}"
-            assert st["wp_leftovers"] == 0 and st["wp_errors"] == 0, st
+            assert st["wp_errors"] == 0, st
 
 
 @pytest.mark.integration

@@ -2,7 +2,8 @@
  * satori merge agent: a shared library preloaded (LD_PRELOAD) into a stock qemu-system-x86_64.
  *
  * It replaces guest RAM pages by copy-on-write mappings of identical pages of a content store
- * (a /dev/shm file), see ARCHITECTURE.md "Why this merge mechanism".
+ * (a /dev/shm file); docs/merging.md says why this mechanism (measured), how merging avoids
+ * stopping the guest, and why no guest write is lost.
  *
  * Environment (read once by the constructor, then removed from the environment so that helper
  * programs QEMU may start do not load or start a second agent):
@@ -25,20 +26,22 @@
  * Threading: the constructor binds the socket and starts the request thread (all signals
  * blocked) that serves every client with poll(); requests are handled one at a time, to
  * completion. Once guest RAM is found, a second thread (satori-uffd) serves the userfaultfd.
+ * QEMU's own threads enter the agent through the interposed discard calls (see "discards");
+ * the merge table is shared under g_state_lock, which a MERGE takes per chunk.
  *
  * Pause-free merging (docs/merging.md has the argument): when the kernel supports userfaultfd
  * write-protection of the RAM mapping (shmem: Linux >= 6.0; anonymous RAM needs
- * UFFD_FEATURE_WP_UNPOPULATED, Linux >= 6.6), guest RAM is registered with
- * UFFDIO_REGISTER_MODE_WP once, and every chunk of at most WP_CHUNK_PAGES pages of a merge is
- * write-protected (UFFDIO_WRITEPROTECT) while it is compared and remapped, then woken
- * (UFFDIO_WAKE). A vCPU or an I/O thread that writes one of those pages meanwhile sleeps in the
- * kernel with mmap_lock dropped; when woken it retries the write, which lands in the new
- * mapping (a copy-on-write copy of the store page). Nothing else is ever held: the caller need
- * not stop the vCPUs. PING/STATS say wp=1. Without the capability (or with SATORI_AGENT_WP=0 in
- * QEMU's environment) wp=0, wp_error says why, and the caller must hold the vCPUs (QMP
- * stop/cont) around merge and unmerge requests: a guest write between the memcmp and the mmap
- * would be lost. The uffd thread only serves faults on pages no chunk protects any more (it
- * takes the chunk lock, then unprotects and wakes the page): nothing is ever left waiting.
+ * UFFD_FEATURE_WP_UNPOPULATED, Linux >= 6.6), every chunk of at most WP_CHUNK_PAGES pages of a
+ * merge is registered with the agent's own userfaultfd (taken from the oracle's write tracker
+ * for that long, see "userfaultfd (wp)"), write-protected while it is compared and remapped,
+ * then released and woken. A vCPU or an I/O thread that writes one of those pages meanwhile
+ * sleeps in the kernel with mmap_lock dropped; when woken it retries the write, which lands in
+ * the new mapping (a copy-on-write copy of the store page). Nothing else is ever held: the
+ * caller need not stop the vCPUs. PING/STATS say wp=1. Without the capability (or with
+ * SATORI_AGENT_WP=0 in QEMU's environment) wp=0, wp_error says why, and the caller must hold
+ * the vCPUs (QMP stop/cont) around merge and unmerge requests: a guest write between the
+ * memcmp and the mmap would be lost. The uffd thread counts the writes that waited and wakes
+ * their page once no chunk is held: nothing waits on the agent beyond one chunk.
  *
  * ---------------------------------------------------------------------------------------------
  * PROTOCOL (binary, little-endian, version 1). Every request and every reply is a 16-byte
@@ -260,12 +263,12 @@ static struct {
     uint64_t unmerged, unmerge_failed, punch_errors, madvise_errors, repaired;
     uint64_t requests, bad_requests, last_errno;
     uint64_t discarded, discard_failed; /* merged pages QEMU discarded (balloon): RAM back */
-    uint64_t wp_chunks, wp_ns, wp_max_ns, wp_registers, wp_errors;
+    uint64_t wp_chunks, wp_ns, wp_max_ns, wp_busy, wp_errors;
     uint64_t breaks_looks, breaks_skipped, breaks_pages_checked, breaks_found, breaks_ns;
     uint64_t mapped_queries;
 } st;
 /* written by the uffd thread, read by STATS: atomics */
-static uint64_t g_wp_faults, g_wp_leftovers;
+static uint64_t g_wp_faults;
 
 static void logmsg(const char *fmt, ...)
 {
@@ -423,19 +426,31 @@ static void parse_vmflags(const char *line)
 }
 
 /* ------------------------------ userfaultfd (wp) ------------------------------- */
+/*
+ * Guest RAM may already be registered with another userfaultfd: the oracle's write tracker
+ * (harness/wptrack.c preloads one into every QEMU, at descriptor SATORI_TRACK_FD; the harness
+ * enables asynchronous write-protect on it and registers guest RAM from outside). A mapping can
+ * belong to one userfaultfd only, so the agent takes each chunk from the tracker just for the
+ * chunk: UFFDIO_UNREGISTER on the tracker's descriptor, UFFDIO_REGISTER on its own, protect,
+ * compare, remap, then unregister what is left of it (which also clears the protection and
+ * wakes). It never registers anything back with the tracker: the oracle sees the range
+ * unregistered at its next look, treats its pages as written and registers them again.
+ * Nothing of guest RAM stays registered with the agent between chunks. (The kernel does not
+ * check which userfaultfd a UFFDIO_WRITEPROTECT comes from, so the agent only ever protects or
+ * unprotects ranges it has just registered itself: it never touches the tracker's bits.)
+ */
 
 static uint64_t g_track_gen; /* bumped whenever g_track changes (STATS caches its counts) */
+static int g_tracker_fd = -1; /* the write tracker's userfaultfd in this process, if any */
 
-/* The uffd thread: a write to a write-protected page sleeps in the kernel and queues a message
- * here. The request thread wakes the pages of each chunk itself when the chunk is done, so a
- * message read here is normally for a waiter already woken (or about to be). The thread waits
- * until no chunk is protected, then unprotects and wakes the page: a page left protected by
- * mistake can never hold a vCPU. */
+/* The uffd thread: a write to a protected page sleeps in the kernel and queues a message here.
+ * The request thread wakes the pages of each chunk itself when the chunk is done (and the
+ * unregistration at its end wakes too), so a message read here is for a waiter already woken
+ * or about to be. It only counts them, and wakes the page once no chunk is held (a wake is
+ * for this userfaultfd's waiters only): nothing can wait on the agent beyond one chunk. */
 static void *uffd_main(void *arg)
 {
     (void)arg;
-    /* open(2) /proc/self/pagemap: this thread's own fd, to tell a page left protected */
-    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     for (;;) {
         struct uffd_msg m;
         /* read(2): the next userfaultfd message; the fd is blocking, so an idle agent costs
@@ -451,34 +466,155 @@ static void *uffd_main(void *arg)
         if (r != (ssize_t)sizeof m || m.event != UFFD_EVENT_PAGEFAULT)
             continue;
         __atomic_add_fetch(&g_wp_faults, 1, __ATOMIC_RELAXED);
-        uint64_t addr = m.arg.pagefault.address & ~(PG - 1);
+        struct uffdio_range rg = {m.arg.pagefault.address & ~(PG - 1), PG};
         pthread_mutex_lock(&g_chunk_lock);
-        uint64_t pme = 0;
-        /* pread(2): the page's pagemap entry; bit 57 = still write-protected (uffd-wp) */
-        if (pm >= 0 && pread(pm, &pme, 8, (off_t)(addr / PG * 8)) == 8 && (pme >> 57) & 1) {
-            /* no chunk protects it now: a leftover (should never happen); unprotect it */
-            __atomic_add_fetch(&g_wp_leftovers, 1, __ATOMIC_RELAXED);
-            struct uffdio_writeprotect w = {.range = {addr, PG}, .mode = 0};
-            /* ioctl(2) UFFDIO_WRITEPROTECT mode 0: clear the protection (wakes its waiters) */
-            ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w);
-        }
-        struct uffdio_range rg = {addr, PG};
-        /* ioctl(2) UFFDIO_WAKE: wake whoever still waits on that address (by address range,
-         * whatever maps it now) */
+        /* ioctl(2) UFFDIO_WAKE: wake whoever of ours still waits on that address */
         ioctl(g_uffd, UFFDIO_WAKE, &rg);
         pthread_mutex_unlock(&g_chunk_lock);
     }
     return NULL;
 }
 
-/* Register guest RAM for write-protection and start the uffd thread; on any failure g_wp stays
- * 0 and g_wp_error says why (merges then need the vCPUs held by the caller). */
+/* Is fd a userfaultfd (its /proc/self/fd link is "anon_inode:[userfaultfd]")? */
+static int is_uffd(int fd)
+{
+    char path[64], link[64];
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    /* readlink(2): what the descriptor is */
+    ssize_t n = readlink(path, link, sizeof link - 1);
+    if (n <= 0)
+        return 0;
+    link[n] = 0;
+    return strcmp(link, "anon_inode:[userfaultfd]") == 0;
+}
+
+/* The write tracker's userfaultfd: SATORI_TRACK_FD if it was still set when the agent started
+ * (g_tracker_fd), else the one userfaultfd open in this process before the agent made its own. */
+static void find_tracker(void)
+{
+    if (g_tracker_fd >= 0 && is_uffd(g_tracker_fd))
+        return;
+    g_tracker_fd = -1;
+    /* opendir(3) /proc/self/fd: QEMU's descriptors */
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d)) != NULL) {
+        char *end;
+        long n = strtol(de->d_name, &end, 10);
+        if (*end || end == de->d_name || n == dirfd(d) || n == g_uffd)
+            continue;
+        if (is_uffd((int)n)) {
+            g_tracker_fd = (int)n;
+            break;
+        }
+    }
+    closedir(d);
+}
+
+/* Take [goff, goff+len) of guest RAM from the tracker and register it with the agent's own
+ * userfaultfd in write-protect mode. 0 or an errno. */
+static int wp_claim(uint64_t goff, uint64_t len)
+{
+    struct uffdio_range rg = {(uint64_t)(uintptr_t)(g_ram_base + goff), len};
+    struct uffdio_register reg = {.range = rg, .mode = UFFDIO_REGISTER_MODE_WP};
+    int e = 0;
+    for (int tries = 0; tries < 4; tries++) {
+        /* ioctl(2) UFFDIO_UNREGISTER on the tracker's descriptor: the range leaves the oracle's
+         * write tracking (a no-op where it is not registered; EINVAL while the tracker is not
+         * set up: nothing to take) */
+        if (g_tracker_fd >= 0)
+            ioctl(g_tracker_fd, UFFDIO_UNREGISTER, &rg);
+        /* ioctl(2) UFFDIO_REGISTER on the agent's own: write-protect mode only (no missing
+         * faults). EBUSY: the tracker registered it again meanwhile: take it again */
+        if (ioctl(g_uffd, UFFDIO_REGISTER, &reg) == 0)
+            return 0;
+        e = errno;
+        if (e != EBUSY)
+            break;
+    }
+    return e;
+}
+
+/* Unregister [goff, goff+len) from the agent's userfaultfd (clears the protection of what
+ * is still mapped there as it was, and wakes its waiters). */
+static void wp_release(uint64_t goff, uint64_t len)
+{
+    struct uffdio_range rg = {(uint64_t)(uintptr_t)(g_ram_base + goff), len};
+    /* ioctl(2) UFFDIO_UNREGISTER on the agent's descriptor */
+    if (ioctl(g_uffd, UFFDIO_UNREGISTER, &rg) == 0)
+        return;
+    /* part of it is a mapping made meanwhile that the tracker registered (EINVAL for the whole
+     * range): page by page, so that every page still ours is released */
+    for (uint64_t o = 0; o < len; o += PG) {
+        struct uffdio_range r1 = {(uint64_t)(uintptr_t)(g_ram_base + goff + o), PG};
+        /* ioctl(2) UFFDIO_UNREGISTER, one page (EINVAL: not ours, nothing to release) */
+        ioctl(g_uffd, UFFDIO_UNREGISTER, &r1);
+    }
+}
+
+/* Wake every thread of ours waiting on a write to [goff, goff+len). */
+static void wp_wake(uint64_t goff, uint64_t len)
+{
+    struct uffdio_range rg = {(uint64_t)(uintptr_t)(g_ram_base + goff), len};
+    /* ioctl(2) UFFDIO_WAKE: by address range, so it also reaches a waiter whose mapping was
+     * replaced by the store page meanwhile; it retries its write there */
+    if (ioctl(g_uffd, UFFDIO_WAKE, &rg) < 0)
+        st.wp_errors++;
+}
+
+/* Start protecting a chunk: takes the chunk lock, claims and write-protects the range. 0, or
+ * an errno (then nothing is held and nothing changed but the tracker's registration). */
+static int chunk_begin(uint64_t goff, uint64_t len, uint64_t *t0)
+{
+    pthread_mutex_lock(&g_chunk_lock);
+    *t0 = now_ns();
+    int e = wp_claim(goff, len);
+    if (!e) {
+        struct uffdio_writeprotect w = {
+            .range = {(uint64_t)(uintptr_t)(g_ram_base + goff), len},
+            .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+        /* ioctl(2) UFFDIO_WRITEPROTECT: the uffd-wp bit on every pte of the range (a marker
+         * on empty ones); the TLBs are flushed before it returns, so no CPU can write there
+         * afterwards without faulting */
+        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w) < 0) {
+            e = errno;
+            wp_release(goff, len);
+        }
+    }
+    if (e) {
+        if (e == EBUSY)
+            st.wp_busy++; /* the tracker kept taking it back: not merged now, next time */
+        else
+            st.wp_errors++;
+        pthread_mutex_unlock(&g_chunk_lock);
+    }
+    return e;
+}
+
+/* End a chunk: wake its waiters (those on pages remapped: the rest were woken when their
+ * range was released), account for how long it was held, release the lock. */
+static void chunk_end(uint64_t goff, uint64_t len, uint64_t t0)
+{
+    wp_wake(goff, len);
+    uint64_t dt = now_ns() - t0;
+    pthread_mutex_unlock(&g_chunk_lock);
+    st.wp_chunks++;
+    st.wp_ns += dt;
+    if (dt > st.wp_max_ns)
+        st.wp_max_ns = dt;
+}
+
+/* Make the agent's userfaultfd and start the uffd thread; on any failure g_wp stays 0 and
+ * g_wp_error says why (merges then need the vCPUs held by the caller). */
 static void setup_wp(void)
 {
     if (g_wp_off) {
         snprintf(g_wp_error, sizeof g_wp_error, "disabled by SATORI_AGENT_WP=0");
         return;
     }
+    find_tracker(); /* before the agent's own userfaultfd exists */
     /* shmem RAM needs wp on shmem (Linux 6.0); anonymous RAM needs markers on never-touched
      * ptes (Linux 6.6), or a write to such a page would not fault */
     uint64_t need = g_ram_fd >= 0 ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : UFFD_FEATURE_WP_UNPOPULATED;
@@ -491,7 +627,7 @@ static void setup_wp(void)
     }
     struct uffdio_api api = {.api = UFFD_API, .features = need};
     /* ioctl(2) UFFDIO_API: the handshake, asking for the feature this kind of RAM needs */
-    if (ioctl(fd, UFFDIO_API, &api) < 0) {
+    if (ioctl(fd, UFFDIO_API, &api) < 0 || !(api.ioctls & (1ULL << _UFFDIO_REGISTER))) {
         snprintf(g_wp_error, sizeof g_wp_error,
                  "this kernel's userfaultfd cannot write-protect %s guest RAM (%s; needs Linux "
                  ">= %s)", g_ram_fd >= 0 ? "shmem" : "anonymous", strerror(errno),
@@ -499,24 +635,25 @@ static void setup_wp(void)
         close(fd);
         return;
     }
-    struct uffdio_register reg = {
-        .range = {(uint64_t)(uintptr_t)g_ram_base, g_ram_size}, .mode = UFFDIO_REGISTER_MODE_WP};
-    /* ioctl(2) UFFDIO_REGISTER: guest RAM in write-protect mode only (no missing faults); by
-     * itself this changes nothing for the guest until a page is protected */
-    if (ioctl(fd, UFFDIO_REGISTER, &reg) < 0 ||
-        !(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
+    g_uffd = fd;
+    /* a trial on the first page: it must register in write-protect mode (EBUSY: the tracker
+     * took it back at once; the mechanism works) */
+    int e = wp_claim(0, PG);
+    if (e == 0)
+        wp_release(0, PG);
+    if (e && e != EBUSY) {
         snprintf(g_wp_error, sizeof g_wp_error, "UFFDIO_REGISTER of guest RAM in wp mode: %s",
-                 errno ? strerror(errno) : "no UFFDIO_WRITEPROTECT");
-        /* close(2): also unregisters the range */
+                 strerror(e));
+        g_uffd = -1;
+        /* close(2): the agent's userfaultfd, unused */
         close(fd);
         return;
     }
-    g_uffd = fd;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
     /* pthread_create(3): the uffd thread; it inherits the request thread's full signal mask */
-    int e = pthread_create(&g_uffd_thread, &attr, uffd_main, NULL);
+    e = pthread_create(&g_uffd_thread, &attr, uffd_main, NULL);
     pthread_attr_destroy(&attr);
     if (e) {
         snprintf(g_wp_error, sizeof g_wp_error, "pthread_create: %s", strerror(e));
@@ -528,94 +665,6 @@ static void setup_wp(void)
     pthread_setname_np(g_uffd_thread, "satori-uffd");
     g_wp = 1;
     g_wp_error[0] = 0;
-}
-
-/* Register [goff, goff+len) of guest RAM (mappings made since: store pages, RAM mapped back) in
- * wp mode. 0 or an errno. */
-static int wp_register(uint64_t goff, uint64_t len)
-{
-    struct uffdio_register reg = {
-        .range = {(uint64_t)(uintptr_t)(g_ram_base + goff), len}, .mode = UFFDIO_REGISTER_MODE_WP};
-    /* ioctl(2) UFFDIO_REGISTER: parts already registered are left as they are */
-    if (ioctl(g_uffd, UFFDIO_REGISTER, &reg) < 0)
-        return errno;
-    st.wp_registers++;
-    return 0;
-}
-
-/* Write-protect [goff, goff+len) of guest RAM (registering mappings made since registration
- * first), or unprotect it without waking (waking is the caller's job, by range). 0 or errno. */
-static int wp_set(uint64_t goff, uint64_t len, int protect)
-{
-    struct uffdio_writeprotect w = {
-        .range = {(uint64_t)(uintptr_t)(g_ram_base + goff), len},
-        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : UFFDIO_WRITEPROTECT_MODE_DONTWAKE};
-    /* ioctl(2) UFFDIO_WRITEPROTECT: set (or clear) the uffd-wp bit of every pte of the range,
-     * markers on empty ones; when setting, the TLBs are flushed before it returns, so no CPU
-     * can write there afterwards without faulting */
-    if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w) == 0)
-        return 0;
-    int e = errno;
-    if (e != ENOENT)
-        return e;
-    if (protect) {
-        /* part of the range is a mapping made since guest RAM was registered */
-        e = wp_register(goff, len);
-        if (e)
-            return e;
-        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w) == 0)
-            return 0;
-        return errno;
-    }
-    /* unprotect page by page: pages mapped anew are not registered and hold no protection */
-    int bad = 0;
-    for (uint64_t o = 0; o < len; o += PG) {
-        struct uffdio_writeprotect w1 = {
-            .range = {(uint64_t)(uintptr_t)(g_ram_base + goff + o), PG},
-            .mode = UFFDIO_WRITEPROTECT_MODE_DONTWAKE};
-        /* ioctl(2) UFFDIO_WRITEPROTECT mode 0, one page; ENOENT: not registered, not protected */
-        if (ioctl(g_uffd, UFFDIO_WRITEPROTECT, &w1) < 0 && errno != ENOENT)
-            bad = errno;
-    }
-    return bad;
-}
-
-/* Wake every thread waiting on a write to [goff, goff+len). */
-static void wp_wake(uint64_t goff, uint64_t len)
-{
-    struct uffdio_range rg = {(uint64_t)(uintptr_t)(g_ram_base + goff), len};
-    /* ioctl(2) UFFDIO_WAKE: by address range, so it also reaches a waiter whose mapping was
-     * replaced by the store page meanwhile; it retries its write there */
-    if (ioctl(g_uffd, UFFDIO_WAKE, &rg) < 0)
-        st.wp_errors++;
-}
-
-/* Start protecting a chunk: takes the chunk lock. 0, or an errno (lock released, range left
- * unprotected and woken). */
-static int chunk_begin(uint64_t goff, uint64_t len, uint64_t *t0)
-{
-    pthread_mutex_lock(&g_chunk_lock);
-    *t0 = now_ns();
-    int e = wp_set(goff, len, 1);
-    if (e) {
-        st.wp_errors++;
-        wp_set(goff, len, 0);
-        wp_wake(goff, len);
-        pthread_mutex_unlock(&g_chunk_lock);
-    }
-    return e;
-}
-
-/* End a chunk: wake its waiters, account for how long it was held, release the lock. */
-static void chunk_end(uint64_t goff, uint64_t len, uint64_t t0)
-{
-    wp_wake(goff, len);
-    uint64_t dt = now_ns() - t0;
-    pthread_mutex_unlock(&g_chunk_lock);
-    st.wp_chunks++;
-    st.wp_ns += dt;
-    if (dt > st.wp_max_ns)
-        st.wp_max_ns = dt;
 }
 
 static int set_ram(uint64_t start, uint64_t size, int fd, const char **why)
@@ -1065,7 +1114,7 @@ static void merge_chunk(const uint64_t *pairs, uint64_t i, uint64_t j, uint8_t *
         k = m;
     }
     if (g_wp) {
-        /* pages not mapped keep their old mapping: unprotect them (waiters are woken below) */
+        /* pages not mapped keep their old mapping: release them (unprotected, woken) */
         for (k = i; k < j;) {
             if (status[k] == PAIR_MERGED) {
                 k++;
@@ -1074,8 +1123,7 @@ static void merge_chunk(const uint64_t *pairs, uint64_t i, uint64_t j, uint8_t *
             uint64_t m = k + 1;
             while (m < j && status[m] != PAIR_MERGED)
                 m++;
-            if (wp_set(pairs[2 * k], (m - k) * PG, 0))
-                st.wp_errors++;
+            wp_release(pairs[2 * k], (m - k) * PG);
             k = m;
         }
         chunk_end(g0, len, t0);
@@ -1265,15 +1313,11 @@ static int unmerge_chunk(uint64_t i, uint64_t j)
     }
     if (ok) {
         apply_madvise(hva, l, 1); /* an untouched anonymous VMA can still merge back */
-        /* registered again so that it can be protected later and the RAM mapping heals into
-         * one VMA (VMAs merge only with the same userfaultfd context) */
-        if (g_wp && wp_register(i * PG, l))
-            st.wp_errors++;
         for (uint64_t k = i; k < j; k++)
             g_track[k] = 0;
         g_track_gen++;
     } else if (g_wp) {
-        wp_set(i * PG, l, 0);
+        wp_release(i * PG, l);
     }
     if (g_wp)
         chunk_end(i * PG, l, t0);
@@ -1722,11 +1766,11 @@ static int do_stats(int fd, uint16_t op)
         tb_printf(&b, "thread_cpu_ns=%" PRIu64 "\nuffd_cpu_ns=%" PRIu64 "\n", cpu_ns, uffd_ns);
         tb_printf(&b,
                   "wp_chunks=%" PRIu64 "\nwp_ns=%" PRIu64 "\nwp_max_ns=%" PRIu64
-                  "\nwp_faults=%" PRIu64 "\nwp_leftovers=%" PRIu64 "\nwp_registers=%" PRIu64
+                  "\nwp_faults=%" PRIu64 "\nwp_busy=%" PRIu64
                   "\nwp_errors=%" PRIu64 "\n",
                   st.wp_chunks, st.wp_ns, st.wp_max_ns,
                   __atomic_load_n(&g_wp_faults, __ATOMIC_RELAXED),
-                  __atomic_load_n(&g_wp_leftovers, __ATOMIC_RELAXED), st.wp_registers, st.wp_errors);
+                  st.wp_busy, st.wp_errors);
         tb_printf(&b,
                   "breaks_looks=%" PRIu64 "\nbreaks_skipped=%" PRIu64
                   "\nbreaks_pages_checked=%" PRIu64 "\nbreaks_found=%" PRIu64
@@ -1792,10 +1836,6 @@ static void forget_discarded(uint64_t goff, uint64_t len)
             ensure_mapped(hva, l, i * PG);
         } else {
             apply_madvise(hva, l, 1); /* the RAM VMA can merge back into one */
-            /* registered like the rest of guest RAM: it heals into one VMA, and a later merge
-             * of these pages can protect them */
-            if (g_wp && wp_register(i * PG, l))
-                st.wp_errors++;
             for (uint64_t k = i; k < j; k++) {
                 /* no longer mapped from the store: the next BREAKS reports it */
                 if ((g_track[k] & (TRACK_MAPPED | TRACK_BROKEN)) == TRACK_MAPPED)
@@ -2046,6 +2086,11 @@ __attribute__((constructor)) static void satori_agent_init(void)
         g_anon_size = strtoull(anon, NULL, 0);
     const char *wp = getenv("SATORI_AGENT_WP");
     g_wp_off = wp && strcmp(wp, "0") == 0;
+    /* the write tracker's descriptor, if its constructor has not removed the variable yet
+     * (find_tracker checks it, or looks for the tracker's userfaultfd itself) */
+    const char *trk = getenv("SATORI_TRACK_FD");
+    if (trk && *trk)
+        g_tracker_fd = atoi(trk);
     unsetenv("SATORI_AGENT_SOCKET");
     unsetenv("SATORI_AGENT_MEMPATH");
     unsetenv("SATORI_AGENT_RAMSIZE");

@@ -2,7 +2,7 @@
  * Racing writers for the pause-free merge test (tests/test_agent.py): stands in for QEMU's
  * vCPUs. Run with the merge agent preloaded (SATORI_AGENT_SOCKET, SATORI_AGENT_MEMPATH).
  *
- *   wp_writers RAM_FILE NPAGES THREADS SECONDS
+ *   wp_writers RAM_FILE NPAGES THREADS SECONDS [track]
  *
  * Maps RAM_FILE (NPAGES pages, MAP_SHARED: the agent finds it as "guest RAM") and starts
  * THREADS writers; writer t owns the pages p with p % THREADS == t. Each writer, in a loop:
@@ -12,16 +12,27 @@
  * "writes=W checks=C bad=B" and exits 0 after SECONDS (or 1 on bad pages).
  * The pages start as 0x5A-filled pages with the page number in the first 8 bytes.
  *
+ * With "track", a write tracker like the oracle's (harness/wptrack.c + the harness) runs too:
+ * a userfaultfd made before the agent's, in asynchronous write-protect mode, that registers
+ * all of "guest RAM" every 20 ms (taking back what the agent's chunks took) and reads and
+ * re-protects the written pages (PAGEMAP_SCAN). It prints "track_ok=R track_busy=B
+ * track_last=E" (its registrations that succeeded / found a range held by the agent, and the
+ * errno of its last one: 0 once the agent holds nothing).
+ *
  * Build: cc -O2 -Wall -Werror -pthread -o wp_writers wp_writers.c
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -31,6 +42,53 @@ static uint8_t *ram, *shadow;
 static long npages, nthreads;
 static double secs;
 static uint64_t writes_total, checks_total, bad_total;
+static int track_fd = -1;
+static volatile int running = 1;
+static uint64_t track_ok, track_busy;
+static int track_last = -1; /* errno of the tracker's last registration, 0 if it worked */
+
+/* PAGEMAP_SCAN (Linux 6.7), as in linux/fs.h */
+struct region {
+    uint64_t start, end, categories;
+};
+struct scan_arg {
+    uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+    uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+#define PAGEMAP_SCAN_ _IOWR('f', 16, struct scan_arg)
+
+/* The tracker: every 20 ms register all of RAM (asynchronous wp) and re-protect what was
+ * written since, as the oracle does from outside QEMU. */
+static void *tracker(void *arg)
+{
+    (void)arg;
+    /* open(2) /proc/self/pagemap: for PAGEMAP_SCAN */
+    int pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    static struct region vec[512];
+    while (running) {
+        struct uffdio_register reg = {.range = {(uint64_t)(uintptr_t)ram, (uint64_t)npages * PG},
+                                      .mode = UFFDIO_REGISTER_MODE_WP};
+        /* ioctl(2) UFFDIO_REGISTER: all of RAM (EBUSY while an agent chunk holds a part) */
+        int ok = ioctl(track_fd, UFFDIO_REGISTER, &reg) == 0;
+        track_last = ok ? 0 : errno;
+        if (ok) {
+            track_ok++;
+            struct scan_arg a = {.size = sizeof a, .flags = 1 | 2 /* WP_MATCHING|CHECK_WPASYNC */,
+                                 .start = (uint64_t)(uintptr_t)ram,
+                                 .end = (uint64_t)(uintptr_t)ram + (uint64_t)npages * PG,
+                                 .vec = (uint64_t)(uintptr_t)vec, .vec_len = 512,
+                                 .category_mask = 2 /* PAGE_IS_WRITTEN */, .return_mask = 2};
+            /* ioctl(2) PAGEMAP_SCAN: the pages written since, re-protected at once */
+            ioctl(pm, PAGEMAP_SCAN_, &a);
+        } else if (errno == EBUSY) {
+            track_busy++;
+        }
+        struct timespec d = {0, 20000000};
+        /* nanosleep(2): the tracker's period */
+        nanosleep(&d, NULL);
+    }
+    return NULL;
+}
 
 static double now_s(void)
 {
@@ -80,9 +138,20 @@ static void *writer(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 5) {
-        fprintf(stderr, "usage: wp_writers RAM_FILE NPAGES THREADS SECONDS\n");
+    if (argc != 5 && !(argc == 6 && strcmp(argv[5], "track") == 0)) {
+        fprintf(stderr, "usage: wp_writers RAM_FILE NPAGES THREADS SECONDS [track]\n");
         return 2;
+    }
+    if (argc == 6) {
+        /* userfaultfd(2): the tracker's, made before the agent makes its own */
+        track_fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        struct uffdio_api api = {.api = UFFD_API,
+                                 .features = (1ULL << 15) | (1ULL << 13) | (1ULL << 12)};
+        /* ioctl(2) UFFDIO_API: asynchronous write-protect (the writer never waits) */
+        if (track_fd < 0 || ioctl(track_fd, UFFDIO_API, &api) < 0) {
+            perror("tracker userfaultfd");
+            return 2;
+        }
     }
     npages = atol(argv[2]);
     nthreads = atol(argv[3]);
@@ -105,14 +174,23 @@ int main(int argc, char **argv)
         memcpy(ram + p * PG, &p, sizeof p);
     }
     memcpy(shadow, ram, (size_t)npages * PG);
+    pthread_t th[64], tr;
+    if (track_fd >= 0)
+        pthread_create(&tr, NULL, tracker, NULL);
     printf("ready\n");
     fflush(stdout);
-    pthread_t th[64];
     for (long t = 0; t < nthreads; t++)
         pthread_create(&th[t], NULL, writer, (void *)t);
     for (long t = 0; t < nthreads; t++)
         pthread_join(th[t], NULL);
-    printf("writes=%llu checks=%llu bad=%llu\n", (unsigned long long)writes_total,
+    running = 0;
+    if (track_fd >= 0)
+        pthread_join(tr, NULL);
+    printf("writes=%llu checks=%llu bad=%llu", (unsigned long long)writes_total,
            (unsigned long long)checks_total, (unsigned long long)bad_total);
+    if (track_fd >= 0)
+        printf(" track_ok=%llu track_busy=%llu track_last=%d", (unsigned long long)track_ok,
+               (unsigned long long)track_busy, track_last);
+    printf("\n");
     return bad_total ? 1 : 0;
 }
