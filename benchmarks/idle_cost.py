@@ -51,13 +51,13 @@ def main() -> int:
             t = threading.Thread(target=loop, daemon=True)
             t.start()
             time.sleep(15)  # hints of the reads (and of the SSH sessions) drain, merges settle
-            ag0 = {st.m.name: st.agent.stats() for st in eng.vms}
+            ag0 = {link.name: link.agent.stats() for link in eng.links if link.agent}
             c_start = cpu_now(t)
             w0 = time.monotonic()
             time.sleep(a.idle)
             wall = time.monotonic() - w0
             c_end = cpu_now(t)
-            ag1 = {st.m.name: st.agent.stats() for st in eng.vms}
+            ag1 = {link.name: link.agent.stats() for link in eng.links if link.agent}
             stop.set()
             t.join()
             merged = sum(int(s["merged_pages"]) for s in ag1.values())

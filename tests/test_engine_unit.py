@@ -32,7 +32,8 @@ class FakeAgent:
         self.world, self.vm = world, vm
         self.fail_lists = 0
 
-    def merge(self, pairs: np.ndarray) -> MergeResult:
+    def merge(self, pairs: np.ndarray, status: bool = False) -> MergeResult:
+        # no per-pair status (an agent without it): misses are re-listed
         merged, mismatched = self.world.merge(self.vm, pairs)
         return MergeResult(merged, mismatched, 0, 1000)
 
@@ -46,7 +47,7 @@ class FakeAgent:
 def links_for(world: World) -> list:
     return [SimpleNamespace(idx=i, name=f"vm{i}", m=SimpleNamespace(qmp=lambda *a, **k: None),
                             agent=FakeAgent(world, i), c=VMCounters(), needs_list=False, listed=None,
-                            last_error=None) for i in range(len(world.ram))]
+                            last_error=None, wp=False, delta=False) for i in range(len(world.ram))]
 
 
 @pytest.fixture()
@@ -125,3 +126,62 @@ def test_lag_histogram_quantiles():
     assert s["n"] == 100_000 and s["max"] == pytest.approx(vals.max(), rel=1e-6)
     for q, k in ((0.5, "p50"), (0.99, "p99")):
         assert s[k] == pytest.approx(np.quantile(vals, q), rel=0.025)
+
+
+class FakeDeltaAgent(FakeAgent):
+    """An agent with per-pair MERGE status, BREAKS and MAPPED (a real one: tests/test_agent.py);
+    its LIST must never be needed."""
+
+    def merge(self, pairs: np.ndarray, status: bool = False) -> MergeResult:
+        st = self.world.merge_status(self.vm, pairs)
+        return MergeResult(int(np.count_nonzero(st == 0)), int(np.count_nonzero(st)), 0, 1000,
+                           status=st if status else None)
+
+    def breaks(self, force: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(ranges=self.world.breaks(self.vm))
+
+    def mapped(self, store_offs: np.ndarray) -> np.ndarray:
+        return self.world.mapped_by_anyone(np.asarray(store_offs) // PAGE)
+
+    def merged_ranges(self, exclude_private: bool = False) -> np.ndarray:
+        raise AssertionError("LIST asked of an agent that answers BREAKS and MAPPED")
+
+
+def test_delta_agents_settle_break_and_free_without_any_list():
+    """Agents with per-pair status, BREAKS and MAPPED: a batch with a miss is settled from the
+    status (no LIST), pause-free (no QMP); guest writes come back as breaks; slots are freed
+    once no agent maps them, and not before."""
+    w = World(native, nvms=2, npages=64)
+    links = links_for(w)
+    for link in links:
+        link.agent = FakeDeltaAgent(w, link.idx)
+        link.wp = link.delta = True
+        link.m = SimpleNamespace(qmp=lambda *a, **k: pytest.fail("QMP used by a pause-free link"))
+    log: list[str] = []
+    breaks = BreakChecker(w.core, links, 1.0, log.append)
+    sched = MergeScheduler(w.core, breaks, 4096, 0.2, log.append)
+    try:
+        rng = random.Random(4)
+        pages = [rng.randbytes(PAGE) for _ in range(8)]
+        for vm in (0, 1):
+            for k, pg in enumerate(pages):
+                w.write(vm, k, pg)
+            w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 0)
+        w.write(1, 3, bytes(PAGE))  # changed before the merge: the agent's memcmp says no
+        sched.flush(links[0])
+        sched.flush(links[1])
+        assert links[1].c.mismatched == 1 and links[1].c.relists == 0
+        assert w.core.vm_counters(1)["merged"] == 7  # the same books as after a LIST (the miss test above)
+        assert links[0].c.paused_s == 0 and links[1].c.paused_s == 0
+        for k in range(8):  # VM 0 writes every page: its side breaks
+            w.write(0, k, bytes(PAGE))
+        assert breaks.check() == 8
+        assert w.core.counters()["slots_freed"] == 1  # page 3's slot: VM 1 never held it
+        for k in range(8):
+            w.write(1, k, bytes(PAGE))
+        assert breaks.check() == 7
+        c = w.core.counters()
+        assert c["slots_freed"] == 8 and c["slots_live"] == 0 and c["lost"] == 0
+        assert not any(link.needs_list for link in links) and not log
+    finally:
+        w.close()

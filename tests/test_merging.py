@@ -2,8 +2,9 @@
 
 Unit tests: the stall probe's output and figures. Integration tests boot two VMs with hints
 and the merge agent: ``pf`` merges pause-free (userfaultfd write-protection in the agent), ``fb``
-is started with ``SATORI_AGENT_WP=0`` and takes the fallback (QMP stop/cont per batch). Both
-are in one sharing engine, so identical reads merge across them through both paths.
+is started with ``SATORI_AGENT_WP=0`` and takes the fallback (QMP stop/cont per batch). A write
+storm runs on pages being merged in each; then both join one sharing engine, so identical reads
+merge across them through both paths.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.accounting import ram_hva
+from harness.paths import shm_dir
 from harness.sharing.agent import PAGE, STATUS_MERGED
-from harness.sharing.engine import Member, SharingEngine, send_batch
+from harness.sharing.engine import SharingEngine
+from harness.sharing.link import Member, VMLink
+from harness.sharing.scheduler import send_batch
 from harness.vm import VM, VMSpec, new_run_id
 from harness.workloads import guestbin, stall
 
@@ -62,12 +65,14 @@ def test_stall_probe_runs_and_stops_on_its_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def pair(image):
+    """VMs ``pf`` (pause-free) and ``fb`` (``SATORI_AGENT_WP=0``: the fallback). The storm test
+    runs first with stores of its own and unmerges everything after it; the engine tests then
+    share one engine (:func:`engine`), whose store the agents keep until the VMs stop."""
     if not image.hints:
         pytest.fail("the image has no hint ring (guest patch did not build)")
     run = new_run_id()
     pf = VM(VMSpec("pf", memory_mb=512, sharing=True, boot_timeout_s=600), image, run_id=run)
     fb = VM(VMSpec("fb", memory_mb=512, sharing=True, boot_timeout_s=600), image, run_id=run)
-    logs: list[str] = []
     try:
         pf.launch()
         os.environ["SATORI_AGENT_WP"] = "0"  # read by fb's agent when QEMU starts
@@ -77,24 +82,93 @@ def pair(image):
             del os.environ["SATORI_AGENT_WP"]
         pf.wait_ready()
         fb.wait_ready()
-        with SharingEngine([Member.from_vm(v) for v in (pf, fb)], domain=f"test-{run}",
-                           log=logs.append) as eng:  # fmt: skip
-            yield pf, fb, eng, logs
+        yield pf, fb
     finally:
         for v in (pf, fb):
             v.shutdown()
 
 
-def state(eng: SharingEngine, vm: VM):
-    return next(st for st in eng.vms if st.m.name == vm.name)
+@pytest.fixture(scope="module")
+def engine(pair):
+    logs: list[str] = []
+    with SharingEngine([Member.from_vm(v) for v in pair], domain=f"test-{new_run_id()}",
+                       log=logs.append) as eng:  # fmt: skip
+        yield eng, logs
+
+
+def link_of(eng: SharingEngine, vm: VM) -> VMLink:
+    return next(link for link in eng.links if link.name == vm.name)
+
+
+def storm_merges(vm: VM, npages: int, secs: float, store: Path) -> tuple[dict, int, dict, bool]:
+    """A write storm in the guest on ``npages`` pages while the host merges exactly those pages,
+    64 at a time, each first copied as it is into ``store``, through the engine's one batch
+    function (pause-free or stop/cont, as the agent says). Returns the storm's result, pages
+    merged, the agent's stats, and whether it was pause-free."""
+    link = VMLink(0, Member.from_vm(vm))
+    exe = guestbin.install(vm, "guest_storm", HELPERS / "guest_storm.c")
+    chan = vm.ssh.client.get_transport().open_session()
+    sfd = os.open(store, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    mem = os.open(f"/proc/{vm.pid}/mem", os.O_RDONLY)
+    merged = soff = 0
+    try:
+        assert link.agent is not None
+        link.wp = link.agent.pause_free()
+        link.agent.open_store(store)
+        chan.exec_command(f"{exe} {npages} {secs}")
+        f = chan.makefile("rb")
+        gpas = [int(x, 16) for x in f.readline().decode().split()[1:]]
+        assert len(gpas) == npages and all(g < vm.ram_size for g in gpas)
+        chan.sendall(b"go\n")
+        end = time.monotonic() + secs - 0.5
+        rng = np.random.default_rng(3)
+        while time.monotonic() < end:
+            pick = rng.choice(npages, 64, replace=False)
+            data = b"".join(os.pread(mem, PAGE, link.hva + gpas[i]) for i in pick)
+            os.pwrite(sfd, data, soff)
+            pairs = np.array([(gpas[i], soff + k * PAGE) for k, i in enumerate(pick)], dtype="<u8")
+            soff += len(data)
+            res = send_batch(link, pairs)
+            merged += int(np.count_nonzero(res.status == STATUS_MERGED))
+        result = dict(kv.split("=") for kv in f.readline().decode().split())
+        chan.sendall(b"c\n")
+        final = f.readline().decode().strip()
+        chan.sendall(b"q\n")
+        st = link.agent.stats()
+        link.agent.unmerge_all()  # the engine tests open a store of their own next
+    finally:
+        os.close(mem)
+        os.close(sfd)
+        store.unlink()
+        chan.close()
+        link.close()
+    assert final == "bad=0", final
+    return {k: int(v) for k, v in result.items()}, merged, st, link.wp
 
 
 @pytest.mark.integration
-def test_merging_pause_free_and_fallback_through_the_engine(pair):
+def test_guest_write_storm_on_pages_being_merged_loses_nothing(pair):
+    """The targeted test: a vCPU writing a page during its merge keeps its write, pause-free
+    (pf) and with the vCPUs held (fb). In pf some writes had to wait on a page being merged."""
+    pf, fb = pair
+    for vm in (pf, fb):
+        store = shm_dir() / f"satori-storm-{vm.name}-{os.getpid()}"
+        result, merged, st, pause_free = storm_merges(vm, 512, 12.0, store)
+        assert pause_free == (vm is pf), (vm.name, st["wp_error"])
+        assert result["bad"] == 0 and result["writes"] > 10_000, (vm.name, result)
+        assert merged > 500, (vm.name, merged, result)
+        if pause_free:
+            assert st["wp_faults"] > 0, f"no guest write raced a merge: {st}"
+            assert st["wp_errors"] == 0, st
+
+
+@pytest.mark.integration
+def test_merging_pause_free_and_fallback_through_the_engine(pair, engine):
     """Identical reads merge in both VMs: pf without ever stopping (paused 0 s), fb with QMP
     stop/cont per batch; the engine said once, for fb only, that it cannot merge pause-free."""
-    pf, fb, eng, logs = pair
-    assert state(eng, pf).wp and not state(eng, fb).wp
+    pf, fb = pair
+    eng, logs = engine
+    assert link_of(eng, pf).wp and not link_of(eng, fb).wp
     said = [m for m in logs if "no pause-free merging" in m]
     assert len(said) == 1 and said[0].startswith(f"VM {fb.name}:"), logs
     for vm in (pf, fb):
@@ -104,76 +178,28 @@ def test_merging_pause_free_and_fallback_through_the_engine(pair):
     assert v[pf.name]["merged"] >= 0.9 * 20 * 1024 and v[fb.name]["merged"] >= 0.9 * 20 * 1024, v
     assert v[pf.name]["paused_s"] == 0 and v[fb.name]["paused_s"] > 0, v
     assert v[fb.name]["paused_max_s"] > 0
-    st = state(eng, pf).agent.stats()
+    agent = link_of(eng, pf).agent
+    assert agent is not None
+    st = agent.stats()
     assert st["wp_chunks"] > 0 and st["wp_errors"] == 0, st
     sums = {vm.name: vm.ssh.check(f"cat {FILES} | md5sum").split()[0] for vm in (pf, fb)}
     assert sums[pf.name] == sums[fb.name]
 
 
-def storm_merges(eng: SharingEngine, vm: VM, npages: int, secs: float) -> tuple[dict, int, dict]:
-    """A write storm in the guest on ``npages`` pages while the host merges exactly those pages,
-    64 at a time, each first copied as it is into the store, through the engine's batch path
-    (pause-free or stop/cont). Returns the storm's result, pages merged, the agent's stats."""
-    st = state(eng, vm)
-    exe = guestbin.install(vm, "guest_storm", HELPERS / "guest_storm.c")
-    chan = vm.ssh.client.get_transport().open_session()
-    chan.exec_command(f"{exe} {npages} {secs}")
-    f = chan.makefile("rb")
-    gpas = [int(x, 16) for x in f.readline().decode().split()[1:]]
-    assert len(gpas) == npages and all(g < vm.ram_size for g in gpas)
-    hva = ram_hva(st.m)
-    mem = os.open(f"/proc/{vm.pid}/mem", os.O_RDONLY)
-    merged = 0
-    assert eng.store is not None
-    try:
-        chan.sendall(b"go\n")
-        end = time.monotonic() + secs - 0.5
-        rng = np.random.default_rng(3)
-        while time.monotonic() < end:
-            pick = rng.choice(npages, 64, replace=False)
-            slots = [eng.store.append(os.pread(mem, PAGE, hva + gpas[i])) for i in pick]
-            eng.store.sync()
-            pairs = np.array([(gpas[i], s * PAGE) for i, s in zip(pick, slots, strict=True)],
-                             dtype="<u8")  # fmt: skip
-            res = send_batch(st.agent, st.m.qmp, pairs, st.wp)
-            merged += int(np.count_nonzero(res.status == STATUS_MERGED))
-        result = dict(kv.split("=") for kv in f.readline().decode().split())
-        chan.sendall(b"c\n")
-        final = f.readline().decode().strip()
-        chan.sendall(b"q\n")
-    finally:
-        os.close(mem)
-        chan.close()
-    assert final == "bad=0", final
-    return {k: int(v) for k, v in result.items()}, merged, st.agent.stats()
-
-
 @pytest.mark.integration
-def test_guest_write_storm_on_pages_being_merged_loses_nothing(pair):
-    """The targeted test: a vCPU writing a page during its merge keeps its write, pause-free
-    (pf) and with the vCPUs held (fb). In pf some writes had to wait on a page being merged."""
-    pf, fb, eng, _logs = pair
-    for vm in (pf, fb):
-        result, merged, st = storm_merges(eng, vm, 512, 12.0)
-        assert result["bad"] == 0 and result["writes"] > 10_000, (vm.name, result)
-        assert merged > 500, (vm.name, merged, result)
-        if vm is pf:
-            assert st["wp_faults"] > 0, f"no guest write raced a merge: {st}"
-            assert st["wp_errors"] == 0, st
-
-
-@pytest.mark.integration
-def test_breaks_found_from_what_changed_without_walking(pair):
+def test_breaks_found_from_what_changed_without_walking(pair, engine):
     """An idle guest costs the break check no walk (its QEMU took no page fault); a guest
     write to a merged page is found at the next check."""
-    pf, _fb, eng, _logs = pair
-    st = state(eng, pf)
+    pf, _fb = pair
+    eng, _logs = engine
+    agent = link_of(eng, pf).agent
+    assert agent is not None
     eng.check_breaks()  # whatever happened before
-    s0 = st.agent.stats()
+    s0 = agent.stats()
     time.sleep(1)
     eng.check_breaks()
     eng.check_breaks()
-    s1 = st.agent.stats()
+    s1 = agent.stats()
     assert s1["breaks_skipped"] >= s0["breaks_skipped"] + 1, (s0, s1)
     before = eng.stats()["vms"][pf.name]["broken"]
     path = "/data/set1/f0003.bin"  # merged by the reads above
@@ -183,7 +209,6 @@ def test_breaks_found_from_what_changed_without_walking(pair):
     while found < 64 and time.monotonic() < end:
         found += eng.check_breaks()
         time.sleep(0.2)
-    assert found >= 64, (found, st.agent.stats())
+    assert found >= 64, (found, agent.stats())
     assert eng.stats()["vms"][pf.name]["broken"] >= before + 64
-    s2 = st.agent.stats()
-    assert s2["breaks_found"] > s1["breaks_found"]
+    assert agent.stats()["breaks_found"] > s1["breaks_found"]

@@ -143,6 +143,13 @@ class SharingEngine:
             assert vm == link.idx
             assert link.agent is not None
             link.agent.open_store(self.store_path)
+            info = link.agent.ping()
+            link.wp = info.get("wp") == 1
+            link.delta = {"7", "8"} <= set(str(info.get("ops", "")).split(","))
+            if not link.wp:
+                why = info.get("wp_error") or "an agent without write-protection"
+                self.log(f"VM {m.name}: no pause-free merging ({why}): each merge batch holds "
+                         "its vCPUs with QMP stop/cont")
         self.breaks = BreakChecker(self.core, self.links, self.break_check_interval_s, self.log)
         self.scheduler = MergeScheduler(self.core, self.breaks, self.batch_pages, self.flush_interval_s, self.log)
         self._raise_max_map_count(2 * sum(s // PAGE for s in sizes) + 65536)

@@ -73,7 +73,8 @@ class VMCounters:
     mismatched: int = 0  # agent memcmp said no (page changed before the merge)
     failed: int = 0  # agent could not map (e.g. ENOMEM)
     batches: int = 0
-    paused_s: float = 0.0
+    paused_s: float = 0.0  # vCPUs held by QMP stop/cont (only without pause-free merging)
+    paused_max_s: float = 0.0  # the longest such hold (the guest's own clock does not see it)
     agent_ns: int = 0  # wall time of the agent's merges
     agent_errors: int = 0  # batches or LISTs whose reply was lost or refused
     relists: int = 0  # LISTs asked because an agent's word was lost
@@ -93,6 +94,8 @@ class VMLink:
         self.needs_list = False  # the agent's word on some pages was lost: LIST before any free
         self.listed: tuple[int, bytes] | None = None  # (books version, LIST digest) last reconciled
         self.last_error: str | None = None
+        self.wp = False  # the agent merges pause-free (PING wp=1); else stop/cont per batch
+        self.delta = False  # the agent answers BREAKS and MAPPED; else its LIST every look
         try:
             self.ring = HintRing(m.ring_path, m.ram_size)
             self.agent = AgentClient(m.agent_socket)

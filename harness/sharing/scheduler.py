@@ -5,11 +5,12 @@ its oldest pair waited ``flush_interval_s``, through :func:`send_batch` (the one
 talks to an agent about merging), and feeds the agent's answer back to the core:
 
 - every pair merged: the pages are confirmed;
-- some pairs not merged (a page changed before the agent's memcmp, or a mapping failed), or no
-  answer at all (the reply was lost: the agent may have merged any part of the batch): the
-  agent's LIST is asked at once and the VM's books reset to it (:meth:`BreakChecker.relist`);
-  until that LIST is had, the batch's pages keep their store slots referenced, so no slot is
-  ever punched while this VM may map it.
+- some pairs not merged (a page changed before the agent's memcmp, or a mapping failed): the
+  agent's per-pair status settles the books (``NativeCore.settle``);
+- no answer at all (the reply was lost: the agent may have merged any part of the batch), or
+  an agent without per-pair status: the agent's LIST is asked at once and the VM's books reset
+  to it (:meth:`BreakChecker.relist`); until that LIST is had, the batch's pages keep their
+  store slots referenced, so no slot is ever punched while this VM may map it.
 
 It also keeps the **merge lag**: per merged page, seconds from the engine reading the hint that
 made the merge possible to the agent's answer (p50/p99/max over a log histogram, 2% bins).
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.sharing.agent import MergeResult
+from harness.sharing.agent import STATUS_MERGED, MergeResult
 
 if TYPE_CHECKING:
     from harness.sharing.breaks import BreakChecker
@@ -36,15 +37,25 @@ PAGE = 4096
 
 def send_batch(link: VMLink, pairs: np.ndarray) -> MergeResult:
     """Send one batch of (guest_off, store_off) merge pairs to one VM's agent and return its
-    answer; any failure raises (a ``HarnessError``). The vCPUs of the VM are held (QMP
-    ``stop``/``cont``) around it: a guest write between the agent's memcmp and its mmap would
-    be lost. (The only function that asks an agent to merge; see COORDINATION.md.)"""
+    answer, one status per pair; any failure raises (a ``HarnessError``). (The only function
+    that asks an agent to merge; see COORDINATION.md.)
+
+    Pause-free when the agent protects the pages itself (``link.wp``, PING ``wp=1``: each
+    chunk is write-protected while it is compared and remapped, docs/merging.md); otherwise the
+    VM's vCPUs are held by QMP ``stop``/``cont`` around the batch, since a guest write between
+    the agent's memcmp and its mmap would be lost (``paused_s``, ``paused_max_s``)."""
+    assert link.agent is not None
+    if link.wp:
+        return link.agent.merge(pairs, status=True)
+    t0 = time.monotonic()
     link.m.qmp("stop")
     try:
-        assert link.agent is not None
-        return link.agent.merge(pairs)
+        return link.agent.merge(pairs, status=True)
     finally:
         link.m.qmp("cont")
+        held = time.monotonic() - t0
+        link.c.paused_s += held
+        link.c.paused_max_s = max(link.c.paused_max_s, held)
 
 
 class LagHistogram:
@@ -109,7 +120,6 @@ class MergeScheduler:
         if not len(pairs):
             return
         self.core.sync()  # the agent compares with (and maps) the store's bytes
-        t0 = time.monotonic()
         res: MergeResult | None
         try:
             res = send_batch(link, pairs)
@@ -120,7 +130,6 @@ class MergeScheduler:
             link.last_error = str(e)
             link.needs_list = True
             self.log(f"VM {link.name}: merge batch of {len(pairs)} pages: no answer ({e}); asking its LIST")
-        link.c.paused_s += time.monotonic() - t0
         link.c.batches += 1
         now = time.monotonic_ns()
         if res is not None:
@@ -131,6 +140,9 @@ class MergeScheduler:
         if res is not None and res.merged == len(pairs) and not res.mismatched and not res.failed:
             self.core.confirm(link.idx, pairs)
             merged = np.ones(len(pairs), dtype=bool)
+        elif res is not None and res.status is not None:
+            self.core.settle(link.idx, pairs, res.status)  # the agent's word per pair: no LIST
+            merged = res.status == STATUS_MERGED
         elif self.breaks.relist(link):
             merged = self.core.lookup(link.idx, pairs[:, 0]) == (pairs[:, 1] // PAGE).astype(np.int64)
             if res is None:
