@@ -689,8 +689,10 @@ class WriteTracker:
         regions = self._scan(0, 0, 0, 0, PAGE_IS_PRESENT | PAGE_IS_WPALLOWED, categories=True)
         untracked = _join(regions[(regions[:, 2] & PAGE_IS_WPALLOWED) == 0, :2])
         present = _join(regions[(regions[:, 2] & PAGE_IS_PRESENT) != 0, :2])
-        registered = failed = 0
-        for a, b in untracked.tolist():
+        registered = failed = splits = 0
+        todo = untracked.tolist()[::-1]
+        while todo:
+            a, b = todo.pop()
             reg = (ctypes.c_uint64 * 4)(self.base + a * PAGE, (b - a) * PAGE, _UFFDIO_REGISTER_MODE_WP, 0)
             # UFFDIO_REGISTER: acts on QEMU's address space (the userfaultfd's), not ours
             if _libc.ioctl(self.uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)) == 0:
@@ -700,11 +702,20 @@ class WriteTracker:
                 # this scan (they are untracked), so a write from now on shows at the next one
                 self._scan(_PM_SCAN_WP_MATCHING, 0, PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PAGE_IS_WRITTEN,
                            pages=(a, b))
-            else:  # EBUSY: another userfaultfd holds it; EINVAL: it changed meanwhile
-                err = ctypes.get_errno()
-                failed += b - a
-                self.why_untracked = ("another userfaultfd holds these mappings (a merge agent's?)"
-                                      if err == errno.EBUSY else f"UFFDIO_REGISTER: {os.strerror(err)}")
+                continue
+            # EBUSY: another userfaultfd holds part of it (a merge agent holds the <= 64 pages it
+            # is merging, for microseconds: the range's other pages are registered half by half,
+            # ~2 x 17 calls per chunk held, and only the pages held stay untracked until the next
+            # scan; a holder of much more is not chased further); EINVAL: it changed meanwhile
+            err = ctypes.get_errno()
+            if err == errno.EBUSY and b - a > 1 and splits < 256:
+                splits += 1
+                m = (a + b) // 2
+                todo += [(m, b), (a, m)]
+                continue
+            failed += b - a
+            self.why_untracked = ("another userfaultfd holds these mappings (a merge agent's?)"
+                                  if err == errno.EBUSY else f"UFFDIO_REGISTER: {os.strerror(err)}")
         self.untracked_pages = failed
         return ScanResult(written, untracked, registered, present)
 

@@ -38,6 +38,7 @@ else:
 sfd = os.open(store, os.O_RDONLY)
 mem = (ctypes.c_uint8 * size).from_address(base)
 print(base, flush=True)
+keep = []
 for line in sys.stdin:
     for cmd in line.split():
         op, a, b = cmd.split(":")
@@ -52,15 +53,18 @@ for line in sys.stdin:
             libc.mmap(base + a * 4096, 4096, 3, 0x12, sfd, b * 4096)  # MAP_PRIVATE | MAP_FIXED
             if rfd >= 0:
                 libc.fallocate(rfd, 3, a * 4096, 4096)  # punch the RAM file page
-        elif op == "u":  # register the whole RAM with a userfaultfd of our own (like an agent)
+        elif op == "u":  # register pages [a, a+b) (b=0: the whole RAM) with a userfaultfd of our own (an agent)
             import struct
             libc.syscall.restype = ctypes.c_long
             u = libc.syscall(323, os.O_CLOEXEC)
             api = ctypes.create_string_buffer(struct.pack("QQQ", 0xAA, (1 << 12) | (1 << 13), 0))
             assert libc.ioctl(u, 0xC018AA3F, api) == 0
-            reg = ctypes.create_string_buffer(struct.pack("QQQQ", base, size, 2, 0))
+            reg = ctypes.create_string_buffer(struct.pack("QQQQ", base + a * 4096, b * 4096 or size, 2, 0))
             assert libc.ioctl(u, 0xC020AA00, reg) == 0, ctypes.get_errno()
-            keep_uffd = u
+            keep.append(u)
+        elif op == "x":  # close our userfaultfds (their registrations go with them)
+            while keep:
+                os.close(keep.pop())
         elif op == "d":  # discard page a (a balloon inflating)
             if rfd >= 0:
                 libc.fallocate(rfd, 3, a * 4096, 4096)
@@ -341,6 +345,29 @@ def test_mappings_another_userfaultfd_holds_are_reread_and_said_so(shm, store):
             s = meter.sample()
             _same(s, acc.measure([kid.target], store, disk_set=None))
             assert s.frames_read >= s.G  # every present page read again
+    finally:
+        kid.close()
+
+
+def test_a_chunk_another_userfaultfd_holds_leaves_only_that_chunk_untracked(shm, store):
+    """A merge agent holds the <= 64 pages it is merging with its own userfaultfd for a moment:
+    the oracle registers the rest of the range around them (half by half) and only the pages held
+    stay untracked; once the agent lets them go they are registered at the next sample."""
+    kid = Child(shm, "c", False, store)
+    try:
+        kid.do("f:1:7", "f:100:8", "u:96:64")
+        with acc.Meter([kid.target], store, disk_set=None) as meter:
+            s = meter.sample()
+            assert s.untracked_pages == 64 and "another userfaultfd" in meter.untracked["c"]
+            _same(s, acc.measure([kid.target], store, disk_set=None))
+            s = meter.sample()
+            assert s.untracked_pages == 64 and s.frames_read <= 64 + s.scrubbed  # the rest is tracked
+            kid.do("x:0:0", "w:100:9")  # the agent lets go (a write meanwhile)
+            s = meter.sample()
+            assert s.untracked_pages == 0 and meter.untracked == {}
+            _same(s, acc.measure([kid.target], store, disk_set=None))
+            s = meter.sample()
+            assert s.frames_read == s.scrubbed
     finally:
         kid.close()
 
