@@ -135,7 +135,7 @@ def storm_merges(vm: VM, npages: int, secs: float, store: Path) -> tuple[dict, i
         final = f.readline().decode().strip()
         chan.sendall(b"q\n")
         st = link.agent.stats()
-        link.agent.unmerge_all()  # the engine tests open a store of their own next
+        link.agent.unmerge(0, vm.ram_size // PAGE)  # the engine tests open a store of their own next
     finally:
         os.close(mem)
         os.close(sfd)
@@ -149,16 +149,21 @@ def storm_merges(vm: VM, npages: int, secs: float, store: Path) -> tuple[dict, i
 @pytest.mark.integration
 def test_guest_write_storm_on_pages_being_merged_loses_nothing(pair):
     """The targeted test: a vCPU writing a page during its merge keeps its write, pause-free
-    (pf) and with the vCPUs held (fb). In pf some writes had to wait on a page being merged."""
+    (pf) and with the vCPUs held (fb). In pf some writes had to wait on a page being merged:
+    a chunk is held for tens of microseconds, so on a busy host a storm may miss every window;
+    it then runs again (at most three storms; every storm must lose nothing)."""
     pf, fb = pair
     for vm in (pf, fb):
-        store = shm_dir() / f"satori-storm-{vm.name}-{os.getpid()}"
-        result, merged, st, pause_free = storm_merges(vm, 512, 12.0, store)
-        assert pause_free == (vm is pf), (vm.name, st["wp_error"])
-        assert result["bad"] == 0 and result["writes"] > 10_000, (vm.name, result)
-        assert merged > 500, (vm.name, merged, result)
+        for attempt in range(3 if vm is pf else 1):
+            store = shm_dir() / f"satori-storm-{vm.name}-{os.getpid()}-{attempt}"
+            result, merged, st, pause_free = storm_merges(vm, 512, 12.0, store)
+            assert pause_free == (vm is pf), (vm.name, st["wp_error"])
+            assert result["bad"] == 0 and result["writes"] > 10_000, (vm.name, result)
+            assert merged > 500, (vm.name, merged, result)
+            if not pause_free or st["wp_faults"] > 0:  # the agent's counters add up over storms
+                break
         if pause_free:
-            assert st["wp_faults"] > 0, f"no guest write raced a merge: {st}"
+            assert st["wp_faults"] > 0, f"no guest write raced a merge in three storms: {st}"
             assert st["wp_errors"] == 0, st
 
 
