@@ -1,7 +1,7 @@
 """Micro-benchmark of the merge agent: µs per merged page, coalesced runs vs scattered pages.
 
 Starts a paused QEMU (``-S``, TCG, no QMP) with the agent preloaded, fills guest RAM through the
-RAM file, builds a content store in /dev/shm, and merges:
+RAM memfd, builds a content store memfd, and merges:
 
 - coalesced: guest pages contiguous, store in the same order -> one mmap per batch
 - shuffled: guest pages contiguous, store order shuffled -> one mmap (and 1 VMA) per page
@@ -32,23 +32,25 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import memfd  # noqa: E402
 from harness.sharing.agent import PAGE, AgentClient, MergeResult, agent_env  # noqa: E402
 
 MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 
 
-def start_qemu(tag: str, ram_mb: int, rundir: Path) -> tuple[subprocess.Popen, Path, Path]:
-    mem = Path("/dev/shm") / f"satori-bench-{tag}"
+def start_qemu(tag: str, ram_mb: int, rundir: Path) -> tuple[subprocess.Popen, int, Path]:
+    mem = memfd.create(f"satori-bench-{tag}", ram_mb << 20)  # guest RAM as the harness makes it
     sock = rundir / f"{tag}.sock"
     cmd = [
         "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", str(ram_mb),
-        "-object", f"memory-backend-file,id=ram0,share=on,mem-path={mem},size={ram_mb}M",
+        "-object", f"memory-backend-file,id=ram0,share=on,mem-path=/proc/self/fd/{mem},size={ram_mb}M",
         "-machine", "memory-backend=ram0",
         "-nographic", "-S", "-nodefaults", "-display", "none",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd,
-        env={**os.environ, **agent_env(sock, mem)},
+        env={**os.environ, **agent_env(sock, f"/proc/self/fd/{mem}")},
+        pass_fds=(mem,),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -81,21 +83,19 @@ def run_scenario(name: str, npages: int, ram_mb: int, batch: int, rundir: Path) 
     content = rng.integers(0, 256, size=(npages, PAGE), dtype=np.uint8)
     tag = f"{name}-{secrets.token_hex(3)}"
     proc, mem, sock = start_qemu(tag, ram_mb, rundir)
-    store = Path("/dev/shm") / f"satori-bench-{tag}-store"
+    store = memfd.create(f"satori-bench-{tag}-store", 0)
     client = AgentClient(sock, timeout=120)
     try:
         wait_ready(client, proc)
-        fd = os.open(mem, os.O_RDWR)
-        with mmap.mmap(fd, ram_mb << 20) as ram:
+        with mmap.mmap(mem, ram_mb << 20) as ram:
             view = np.frombuffer(ram, dtype=np.uint8).reshape(-1, PAGE)
             view[gpages.astype(np.int64)] = content
             del view
-        os.close(fd)
         sbuf = np.empty_like(content)
         sbuf[spages.astype(np.int64)] = content
-        store.write_bytes(sbuf.tobytes())
+        os.pwrite(store, sbuf.tobytes(), 0)
         del sbuf
-        client.open_store(store)
+        client.open_store(f"/proc/{os.getpid()}/fd/{store}")
         pairs = np.stack([gpages * PAGE, spages * PAGE], axis=1)
         total = MergeResult(0, 0, 0, 0)
         t0 = time.perf_counter_ns()
@@ -128,8 +128,9 @@ def run_scenario(name: str, npages: int, ram_mb: int, batch: int, rundir: Path) 
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        for p in (mem, store, sock):
-            p.unlink(missing_ok=True)
+        os.close(mem)
+        os.close(store)
+        sock.unlink(missing_ok=True)
 
 
 def main() -> None:

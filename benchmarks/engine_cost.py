@@ -123,13 +123,15 @@ def synthetic(pages: int, batch: int, poll: int) -> int:
 
 def with_vms(files: int, memory: int, keep: float) -> int:
     from harness.image import ensure_image
+    from harness.sharing.attach import sharing_attachments
     from harness.sharing.engine import Member, SharingEngine
     from harness.vm import VM, VMSpec, new_run_id, start_all
     from harness.workloads import dataset_files
 
     img = ensure_image()
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=memory, sharing=True), img, run_id=run) for n in ("ea", "eb")]
+    vms = [VM(VMSpec(n, memory_mb=memory), img, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True)) for n in ("ea", "eb")]
     try:
         start_all(vms)
         paths = " ".join(dataset_files(0, files))

@@ -3,11 +3,11 @@
 One run boots two VMs from the cached image (``ensure_image()``, or ``$SATORI_IMAGE``) at the
 same time and keeps them for the whole run:
 
-- ``on``:  ``VMSpec(hints=True)``: patched virtio_blk + ``ivshmem-plain`` ring of the default
-  size (``VMSpec.ring_bytes``), drained by a host reader thread that calls ``HintRing.poll()``
+- ``on``:  ``HintRingAttachment``: patched virtio_blk + ``ivshmem-plain`` ring of the default
+  size (``harness.sharing.attach.DEFAULT_RING_BYTES``), drained by a host reader thread that calls ``HintRing.poll()``
   back to back while it returns records and sleeps ``--idle-sleep-ms`` when the ring is empty
   (``--idle-sleep-ms 0``: spin).  Its CPU time is taken with ``time.thread_time()`` in the thread.
-- ``off``: ``VMSpec(hints=False)``: stock virtio_blk, no ring.
+- ``off``: no attachment: stock virtio_blk, no ring.
 
 Each repetition reads the dataset (``/data/set1/f0000.bin .. f0049.bin``, 200 MB) cold in both
 VMs, one after the other, the order alternating (on/off, off/on, ...) so machine drift hits both
@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.hints import HintRing, max_capacity  # noqa: E402
 from harness.image import ensure_image  # noqa: E402
+from harness.sharing.attach import DEFAULT_RING_BYTES, HintRingAttachment, ring_of  # noqa: E402
 from harness.vm import VM, VMSpec, new_run_id, start_all  # noqa: E402
 
 DATASET = "/data/set1"
@@ -212,7 +213,7 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=512, help="guest RAM in MB (default 512)")
     ap.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1, VMSpec's default)")
     ap.add_argument("--ring-bytes", type=int, default=None,
-                    help="hint ring file size (default: VMSpec.ring_bytes)")
+                    help="hint ring size (default: DEFAULT_RING_BYTES)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed reads per VM first (default 1)")
     ap.add_argument("--idle-sleep-ms", type=float, default=1.0,
                     help="reader sleep when the ring is empty (default 1 ms; 0 = spin)")
@@ -237,12 +238,11 @@ def main() -> int:
     if not image.hints:
         log(f"image {image.root} has no patched driver (manifest hints=false): nothing to compare")
         return 2
-    ring_bytes = args.ring_bytes or VMSpec.ring_bytes
+    ring_bytes = args.ring_bytes or DEFAULT_RING_BYTES
     run_id = new_run_id()
-    spec_on = VMSpec(name="bench-on", memory_mb=args.memory, vcpus=args.vcpus, hints=True,
-                     ring_bytes=ring_bytes)
-    spec_off = VMSpec(name="bench-off", memory_mb=args.memory, vcpus=args.vcpus, hints=False)
-    vm_on = VM(spec_on, image, run_id=run_id, log=log)
+    spec_on = VMSpec(name="bench-on", memory_mb=args.memory, vcpus=args.vcpus)
+    spec_off = VMSpec(name="bench-off", memory_mb=args.memory, vcpus=args.vcpus)
+    vm_on = VM(spec_on, image, run_id=run_id, log=log, attachments=[HintRingAttachment(ring_bytes)])
     vm_off = VM(spec_off, image, run_id=run_id, log=log)
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     warm: dict[str, list[dict]] = {"on": [], "off": []}
@@ -255,8 +255,8 @@ def main() -> int:
         start_all([vm_on, vm_off])
         info["boot_seconds"] = round(time.monotonic() - t0, 1)
         info["accel"] = vm_on.accel.accel if vm_on.accel else None
-        assert vm_on.ring_path is not None
-        ring = stack.enter_context(HintRing(vm_on.ring_path, vm_on.ram_size))
+        assert ring_of(vm_on) is not None
+        ring = stack.enter_context(HintRing(ring_of(vm_on), vm_on.ram_size))
         reader = Reader(ring, args.idle_sleep_ms / 1000)
         reader.start()
         stack.callback(reader.stop)  # runs before the ring is closed (LIFO)
@@ -295,8 +295,7 @@ def main() -> int:
         info["ring_end"] = ring.stats()
         info["other_qemu_processes"] = other_qemus([vm_on.pid, vm_off.pid])
     # all VMs are down and their files are gone here
-    leftovers = [p for p in (vm_on.paths.ram, vm_on.paths.ring, vm_off.paths.ram, vm_on.paths.work,
-                             vm_off.paths.work) if p.exists()]
+    leftovers = [p for p in (vm_on.paths.work, vm_off.paths.work) if p.exists()]
     load_end = loadavg()
 
     on_s = [r["seconds"] for r in runs["on"]]
@@ -370,7 +369,7 @@ def main() -> int:
     print(f"records per read      {', '.join(f'{x:,}' for x in recs)}   expected ~{DATASET_BYTES // PAGE:,} "
           f"(4 KiB blocks the guest's vda read during the script: {', '.join(f'{x:,}' for x in blocks_on)})")
     print(f"dropped               {dropped} in {args.reps} reads (ring {ring_bytes >> 10} KiB = "
-          f"{info['ring']['capacity']:,} records{', the VMSpec default' if ring_bytes == VMSpec.ring_bytes else ''})    goal 0: "
+          f"{info['ring']['capacity']:,} records{', the default' if ring_bytes == DEFAULT_RING_BYTES else ''})    goal 0: "
           f"{'met' if dropped == 0 else 'NOT met'}    rejected {rejected}")
     if nrec:
         print(f"host reader CPU       {cpu_total / nrec * 1000 * 1000:.3f} ms per 1,000 records "

@@ -6,7 +6,7 @@ Two ways to get guest-like memory:
   or the built one), read the dataset and ``/usr`` so most of their RAM is populated, then
   ``measure()`` is timed ``--repeat`` times (file backend, or ``--backend ram-merge``).
 - ``--synthetic N``: N helper processes each map a fully populated ``--memory`` MB region (a
-  /dev/shm file like a VM's RAM file, or anonymous memory with ``--backend ram-merge``) holding
+  memfd like a VM's RAM, or anonymous memory with ``--backend ram-merge``) holding
   a mix of contents: 40 % shared by all (the same disk blocks), 20 % zero, 40 % unique. No
   QEMU: this is the worst case for the reader (every page present) on a quiet CPU.
 
@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import accounting, oracle  # noqa: E402
+from harness import accounting, memfd, oracle  # noqa: E402
 
 CHILD = r"""
 import mmap, os, sys
@@ -63,20 +63,22 @@ def synthetic(n: int, memory_mb: int, anon: bool, repeat: int) -> None:
     files, procs, targets = [], [], []
     try:
         for i in range(n):
-            path = Path(f"/dev/shm/satori-bench-{os.getpid()}-{i}")
-            files.append(path)
+            fd = memfd.create(f"satori-bench-{i}", size)
+            files.append(fd)
+            path = f"/proc/{os.getpid()}/fd/{fd}"
             uniq = rng.integers(0, 256, size=(npages - len(shared) - int(npages * 0.2), 4096), dtype=np.uint8)
             pages = np.concatenate([shared, np.zeros((int(npages * 0.2), 4096), np.uint8), uniq])
             pages = pages[rng.permutation(npages)]
-            path.write_bytes(pages.tobytes())
+            os.pwrite(fd, pages.tobytes(), 0)
             del pages, uniq
-            argv = [sys.executable, "-c", CHILD, str(size)] + (["-", str(path)] if anon else [str(path)])
+            argv = [sys.executable, "-c", CHILD, str(size)] + (["-", path] if anon else [path])
             p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             procs.append(p)
             hva = int(p.stdout.readline())
             if anon:
-                path.unlink()  # the content now lives in the helper's anonymous memory
-            targets.append(accounting.Target(f"syn{i}", p.pid, hva, size, ram_file=None if anon else path))
+                os.close(fd)  # the content now lives in the helper's anonymous memory
+                files.remove(fd)
+            targets.append(accounting.Target(f"syn{i}", p.pid, hva, size, ram_file=None if anon else Path(path)))
         kind = "anonymous (process_vm_readv)" if anon else "RAM files (read-only mapping)"
         print(f"synthetic: {n} x {memory_mb} MB, every page present, {kind}")
         run(targets, disk, repeat)
@@ -85,7 +87,7 @@ def synthetic(n: int, memory_mb: int, anon: bool, repeat: int) -> None:
             p.kill()
             p.wait()
         for f in files:
-            f.unlink(missing_ok=True)
+            os.close(f)
 
 
 def run(targets, disk_set, repeat: int) -> None:
@@ -113,7 +115,7 @@ def real_vms(n: int, memory_mb: int, backend: str, repeat: int) -> None:
 
     env = os.environ.get("SATORI_IMAGE")
     image = Image.load(Path(env)) if env else ensure_image(log=print)
-    vms = [VM(VMSpec(f"mbench{i}", memory_mb=memory_mb, hints=False, ram_backend=backend), image) for i in range(n)]
+    vms = [VM(VMSpec(f"mbench{i}", memory_mb=memory_mb, ram_backend=backend), image) for i in range(n)]
     try:
         t = time.monotonic()
         start_all(vms)

@@ -169,7 +169,7 @@ def main() -> None:
 
     env = os.environ.get("SATORI_IMAGE")
     image = Image.load(Path(env)) if env else ensure_image(log=print)
-    vms = [VM(VMSpec(f"ocost{i}", memory_mb=a.memory, hints=False, ram_backend=a.backend, boot_timeout_s=900), image)
+    vms = [VM(VMSpec(f"ocost{i}", memory_mb=a.memory, ram_backend=a.backend, boot_timeout_s=900), image)
            for i in range(a.vms)]
     result: dict = {"args": {k: str(v) for k, v in vars(a).items()}, "load_before": os.getloadavg()[0]}
     try:

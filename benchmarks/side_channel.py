@@ -212,6 +212,7 @@ def threshold_from(fast: np.ndarray, slow: np.ndarray | None) -> tuple[float, st
 
 
 def run_phase(name: str, img, args: argparse.Namespace, probe: Path, log: Callable[[str], None]) -> Phase:
+    from harness.sharing.attach import sharing_attachments
     from harness.sharing.engine import Member, SharingEngine
     from harness.vm import VM, VMSpec, new_run_id, start_all
 
@@ -219,8 +220,9 @@ def run_phase(name: str, img, args: argparse.Namespace, probe: Path, log: Callab
     run = new_run_id()
     rnd = random.Random(args.seed + (0 if name == "same" else 1))
     with contextlib.ExitStack() as stack:
-        att, vic = (VM(VMSpec(n, memory_mb=args.memory, sharing=True, boot_timeout_s=args.boot_timeout),
-                       img, run_id=run) for n in ("sc-attacker", "sc-victim"))
+        att, vic = (VM(VMSpec(n, memory_mb=args.memory, boot_timeout_s=args.boot_timeout),
+                       img, run_id=run, attachments=sharing_attachments(hints=True, agent=True))
+                    for n in ("sc-attacker", "sc-victim"))
         for vm in (att, vic):
             stack.callback(vm.shutdown)
         log(f"[{name}] booting attacker and victim")

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.paths import runtime_dir
+from harness.errors import HarnessError
+from harness.paths import read_private, runtime_dir, write_private
 
 PROBE_TIMEOUT_S = 20.0
 
@@ -120,12 +121,12 @@ def choose_accel(kernel: Path | None = None, initrd: Path | None = None) -> Acce
     if (not override or override.lower() == "auto") and usable and not pvm and kernel and initrd:
         cache = runtime_dir() / "kvm-probe.json"
         try:
-            saved = json.loads(cache.read_text())
+            saved = json.loads(read_private(cache))
             if saved.get("boot_id") == _boot_id() and saved.get("kernel") == str(kernel):
                 probe = bool(saved["ok"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, AttributeError, HarnessError):
             pass
         if probe is None:
             probe = probe_kvm(kernel, initrd)
-            cache.write_text(json.dumps({"boot_id": _boot_id(), "kernel": str(kernel), "ok": probe}))
+            write_private(cache, json.dumps({"boot_id": _boot_id(), "kernel": str(kernel), "ok": probe}))
     return decide(override, usable, pvm, probe)

@@ -62,6 +62,7 @@ import numpy as np
 
 from harness import oracle
 from harness.errors import HarnessError
+from harness.memfd import ProcFile, open_file
 
 PAGE = 4096
 PM_PRESENT = np.uint64(1 << 63)
@@ -204,7 +205,7 @@ class Target:
     ram_size: int
     disk: Path | None = None  # base disk image (for E_disk)
     disk_key: str | None = None  # cache key of its block set (image recipe hash)
-    ram_file: Path | None = None  # the RAM file (memory-backend-file), None for anonymous RAM
+    ram_file: ProcFile | Path | None = None  # the guest RAM memfd (a path in tests), None for anonymous RAM
 
 
 _hva_cache: dict[tuple[int, int], int] = {}
@@ -248,7 +249,7 @@ def target(vm) -> Target:
         ram_size=vm.ram_size,
         disk=Path(image.rootfs) if image is not None else None,
         disk_key=image.recipe_hash if image is not None else None,
-        ram_file=Path(vm.ram_path) if getattr(vm.spec, "ram_backend", "file") == "file" else None,
+        ram_file=vm.ram if getattr(vm.spec, "ram_backend", "file") == "file" else None,
     )
 
 
@@ -257,12 +258,12 @@ def target_from_state(state: dict) -> Target:
     :func:`harness.vm.load_states` returns it). Asks QMP for the RAM address on the manual
     socket, so a harness holding the main one is not disturbed."""
     from harness.image import Image
-    from harness.vm import qmp_connect
+    from harness.vm import qmp_connect, state_memfile, state_paths
 
     pid = int(state["pid"])
     key = (pid, _start_time(pid))
     if key not in _hva_cache:
-        q = qmp_connect(Path(state.get("qmp_manual") or state["qmp"]))
+        q = qmp_connect(state_paths(state).qmp_manual)
         try:
             reply = q.cmd_raw("human-monitor-command", {"command-line": "gpa2hva 0"})
         finally:
@@ -273,7 +274,7 @@ def target_from_state(state: dict) -> Target:
     return Target(
         name=state["name"], pid=pid, hva=_hva_cache[key], ram_size=int(state["ram_size"]),
         disk=image.rootfs if image else None, disk_key=image.recipe_hash if image else None,
-        ram_file=Path(state["ram"]) if backend == "file" and state.get("ram") else None,
+        ram_file=state_memfile(state, "ram") if backend == "file" else None,
     )
 
 
@@ -569,14 +570,14 @@ class _VMView:
         try:
             self.pm_fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
             self.mem_fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
-            if t.ram_file is not None and os.path.exists(t.ram_file):
-                self.ram_fd = os.open(t.ram_file, os.O_RDONLY)
+            if t.ram_file is not None:
+                self.ram_fd = open_file(t.ram_file, os.O_RDONLY)
             if track:
                 try:
                     self.tracker = oracle.WriteTracker(t.pid, t.hva, self.n)
                 except oracle.TrackerUnavailable as e:
                     self.why_untracked = str(e)
-        except OSError as e:
+        except (OSError, HarnessError) as e:
             self.close()
             raise HarnessError(f"VM {t.name}: cannot open its memory for measuring: {e}") from None
         self.key = np.full(self.n, -1, np.int64)
@@ -610,16 +611,17 @@ class _StoreView:
     file since (a punch, even with the slot written again before this sample). Without a watch
     (full scans, or no userfaultfd) every resident page is hashed at every sample."""
 
-    def __init__(self, path: str | os.PathLike, watch_pages: int = 0) -> None:
-        """``watch_pages``: with incremental sampling, the store size (pages) to map the watch
-        for at first (it grows if the store does); 0: no watch."""
-        self.path = os.fspath(path)
+    def __init__(self, path: ProcFile | str | os.PathLike, watch_pages: int = 0) -> None:
+        """``path``: the store (a :class:`~harness.memfd.ProcFile`, or a path); ``watch_pages``:
+        with incremental sampling, the store size (pages) to map the watch for at first (it
+        grows if the store does); 0: no watch."""
+        self.path = path.path if isinstance(path, ProcFile) else os.fspath(path)
         self.watch: oracle.StoreWatch | None = None
         self.why_unwatched = "" if watch_pages else "full scan"
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise HarnessError(f"cannot open the content store {self.path}: {e}") from None
+            self.fd = open_file(path, os.O_RDONLY)
+        except HarnessError as e:
+            raise HarnessError(f"cannot open the content store: {e}") from None
         if watch_pages:
             try:
                 self.watch = oracle.StoreWatch(self.path, watch_pages, f"the content store {self.path}")
@@ -708,8 +710,8 @@ def _classes(index: oracle.ContentIndex, cids: np.ndarray) -> np.ndarray:
 class Meter:
     """Samples of one sharing domain, each only as costly as what changed since the last one.
 
-    ``vms``: running VMs (or :class:`Target`). ``store``: the domain's content store file (or a
-    ``/proc/<pid>/fd/<n>`` path to it), if any. ``disk_set``: True derives it from the VMs'
+    ``vms``: running VMs (or :class:`Target`). ``store``: the domain's content store (a
+    :class:`harness.memfd.ProcFile`, or a path to it), if any. ``disk_set``: True derives it from the VMs'
     images, an array uses that set, None skips E_disk. ``incremental``: keep each page's
     (frame, content) between samples and read only pages whose frame changed or that the write
     tracker says were written (see :mod:`harness.oracle`); False reads every distinct frame at
@@ -726,7 +728,7 @@ class Meter:
     def __init__(
         self,
         vms: Iterable[Any],
-        store: str | os.PathLike | None = None,
+        store: ProcFile | str | os.PathLike | None = None,
         *,
         disk_set: np.ndarray | None | bool = True,
         incremental: bool = True,
@@ -1121,14 +1123,15 @@ class MeterProcess:
     one :class:`Sample` per domain; their ``cpu_seconds`` is the meter process's CPU. Close it
     (or ``with``): the process ends (it also dies with the harness)."""
 
-    def __init__(self, domains: Mapping[str, tuple[Iterable[Any], str | os.PathLike | None]], *,
+    def __init__(self, domains: Mapping[str, tuple[Iterable[Any], ProcFile | str | os.PathLike | None]], *,
                  scrub: int = 256, credits: bool = True, timeout_s: float = 600.0) -> None:
         import socket
         import sys
         from multiprocessing.connection import Connection
 
         _require_root()
-        spec = {dom: ([target(v) for v in vms], os.fspath(store) if store is not None else None)
+        spec = {dom: ([target(v) for v in vms], store if isinstance(store, ProcFile) or store is None
+                      else os.fspath(store))
                 for dom, (vms, store) in domains.items()}
         mine, theirs = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent)  # this tree's harness, not another's
@@ -1200,7 +1203,7 @@ class MeterProcess:
 
 def measure(
     vms: Iterable[Any],
-    store: str | os.PathLike | None = None,
+    store: ProcFile | str | os.PathLike | None = None,
     *,
     disk_set: np.ndarray | None | bool = True,
     pause: bool = False,

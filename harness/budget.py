@@ -186,7 +186,7 @@ def _read_entries(vms: Iterable[Any]) -> tuple[dict[str, np.ndarray], dict[str, 
             raise HarnessError(f"VM {vm.name} is not running")
         entries[vm.name] = read_pagemap(vm.pid, ram_hva(vm), vm.ram_size // PAGE)
         if getattr(vm.spec, "ram_backend", "file") == "file":
-            ram_files[vm.name] = _file_pages(vm.ram_path)
+            ram_files[vm.name] = _file_pages(vm.ram.path if vm.ram is not None else None)
     return entries, ram_files
 
 

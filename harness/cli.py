@@ -35,12 +35,14 @@ def _sigterm_to_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def find_in_ram(ram_path: Path, page: bytes) -> list[int]:
-    """Page-aligned offsets in a guest RAM file that hold all of ``page``. Found by its first 64
-    bytes, then compared whole: a transient copy the guest freed (an SFTP or socket buffer being
-    zeroed) may share the start and not the rest."""
+def find_in_ram(ram, page: bytes) -> list[int]:
+    """Page-aligned offsets in guest RAM (a :class:`harness.memfd.ProcFile`, or a path) that
+    hold all of ``page``. Found by its first 64 bytes, then compared whole: a transient copy the
+    guest freed (an SFTP or socket buffer being zeroed) may share the start and not the rest."""
+    from harness.memfd import open_file
+
     hits = []
-    with open(ram_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+    with open(open_file(ram), "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         pos = m.find(page[:64])
         while pos != -1:
             if pos % 4096 == 0 and m[pos:pos + len(page)] == page:
@@ -68,17 +70,17 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 def cmd_vm_up(args: argparse.Namespace) -> int:
     from harness.image import ensure_image
+    from harness.sharing.attach import agent_socket_of, ring_of, sharing_attachments
     from harness.vm import VM, VMSpec, load_states
 
+    # the name and the memory are checked before anything is built
+    spec = VMSpec(name=args.name, memory_mb=args.memory, vcpus=args.vcpus)
+    _cleanup_quietly()
     if any(s["name"] == args.name and s["alive"] for s in load_states()):
         raise HarnessError(f"a VM named {args.name!r} is already running (satori vm down {args.name})")
     img = ensure_image()
-    spec = VMSpec(
-        name=args.name, memory_mb=args.memory, vcpus=args.vcpus,
-        hints=args.hints if args.hints is not None else True,
-        sharing=args.sharing,
-    )
-    vm = VM(spec, img, detach=True)
+    hints = args.hints if args.hints is not None else True
+    vm = VM(spec, img, detach=True, attachments=sharing_attachments(hints=hints, agent=args.sharing))
     try:
         vm.start()
     except BaseException:
@@ -89,11 +91,11 @@ def cmd_vm_up(args: argparse.Namespace) -> int:
     print(f"  ssh:        satori vm ssh {vm.name}    (127.0.0.1:{vm.ssh_port}, key {img.key})")
     print(f"  qmp:        {vm.paths.qmp_manual}")
     print(f"  console:    {vm.paths.console}")
-    print(f"  guest RAM:  {vm.ram_path}")
-    if vm.ring_path:
-        print(f"  hint ring:  {vm.ring_path}")
-    if vm.agent_socket:
-        print(f"  agent:      {vm.agent_socket}")
+    print(f"  guest RAM:  {vm.ram.path} (a memfd: no file anyone else can open)")
+    if ring_of(vm):
+        print(f"  hint ring:  {ring_of(vm).path}")
+    if agent_socket_of(vm):
+        print(f"  agent:      {agent_socket_of(vm)}")
     # release our connections; QEMU keeps running in its own session
     if vm._ssh:
         vm._ssh.close()
@@ -102,20 +104,48 @@ def cmd_vm_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_vm_ls(args: argparse.Namespace) -> int:
-    from harness.vm import load_states
+def _cleanup_quietly() -> None:
+    """What killed runs left (dead VMs' folders, paused VMs, changed settings): undone before a
+    new start, and said in one line each."""
+    from harness.cleanup import cleanup
 
-    states = load_states()
+    for line in cleanup():
+        if not line.startswith("left alone:"):
+            print(f"cleanup: {line}")
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Remove what killed harness processes left, restore the settings they changed."""
+    from harness.cleanup import cleanup
+
+    did = cleanup()
+    for line in did:
+        print(line)
+    if not did:
+        print("nothing to clean up: no orphaned VM, status file or changed setting")
+    return 0
+
+
+def cmd_vm_ls(args: argparse.Namespace) -> int:
+    from harness.vm import load_states, run_state, state_paths
+
+    problems: list[str] = []
+    states = load_states(problems)
+    for s in states:  # running / paused from QMP, not only "the pid is alive"
+        s["status"] = run_state(s) if s["alive"] else "dead"
     if args.json:
         print(json.dumps(states, indent=2))
         return 0
     if not states:
         print("no VMs")
-        return 0
-    print(f"{'NAME':12} {'STATE':8} {'PID':>8} {'SSH':>6} {'MEM':>6} {'ACCEL':5} QMP")
+    else:
+        print(f"{'NAME':12} {'STATE':10} {'PID':>8} {'SSH':>6} {'MEM':>6} {'ACCEL':5} QMP")
     for s in states:
-        print(f"{s['name']:12} {'running' if s['alive'] else 'dead':8} {s['pid'] or '-':>8} "
-              f"{s['ssh_port'] or '-':>6} {s['spec']['memory_mb']:>5}M {s['accel'] or '-':5} {s['qmp_manual']}")
+        print(f"{s['name']:12} {s['status']:10} {s['pid'] or '-':>8} "
+              f"{s['ssh_port'] or '-':>6} {s['spec']['memory_mb']:>5}M {s['accel'] or '-':5} "
+              f"{state_paths(s).qmp_manual}")
+    for p in problems:
+        print(f"ignored: {p}")
     return 0
 
 
@@ -147,7 +177,7 @@ def cmd_vm_ssh(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_qmp(args: argparse.Namespace) -> int:
-    from harness.vm import find_state, qmp_connect
+    from harness.vm import find_state, qmp_connect, state_paths
 
     s = find_state(args.name)
     if not s["alive"]:
@@ -158,7 +188,7 @@ def cmd_vm_qmp(args: argparse.Namespace) -> int:
         raise HarnessError(f"QMP arguments are not valid JSON: {e}") from None
     if qargs is not None and not isinstance(qargs, dict):
         raise HarnessError("QMP arguments must be a JSON object, e.g. '{\"value\": 268435456}'")
-    q = qmp_connect(Path(s["qmp_manual"]))
+    q = qmp_connect(state_paths(s).qmp_manual)
     try:
         reply = q.cmd_raw(args.qmp_command, qargs)
     finally:
@@ -175,7 +205,8 @@ def cmd_vm_down(args: argparse.Namespace) -> int:
     missing = set(args.names) - {s["name"] for s in states}
     for s in targets:
         stop_background(s)
-        print(f"VM {s['name']} is down")
+        print(f"VM {s['name']} is down" if s["alive"] else
+              f"VM {s['name']}: its QEMU was already gone (pid {s['pid']} is not it); files removed")
     if missing:
         raise HarnessError(f"no VM named {', '.join(sorted(missing))}")
     return 0
@@ -202,20 +233,22 @@ def hint_counts(snap: dict[str, int]) -> dict[str, int]:
 def cmd_hints(args: argparse.Namespace) -> int:
     """Live view (or one JSON snapshot) of a running VM's hint ring."""
     from harness.hints import HintRing
+    from harness.sharing.attach import ring_of_state
     from harness.vm import find_state
 
     if not args.interval > 0:
         raise HarnessError(f"--interval must be a positive number of seconds, not {args.interval}")
     s = find_state(args.name)
-    if not s.get("ring"):
+    ref = ring_of_state(s)
+    if ref is None:
         raise HarnessError(f"VM {args.name} has no hint ring (image without hints, or started with --no-hints)")
-    ring = HintRing(Path(s["ring"]), int(s["ram_size"]), readonly=True)
+    ring = HintRing(ref, int(s["ram_size"]), readonly=True)
     try:
         snap = hint_counts(ring.stats())
         if args.json:
             print(json.dumps(snap))
             return 0
-        print(f"hint ring of VM {args.name}: {s['ring']} (Ctrl-C to stop)")
+        print(f"hint ring of VM {args.name}: {ref.path} (Ctrl-C to stop)")
         last, t_last = snap, time.monotonic()
         while True:
             time.sleep(args.interval)
@@ -231,6 +264,21 @@ def cmd_hints(args: argparse.Namespace) -> int:
         ring.close()
 
 
+def read_share_status(f: Path) -> dict:
+    """A ``share-*.json`` a ``satori share`` engine writes (validated: the keys this CLI uses)."""
+    from harness.paths import read_private
+
+    st = json.loads(read_private(f))
+    if not (isinstance(st, dict) and isinstance(st.get("domain"), str) and isinstance(st.get("vms"), dict)
+            and isinstance(st.get("pid"), int) and isinstance(st.get("start"), int)):
+        raise HarnessError(f"{f}: not a sharing status file")
+    for n, v in st["vms"].items():
+        if not isinstance(v, dict) or not all(isinstance(v.get(k), int) for k in
+                                              ("hinted", "merged", "broken", "rejected", "changed")):
+            raise HarnessError(f"{f}: bad figures for VM {n!r}")
+    return st
+
+
 def _share_status_path(domain: str) -> Path:
     from harness.paths import runtime_dir
 
@@ -240,6 +288,8 @@ def _share_status_path(domain: str) -> Path:
 def cmd_share(args: argparse.Namespace) -> int:
     """Run the sharing engine in the foreground over background VMs."""
     from harness.config import DOMAIN_HELP, check_domain_name
+    from harness.memfd import start_time
+    from harness.paths import write_private
     from harness.sharing.engine import Member, SharingEngine
     from harness.vm import find_state
 
@@ -248,11 +298,13 @@ def cmd_share(args: argparse.Namespace) -> int:
                            f"Give the VMs that trust each other a domain name, e.g. "
                            f"satori share {' '.join(args.names)} --domain trusted")
     check_domain_name(args.domain)  # before it names the store and the status file
+    _cleanup_quietly()
     members = [Member.from_state(find_state(n)) for n in args.names]
     status = _share_status_path(args.domain)
+    me = {"pid": os.getpid(), "start": start_time(os.getpid())}  # who wrote it: cleanup checks
     with SharingEngine(members, domain=args.domain, batch_pages=args.batch,
                        flush_interval_s=args.interval, log=print) as eng:
-        print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_path} (Ctrl-C stops)")
+        print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_ref.path} (Ctrl-C stops)")
         t_print = 0.0
         try:
             while True:
@@ -261,7 +313,7 @@ def cmd_share(args: argparse.Namespace) -> int:
                 if time.monotonic() - t_print >= 1.0:
                     t_print = time.monotonic()
                     st = eng.stats()
-                    status.write_text(json.dumps(st))
+                    write_private(status, json.dumps(st | me))
                     per = "  ".join(f"{n}: hinted {v['hinted']} merged {v['merged']} broken {v['broken']} "
                                     f"rejected {v['rejected'] + v['changed']}" for n, v in st["vms"].items())
                     print(f"{time.strftime('%H:%M:%S')}  store {st['store_pages']} pages  {per}", flush=True)
@@ -288,6 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = Path(args.config) if args.config else DEFAULT_CONFIG
     cfg = load_config(path)
+    _cleanup_quietly()
     for note in cfg.domain_notes():
         print(note, flush=True)
     report.require_plotting()  # before booting anything, not after the last mode
@@ -312,14 +365,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Per VM and per sharing domain: what `satori share` did and what the memory holds now."""
     from harness import accounting
+    from harness.memfd import ProcFile
     from harness.paths import runtime_dir
     from harness.vm import load_states
 
     states = [s for s in load_states() if s["alive"]]
     shares = {}
     for f in runtime_dir().glob("share-*.json"):
-        with contextlib.suppress(OSError, ValueError):
-            st = json.loads(f.read_text())
+        with contextlib.suppress(OSError, ValueError, HarnessError):
+            st = read_share_status(f)
             shares[st["domain"]] = st
     while True:
         out: dict = {"vms": {}, "domains": {}}
@@ -328,7 +382,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             targets = [accounting.target_from_state(s) for s in states if s["name"] in names]
             # what the kernel says (pagemap, QEMU's mappings of the store, the store's pages):
             # no agent is asked, so none can be missed or believed
-            sample = accounting.measure(targets, store=st.get("store_path")) if targets else None
+            store = ProcFile.from_dict(st["store"]) if st.get("store") else None
+            sample = accounting.measure(targets, store=store) if targets else None
             d = sample.as_dict() if sample else {}
             out["domains"][dom] = {k: d.get(k) for k in ("G", "F", "C", "E", "E_disk")} | {
                 "store_pages": st.get("store_pages")}
@@ -380,11 +435,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for vm in vms:
             marker = secrets.token_bytes(4096)
             vm.ssh.put(marker, "/tmp/satori-marker")  # tmpfs: stays in guest RAM
-            good = find_in_ram(vm.ram_path, marker)
+            good = find_in_ram(vm.ram, marker)
             if not good:
-                raise HarnessError(f"VM {vm.name}: marker page not found in {vm.ram_path}")
+                raise HarnessError(f"VM {vm.name}: marker page not found in guest RAM ({vm.ram.path})")
             print(f"VM {vm.name}: a 4 KiB page the guest wrote is at guest-physical 0x{good[0]:x}, "
-                  f"read by the host from {vm.ram_path} (xxh64 {_xxh(marker)})")
+                  f"read by the host from the RAM memfd {vm.ram.path} (xxh64 {_xxh(marker)})")
     print("both VMs shut down; their files are removed")
     return 0
 
@@ -512,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("dirs", nargs="+")
     rp.set_defaults(func=cmd_report)
 
+    cl = sub.add_parser("cleanup", help="remove what killed runs left, restore the settings they changed")
+    cl.set_defaults(func=cmd_cleanup)
+
     demo = sub.add_parser("demo", help="build the image, boot two VMs, read a guest page from the host")
     demo.add_argument("--memory", type=POSITIVE_INT, default=512)
     demo.set_defaults(func=cmd_demo)
@@ -519,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(0o077)  # nothing the harness creates is readable by another user
     args = build_parser().parse_args(argv)
     _sigterm_to_interrupt()
     t0 = time.monotonic()

@@ -12,8 +12,8 @@ updates the surplus manager: measuring never delays a hint. Workloads run in the
 over SSH.
 
 Results are written after every mode (``results.json``, figures from :mod:`harness.metrics`),
-so a run stopped by Ctrl-C keeps what was measured; every QEMU process, socket, store and
-/dev/shm file is removed on the way out. Each run has a status: ``ok``, ``interrupted`` or
+so a run stopped by Ctrl-C keeps what was measured; every QEMU process, socket and memfd is gone
+on the way out. Each run has a status: ``ok``, ``interrupted`` or
 ``failed``. A QEMU that dies during a run is recorded (which VM, its signal or exit status, its
 console tail), its sharing domain is no longer stepped nor sampled, the workloads go on with the
 VMs left, and the experiment goes on with the next run; so does a run whose VMs did not boot.
@@ -36,6 +36,7 @@ from harness import accounting, budget, ksm, metrics, modes, report
 from harness.config import ExperimentConfig, config_as_run
 from harness.errors import BootError, HarnessError
 from harness.image import Image, ensure_image
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import IdlePoll, Member, SharingEngine
 from harness.surplus import Budget, Policy, SurplusManager
 from harness.vm import VM, VMSpec, new_run_id, start_all
@@ -122,7 +123,7 @@ class _Loop:
         self.ksm_ctl = ksm_ctl
         self.log = log
         self.budget_pages = budget_pages  # the host's promise: the sum of the entitlements
-        self.guard = _Guard(vms, surplus, [e.store_path for e in engines.values()])
+        self.guard = _Guard(vms, surplus, [e.store_ref.path for e in engines.values()])
         self.scrub = scrub
         self.samples: list[dict[str, Any]] = []
         self.stop_evt = threading.Event()
@@ -258,7 +259,7 @@ class _Loop:
                 self.stepped.wait(60)
             # the meters run in a process of their own: no GIL shared with the engine thread
             meters = accounting.MeterProcess(
-                {dom: ([self.vms[n] for n in names], self.engines[dom].store_path if dom in self.engines else None)
+                {dom: ([self.vms[n] for n in names], self.engines[dom].store_ref if dom in self.engines else None)
                  for dom, names in self.domains.items()}, scrub=self.scrub, credits=self.surplus is not None)
             told: set[str] = set()
             next_sample = time.monotonic()
@@ -377,8 +378,8 @@ class _Loop:
         out: dict[str, Any] = {}
         for dom, eng in list(self.engines.items()):
             try:
-                fd = os.open(eng.store_path, os.O_RDONLY)
-            except (OSError, TypeError):
+                fd = eng.store_ref.open(os.O_RDONLY)
+            except (HarnessError, AttributeError):
                 continue  # no store (yet): nothing maps it
             try:
                 fid = accounting.file_id(fd)
@@ -412,7 +413,7 @@ class _Guard(threading.Thread):
     hashing) and lets the surplus manager's guard act on it, in a thread of its own: a slow
     sample (the oracle hashes all memory) never delays taking surplus back."""
 
-    def __init__(self, vms: list[VM], surplus: SurplusManager | None, stores: list[Path]) -> None:
+    def __init__(self, vms: list[VM], surplus: SurplusManager | None, stores: list[str]) -> None:
         super().__init__(daemon=True, name="satori-guard")
         self.meter = budget.HostMeter(vms)
         self.surplus = surplus
@@ -489,7 +490,6 @@ class Runner:
         for v in self.cfg.vm_list():
             specs.append(VMSpec(
                 name=v.name, memory_mb=v.memory_mb, vcpus=v.vcpus,
-                hints=mode.hints == "guest", sharing=mode.engine,
                 ram_backend=mode.ram_backend, disk_iops=v.disk_iops, disk_bps=v.disk_bps,
                 append=append,
             ))
@@ -507,7 +507,9 @@ class Runner:
         t_start = time.monotonic()
         cpu0 = time.process_time()
         with contextlib.ExitStack() as stack:
-            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log) for s in self._specs(m)]
+            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log,
+                      attachments=sharing_attachments(hints=m.hints == "guest", agent=m.engine))
+                   for s in self._specs(m)]
             for vm in vms:
                 stack.callback(vm.shutdown)
             self.log(f"[{mode} #{rep + 1}] booting {len(vms)} VMs")

@@ -2,10 +2,11 @@
 
 The guest's ``satori_ring`` module (``guest_patches/satori_ring``) publishes one 32-byte record
 per full 4 KiB page of every completed virtio-blk READ into the BAR2 of an ``ivshmem-plain``
-device.  On the host that BAR is a file in /dev/shm which this module maps.
+device.  On the host that BAR is a memfd (no name: ``harness.memfd``) which this module maps.
 
-- :func:`create_ring_file` writes an initialised header; the VM owner calls it before QEMU
-  starts (the guest refuses a ring whose header it does not recognise).
+- :func:`create_ring_memfd` makes it with an initialised header; the VM owner calls it before
+  QEMU starts (the guest refuses a ring whose header it does not recognise) and hands the fd to
+  QEMU. Other processes reach it as a :class:`harness.memfd.ProcFile` (``/proc/<qemu>/fd/<n>``).
 - :class:`HintRing` is the reader: :meth:`HintRing.poll` takes every record published since the
   last call in one numpy batch, validates them, advances the consumer position and returns the
   valid ones as a structured array of :data:`RECORD_DTYPE`.
@@ -33,6 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import HarnessError
+from .memfd import ProcFile, fd_errno_message, open_file
+from .memfd import create as memfd_create
 
 MAGIC = int.from_bytes(b"SATORIHR", "little")
 VERSION = 1
@@ -112,15 +115,47 @@ def max_capacity(size: int) -> int:
 
 
 def create_ring_file(path: Path, size: int = DEFAULT_RING_SIZE, capacity: int | None = None) -> int:
-    """Create (or overwrite) the ring file ``path`` of ``size`` bytes with an initialised header.
+    """Create a ring file ``path`` (tests and tools: a VM's ring is a memfd, see
+    :func:`create_ring_memfd`) of ``size`` bytes with an initialised header; it must not exist
+    (``O_EXCL|O_NOFOLLOW``: nothing planted there is followed or reused). Returns the capacity."""
+    try:
+        fd = os.open(Path(path), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise HarnessError(f"cannot create hint ring {path}: {e.strerror}") from None
+    try:
+        return init_ring(fd, size, capacity)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+
+
+def create_ring_memfd(name: str, size: int = DEFAULT_RING_SIZE, capacity: int | None = None) -> tuple[int, int]:
+    """A new hint ring as a memfd (no name anyone could open; see ``harness.memfd``) of ``size``
+    bytes with an initialised header. Returns (fd, capacity); the caller owns the fd."""
+    _check_ring_size(size)
+    fd = memfd_create(name, size)
+    try:
+        return fd, init_ring(fd, size, capacity)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_ring_size(size: int) -> None:
+    if size < 2 * HEADER_SIZE or size & (size - 1):
+        raise HarnessError(f"hint ring size must be a power of two >= 8192, not {size}")
+
+
+def init_ring(fd: int, size: int, capacity: int | None = None) -> int:
+    """Size the ring file ``fd`` to ``size`` bytes and write its header.
 
     ``size`` must be a power of two (it becomes a PCI BAR) of at least 8 KiB; ``capacity``
     defaults to all the room the file has and may be set lower (tiny rings for tests).
     Returns the capacity in records.
     """
-    path = Path(path)
-    if size < 2 * HEADER_SIZE or size & (size - 1):
-        raise HarnessError(f"hint ring size must be a power of two >= 8192, not {size}")
+    _check_ring_size(size)
     cap_max = max_capacity(size)
     if capacity is None:
         capacity = cap_max
@@ -134,12 +169,11 @@ def create_ring_file(path: Path, size: int = DEFAULT_RING_SIZE, capacity: int | 
     header[OFF_CAPACITY : OFF_CAPACITY + 4] = capacity.to_bytes(4, "little")
     ring_bytes = HEADER_SIZE + capacity * RECORD_SIZE
     header[OFF_RING_BYTES : OFF_RING_BYTES + 8] = ring_bytes.to_bytes(8, "little")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, size)
         os.pwrite(fd, bytes(header), 0)
-    finally:
-        os.close(fd)
+    except OSError as e:
+        raise fd_errno_message(e, "cannot write the hint ring") from None
     return capacity
 
 
@@ -154,20 +188,16 @@ class HintRing:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | ProcFile,
         ram_size: int,
         capacity: int | None = None,
         *,
         readonly: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = path if isinstance(path, ProcFile) else Path(path)
         self.ram_size = int(ram_size)
         self.readonly = readonly
-        flags = os.O_RDONLY if readonly else os.O_RDWR
-        try:
-            fd = os.open(self.path, flags)
-        except OSError as e:
-            raise HarnessError(f"cannot open hint ring {self.path}: {e.strerror}") from e
+        fd = open_file(path, os.O_RDONLY if readonly else os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_SIZE + RECORD_SIZE:

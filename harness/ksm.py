@@ -15,10 +15,14 @@ scan-time``, the harness reads ``none``).
 
 Every sysfs value the control writes is read first and written back on exit, whatever ends the
 block (an exception, Ctrl-C: SIGINT/SIGTERM are held back while the values are restored). The
-saved values are also kept in ``<runtime>/ksm-saved.json`` while the block runs: if the harness
-is killed outright (SIGKILL, power), the next :class:`KSMControl` finds that file, sees its owner
-is gone and restores the values it holds, which are the machine's real ones. Two controls never
-run at once on a machine: a lock file serialises them (``lock_timeout``).
+saved values are written to ``ksm-saved.json`` in the machine-wide state folder
+(:func:`harness.sysstate.system_dir`) before anything is changed: if the harness is killed
+outright (SIGKILL, power), the next :class:`KSMControl` or ``satori cleanup`` finds that file,
+knows its owner is gone (the owner's lock is free) and restores the values it holds, which are
+the machine's real ones. The file is validated first (the keys a mode or override may write, a
+number or a word as value): anything else is refused, never written to sysfs. Two controls
+never run at once on a machine, whatever their runtime folders: a lock file in the same
+machine-wide folder serialises them (``lock_timeout``).
 
 KSM only scans anonymous memory marked mergeable, so VMs of KSM modes need
 ``memory-backend-ram,merge=on`` (``VMSpec(ram_backend="ram-merge")``: ``Mode.ram_backend``).
@@ -29,16 +33,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
-from harness import modes
+from harness import modes, sysstate
 from harness.errors import HarnessError
 from harness.modes import KSM_SYSFS
-from harness.paths import runtime_dir
 
 Value = int | str
 # written first when restoring: switching the advisor resets pages_to_scan
@@ -46,6 +49,42 @@ RESTORE_FIRST = ("advisor_mode",)
 # values the kernel changes by itself while a mode runs (the advisor sets pages_to_scan): saved
 # and restored although the mode does not write them
 CHANGED_BY = {"advisor_mode": ("pages_to_scan",)}
+
+# sysfs files a control may write (a mode's or an override): the only keys a saved file may hold
+TUNABLES = frozenset({
+    "run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "max_page_sharing",
+    "merge_across_nodes", "stable_node_chains_prune_millisecs", "smart_scan", "advisor_mode",
+    "advisor_max_cpu", "advisor_target_scan_time", "advisor_min_pages_to_scan",
+    "advisor_max_pages_to_scan",
+})
+_WORD = re.compile(r"^[a-z][a-z-]{0,31}$")
+
+
+def allowed_keys() -> frozenset[str]:
+    return TUNABLES | modes.ksm_keys() | {k for ks in CHANGED_BY.values() for k in ks}
+
+
+def _valid_value(v: object) -> bool:
+    return (type(v) is int and 0 <= v < 1 << 63) or (isinstance(v, str) and bool(_WORD.match(v)))
+
+
+def parse_saved(data: object, where: str) -> dict[str, Value]:
+    """The values of a ``ksm-saved.json`` as :class:`KSMControl` writes it; anything else (an
+    unknown key, a path, a value that is not a number or a word) is a :class:`HarnessError`."""
+    keys = {"pid", "start", "mode", "values"}
+    if not isinstance(data, dict) or set(data) != keys:
+        raise HarnessError(f"{where}: not a KSM saved-settings file of the harness: not used")
+    values = data["values"]
+    if not (type(data["pid"]) is int and type(data["start"]) is int and isinstance(data["mode"], str)
+            and isinstance(values, dict)):
+        raise HarnessError(f"{where}: bad types: not used")
+    bad = [k for k in values if k not in allowed_keys()]
+    if bad:
+        raise HarnessError(f"{where}: unknown KSM settings {sorted(bad)!r}: not used")
+    if not all(_valid_value(v) for v in values.values()):
+        raise HarnessError(f"{where}: values must be numbers or words: not used")
+    return dict(values)
+
 
 SAMPLE_FIELDS = (
     "pages_sharing", "pages_shared", "pages_unshared", "pages_volatile", "full_scans",
@@ -164,16 +203,6 @@ def sample(root: Path = KSM_SYSFS) -> KSMSample:
     return KSMSample(t=time.monotonic(), ksmd_cpu_s=cpu, **values)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class KSMControl:
     """Set KSM for a sharing mode while the ``with`` block runs; restore it exactly afterwards.
 
@@ -196,6 +225,9 @@ class KSMControl:
         self.root = Path(root)
         values = dict(m.ksm)
         run = values.pop("run")
+        bad = [k for k, v in (overrides or {}).items() if k not in allowed_keys() or not _valid_value(v)]
+        if bad:
+            raise HarnessError(f"KSM overrides {bad}: not KSM settings the harness may change")
         values.update(overrides or {})
         values["run"] = run  # start (or stop) the scanner after its rate is set
         self.values: dict[str, Value] = values
@@ -208,7 +240,7 @@ class KSMControl:
 
     # -- files
     def _dir(self) -> Path:
-        return self.state_dir if self.state_dir else runtime_dir()
+        return self.state_dir if self.state_dir else sysstate.system_dir()
 
     @property
     def saved_file(self) -> Path:
@@ -216,7 +248,7 @@ class KSMControl:
 
     def _lock(self) -> None:
         path = self._dir() / "ksm.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + self.lock_timeout
         while True:
             try:
@@ -242,23 +274,25 @@ class KSMControl:
 
     def _stale_owner(self) -> int | None:
         try:
-            return int(json.loads(self.saved_file.read_text()).get("pid"))
-        except (OSError, ValueError, TypeError):
+            d = sysstate.load_json(self.saved_file)
+            return int(d["pid"]) if isinstance(d, dict) else None
+        except (HarnessError, KeyError, TypeError, ValueError):
             return None
 
-    def _recover_stale(self) -> None:
-        """A run that was killed left its saved values: put them back first."""
-        try:
-            state = json.loads(self.saved_file.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError):
-            self.saved_file.unlink(missing_ok=True)
-            return
-        if _pid_alive(int(state.get("pid", 0))) and int(state.get("pid", 0)) != os.getpid():
-            return  # cannot happen under the lock, unless the lock lives elsewhere: leave it
-        self._restore(state.get("values", {}))
+    def _recover_stale(self) -> list[str]:
+        """A run that was killed left its saved values: put them back first (under the lock, so
+        their owner is gone). A file that is not what the harness writes is refused."""
+        state = sysstate.load_json(self.saved_file)
+        if state is None:
+            return []
+        values = parse_saved(state, str(self.saved_file))
+        errors = self._restore(values)
+        if errors:
+            raise HarnessError(f"could not restore KSM's saved settings from {self.saved_file}",
+                               "\n".join(errors))
         self.saved_file.unlink(missing_ok=True)
+        return [f"KSM settings of a killed run (pid {state['pid']}, mode {state['mode']}) restored: "
+                + ", ".join(f"{k}={v}" for k, v in values.items())]
 
     # -- apply / restore
     def _restore(self, saved: dict[str, Value]) -> list[str]:
@@ -286,9 +320,7 @@ class KSMControl:
             if missing:
                 raise HarnessError(f"KSM on this kernel has no {', '.join(missing)} in {self.root}")
             self.saved = {k: _read_value(self.root, k) for k in self.keys}
-            tmp = self.saved_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pid": os.getpid(), "mode": self.mode, "values": self.saved}))
-            tmp.rename(self.saved_file)
+            sysstate.save_json(self.saved_file, {**sysstate.me(), "mode": self.mode, "values": self.saved})
             for name, value in self.values.items():
                 _write(self.root, name, value)
         except BaseException:
@@ -305,7 +337,7 @@ class KSMControl:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             errors = self._restore(self.saved) if self.saved is not None else []
-            if not errors:
+            if not errors and self.saved is not None:  # only the file this control wrote
                 self.saved_file.unlink(missing_ok=True)
             self.saved = None
             self._unlock()
@@ -324,3 +356,19 @@ class KSMControl:
     def current(self) -> dict[str, Value]:
         """The sysfs values this control manages, as they are now."""
         return {k: _read_value(self.root, k) for k in self.keys}
+
+
+def recover(root: Path = KSM_SYSFS, state_dir: Path | None = None) -> list[str]:
+    """``satori cleanup``: if no control holds KSM now and a killed one left its saved values,
+    restore them. Returns what was done."""
+    if not (root / "run").exists():
+        return []
+    ctl = KSMControl("none", root=root, state_dir=state_dir, lock_timeout=0)
+    try:
+        ctl._lock()
+    except HarnessError:
+        return []  # a live control holds it: its values are its own business
+    try:
+        return ctl._recover_stale()
+    finally:
+        ctl._unlock()

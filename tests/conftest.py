@@ -1,6 +1,7 @@
 """Shared fixtures: the guest image (built once per session, cached across sessions) and a
-leak check that runs after every integration test: no QEMU, socket or /dev/shm file of the
-harness may remain."""
+leak check that runs after every integration test: no QEMU, VM folder, status file or memfd of
+the harness may remain (guest memory is memfds: what is not held by a live process is gone, so
+the check counts this session's QEMUs and the memfds the test process still holds)."""
 
 from __future__ import annotations
 
@@ -13,20 +14,17 @@ import pytest
 from harness.image import Image, ensure_image
 from harness.vm import harness_leftovers
 
-# This test session's own runtime folder and /dev/shm folder: its leak checks then see only what
-# it made, even while other harness runs (a benchmark, another session) use the same machine.
+# This test session's own runtime folder: its leak checks then see only what it made, even while
+# other harness runs (a benchmark, another session) use the same machine.
 _SESSION = f"satori-test-{os.getpid()}"
 os.environ["SATORI_RUNTIME"] = str(Path("/tmp") / _SESSION)
-os.environ["SATORI_SHM"] = str(Path("/dev/shm") / _SESSION)
-Path(os.environ["SATORI_SHM"]).mkdir(exist_ok=True)
 
 
 def pytest_sessionfinish(session, exitstatus):
     left = harness_leftovers()
     if left:
         print("\nleft behind by the test session:\n" + "\n".join(left))
-    for var in ("SATORI_SHM", "SATORI_RUNTIME"):
-        shutil.rmtree(os.environ[var], ignore_errors=True)
+    shutil.rmtree(os.environ["SATORI_RUNTIME"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def test_ksm_fast_merges_readers_and_restores_sysfs(image):
     with pytest.raises(RuntimeError, match="end of the test body"):
         with ksm.KSMControl("ksm-fast") as k:
             assert int((ksm.KSM_SYSFS / "pages_to_scan").read_text()) == 1000
-            vms = [VM(VMSpec(f"ksm{i}", memory_mb=384, hints=False, ram_backend=modes.get("ksm-fast").ram_backend),
+            vms = [VM(VMSpec(f"ksm{i}", memory_mb=384, ram_backend=modes.get("ksm-fast").ram_backend),
                       image) for i in range(2)]
             try:
                 start_all(vms)
@@ -77,18 +77,18 @@ def test_ksm_fast_merges_readers_and_restores_sysfs(image):
 
 
 def test_no_sharing_file_backend_measures_without_allocating(image):
-    vms = [VM(VMSpec(f"acct{i}", memory_mb=384, hints=False), image) for i in range(2)]
+    vms = [VM(VMSpec(f"acct{i}", memory_mb=384), image) for i in range(2)]
     try:
         start_all(vms)
         _read_everywhere(vms)
         for vm in vms:
             vm.qmp("stop")
         try:
-            blocks = [os.stat(vm.ram_path).st_blocks for vm in vms]
+            blocks = [os.stat(vm.ram.path).st_blocks for vm in vms]
             s = accounting.measure(vms)
             s2 = accounting.measure(vms, pause=True)  # paused already: stay paused
             assert not any(vm.qmp("query-status")["running"] for vm in vms)
-            after = [os.stat(vm.ram_path).st_blocks for vm in vms]
+            after = [os.stat(vm.ram.path).st_blocks for vm in vms]
         finally:
             for vm in vms:
                 vm.qmp("cont")
@@ -140,11 +140,13 @@ def test_store_backed_pages_count_after_real_merges_and_lying_agents(image, monk
     changes. Measuring maps neither guest nor store holes."""
     import numpy as np
 
-    from harness.paths import shm_dir
     from harness.sharing.agent import AgentClient
+    from harness.sharing.attach import MergeAgentAttachment, agent_socket_of
+    from harness.sharing.store import ContentStore
 
-    vms = [VM(VMSpec(f"accm{i}", memory_mb=384, hints=False, sharing=True), image) for i in range(2)]
-    store = shm_dir() / f"satori-test-acct-{os.getpid()}-store"
+    vms = [VM(VMSpec(f"accm{i}", memory_mb=384), image, attachments=[MergeAgentAttachment()]) for i in range(2)]
+    cs = ContentStore(f"satori-test-acct-{os.getpid()}-store")
+    store = cs.ref
     try:
         start_all(vms)
         _read_everywhere(vms)
@@ -156,21 +158,22 @@ def test_store_backed_pages_count_after_real_merges_and_lying_agents(image, monk
             a, b = (_disk_pages(vm, dset) for vm in vms)
             common = sorted(set(a) & set(b), key=lambda k: a[k])  # store in A's order: runs
             assert len(common) >= 10_000
-            with open(store, "wb") as f:  # each common content once
-                for k in common:
-                    f.write(_read_guest(vms[0], a[k]))
+            for k in common:  # each common content once
+                cs.append(_read_guest(vms[0], a[k]))
+            cs.sync()
             honest = {}
             for vm, where in ((vms[0], a), (vms[1], b)):
-                with AgentClient(vm.agent_socket) as c:
-                    c.open_store(store)
+                with AgentClient(agent_socket_of(vm)) as c:
+                    c.open_store(store.path)
                     pairs = np.array([(where[k], i * 4096) for i, k in enumerate(common)], dtype=np.uint64)
                     pairs = pairs[np.argsort(pairs[:, 0])]
                     res = c.merge(pairs)
                     assert res.merged >= 0.95 * len(common), res
                     honest[vm.name] = c.merged_ranges()
-            blocks = [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)]
+            files = (vms[0].ram.path, vms[1].ram.path, store.path)
+            blocks = [os.stat(p).st_blocks for p in files]
             s = accounting.measure(vms, store=store)
-            assert [os.stat(p).st_blocks for p in (vms[0].ram_path, vms[1].ram_path, store)] == blocks
+            assert [os.stat(p).st_blocks for p in files] == blocks
             by_list = {vm.name: _backed_by_list(vm, honest[vm.name]) for vm in vms}  # still held
             no_store = accounting.measure(vms)
             # the agents lie: LIST returns ranges that map nothing, then nothing at all
@@ -180,7 +183,7 @@ def test_store_backed_pages_count_after_real_merges_and_lying_agents(image, monk
             lies = []
             for told in (bogus, np.zeros((0, 3), np.uint64)):
                 monkeypatch.setattr(AgentClient, "merged_ranges", lambda self, *a, told=told, **k: told)
-                with AgentClient(vms[0].agent_socket) as c:
+                with AgentClient(agent_socket_of(vms[0])) as c:
                     assert c.merged_ranges().tobytes() == told.tobytes()  # the lie is in place
                 lies.append(accounting.measure(vms, store=store))
             monkeypatch.undo()
@@ -217,7 +220,7 @@ def test_store_backed_pages_count_after_real_merges_and_lying_agents(image, monk
     finally:
         for vm in vms:
             vm.shutdown()
-        store.unlink(missing_ok=True)
+        cs.close()
 
 
 def _read_guest(vm: VM, off: int) -> bytes:

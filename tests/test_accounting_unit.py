@@ -220,14 +220,13 @@ def test_disk_block_set_skips_holes_and_zero_and_caches(tmp_path, monkeypatch):
 
 
 def test_resident_pages_never_allocates_holes():
-    shm = Path(os.environ.get("SATORI_SHM", "/dev/shm")) / f"satori-test-store-{os.getpid()}"
+    from harness import memfd
+
+    mfd = memfd.create("satori-test-store", 64 * 4096)  # 64 pages, all holes
+    shm = f"/proc/{os.getpid()}/fd/{mfd}"
     try:
-        with open(shm, "wb") as f:
-            f.truncate(64 * 4096)  # 64 pages, all holes
-            f.seek(3 * 4096)
-            f.write(os.urandom(4096) + bytes(4096))  # pages 3 (data) and 4 (zero, but written)
-            f.seek(40 * 4096)
-            f.write(os.urandom(4096))
+        os.pwrite(mfd, os.urandom(4096) + bytes(4096), 3 * 4096)  # pages 3 (data) and 4 (zero, but written)
+        os.pwrite(mfd, os.urandom(4096), 40 * 4096)
         before = os.stat(shm).st_blocks
         fd = os.open(shm, os.O_RDONLY)
         try:
@@ -239,7 +238,7 @@ def test_resident_pages_never_allocates_holes():
         assert os.stat(shm).st_blocks == before
         assert oracle.is_zero_hash(h).tolist() == [False, True, False]
     finally:
-        shm.unlink()
+        os.close(mfd)
 
 
 def test_parse_gpa2hva():
@@ -277,6 +276,8 @@ def test_measure_on_processes_without_qemu(tmp_path, anon):
     import subprocess
     import sys
 
+    from harness import memfd
+
     npages = 64
     writes = [["1:7", "2:8", "5:9", "9:0"], ["1:7", "3:8", "6:5"]]  # page 9 of A: written zero
     files, procs, targets = [], [], []
@@ -284,11 +285,9 @@ def test_measure_on_processes_without_qemu(tmp_path, anon):
         for i, w in enumerate(writes):
             path = "-"
             if not anon:
-                p = f"/dev/shm/satori-test-acct-{os.getpid()}-{i}"
-                with open(p, "wb") as f:
-                    f.truncate(npages * 4096)
-                files.append(p)
-                path = p
+                fd = memfd.create(f"satori-test-acct-{i}", npages * 4096)
+                path = f"/proc/{os.getpid()}/fd/{fd}"
+                files.append(path)
             proc = subprocess.Popen([sys.executable, "-c", CHILD, str(npages * 4096), path, *w],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             procs.append(proc)
@@ -312,7 +311,7 @@ def test_measure_on_processes_without_qemu(tmp_path, anon):
             proc.kill()
             proc.wait()
         for f in files:
-            os.unlink(f)
+            os.close(int(f.rsplit("/", 1)[1]))
 
 
 def test_content_index_ids_are_stable_and_classified():

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness import memfd
 from harness.errors import AgentError, ToolMissing
 from harness.sharing import agent as agent_mod
 from harness.sharing.agent import (
@@ -34,6 +35,7 @@ from harness.sharing.agent import (
     agent_env,
     ensure_agent,
 )
+from harness.vm import own_memfds
 
 QEMU = shutil.which("qemu-system-x86_64")
 RAM_MB = 256
@@ -104,11 +106,13 @@ def map_count(pid: int) -> int:
 
 
 class Store:
-    """A content store file in /dev/shm, written page by page."""
+    """A content store memfd (as the engine makes it), written page by page. ``path`` is how
+    the agent opens it (``/proc/<test pid>/fd/<n>``), ``label`` how it shows in a maps list."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    def __init__(self, name: str) -> None:
+        self.fd = memfd.create(name, 0)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.label = f"/memfd:{name} (deleted)"
         self.npages = 0
 
     def append(self, pages: list[bytes]) -> int:
@@ -127,14 +131,18 @@ class Store:
 class VM:
     """One paused QEMU with the agent preloaded; the host's view of its RAM file."""
 
-    def __init__(self, name: str, shm: Path, rundir: Path, anon: bool = False) -> None:
+    def __init__(self, name: str, rundir: Path, anon: bool = False) -> None:
         self.anon = anon
-        self.mem_path = shm / f"satori-test-{name}"
         self.sock = rundir / f"{name}.sock"
+        fds: tuple[int, ...] = ()
         if anon:  # satori+ksm mode: anonymous RAM, no file
             env = {**os.environ, **agent_env(self.sock, ram_size=RAM_MB << 20)}
             backend = f"memory-backend-ram,id=ram0,size={RAM_MB}M,merge=on"
-        else:
+        else:  # as the harness does it: a memfd QEMU inherits, named by its fd number
+            self.ram_fd = memfd.create(f"satori-test-{name}-ram", RAM_MB << 20)
+            fds = (self.ram_fd,)
+            self.mem_path = f"/proc/self/fd/{self.ram_fd}"
+            self.label = f"/memfd:satori-test-{name}-ram (deleted)"
             env = {**os.environ, **agent_env(self.sock, self.mem_path)}
             backend = (
                 f"memory-backend-file,id=ram0,share=on,mem-path={self.mem_path},size={RAM_MB}M"
@@ -148,7 +156,7 @@ class VM:
         self.log = open(rundir / f"{name}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, pass_fds=fds,
         )  # fmt: skip
         self.pid = self.proc.pid
         self.client = AgentClient(self.sock, timeout=60)
@@ -165,7 +173,6 @@ class VM:
         assert st["ram_size"] == RAM_MB << 20
         assert st["ram_kind"] == ("anon" if anon else "file")
         if not anon:
-            self.ram_fd = os.open(self.mem_path, os.O_RDWR)
             self.ram = mmap.mmap(self.ram_fd, RAM_MB << 20)
 
     def hva(self, goff: int) -> int:
@@ -199,20 +206,19 @@ class VM:
 
 @pytest.fixture
 def world(tmp_path):
-    """Factory for VMs and stores; afterwards no QEMU, socket or /dev/shm file remains."""
+    """Factory for VMs and stores; afterwards no QEMU, socket or memfd remains."""
     run = secrets.token_hex(4)
-    shm = Path("/dev/shm")
     vms: list[VM] = []
     stores: list[Store] = []
 
     class World:
         def vm(self, anon: bool = False) -> VM:
-            v = VM(f"{run}-{len(vms)}", shm, tmp_path, anon)
+            v = VM(f"{run}-{len(vms)}", tmp_path, anon)
             vms.append(v)
             return v
 
         def store(self) -> Store:
-            s = Store(shm / f"satori-test-{run}-store{len(stores)}")
+            s = Store(f"satori-test-{run}-store{len(stores)}")
             stores.append(s)
             return s
 
@@ -222,17 +228,16 @@ def world(tmp_path):
         v.stop()
     for s in stores:
         s.close()
-    leftovers = [p for p in shm.glob(f"satori-test-{run}*")]
-    for p in leftovers:
-        p.unlink()
     codes = {v.pid: v.proc.returncode for v in vms}
     sockets = [v.sock for v in vms if v.sock.exists()]
     for p in sockets:
         p.unlink()
     alive = [v.pid for v in vms if v.proc.poll() is None]
     assert not alive, f"QEMU still running: {alive}"
-    # QEMU leaves its mem-path file (removed above); the agent removes its socket when QEMU
-    # exits normally (SIGTERM), so none may be left.
+    # memfds die with their last holder; the agent removes its socket when QEMU exits normally
+    # (SIGTERM), so none may be left.
+    held = [m for m in own_memfds() if f"satori-test-{run}" in m]
+    assert not held, f"memfds still open: {held}"
     assert not sockets, f"agent sockets left after SIGTERM: {sockets}, exit codes {codes}"
 
 
@@ -275,10 +280,10 @@ def test_compile_error_carries_compiler_output(tmp_path, monkeypatch):
 
 
 def test_agent_env():
-    env = agent_env("/tmp/x.sock", "/dev/shm/ram")
+    env = agent_env("/tmp/x.sock", "/proc/self/fd/5")
     assert env["LD_PRELOAD"].split(":")[0] == str(ensure_agent())
     assert env["SATORI_AGENT_SOCKET"] == "/tmp/x.sock"
-    assert env["SATORI_AGENT_MEMPATH"] == "/dev/shm/ram"
+    assert env["SATORI_AGENT_MEMPATH"] == "/proc/self/fd/5"
     anon = agent_env("/tmp/x.sock", ram_size=1 << 30)
     assert anon["SATORI_AGENT_RAMSIZE"] == str(1 << 30) and "SATORI_AGENT_MEMPATH" not in anon
     with pytest.raises(AgentError):
@@ -288,7 +293,7 @@ def test_agent_env():
 def test_agent_scrubs_its_env_for_child_processes(tmp_path):
     """Programs QEMU starts (helpers, scripts) must not load the agent or see its socket."""
     sock = tmp_path / "s.sock"
-    env = {**os.environ, **agent_env(sock, "/dev/shm/x")}
+    env = {**os.environ, **agent_env(sock, "/proc/self/fd/5")}
     env["LD_PRELOAD"] = f"/nonexistent-other.so:{env['LD_PRELOAD']}"
     script = 'echo "$LD_PRELOAD|$SATORI_AGENT_SOCKET|$SATORI_AGENT_MEMPATH"; test -S "$1"'
     r = subprocess.run(["sh", "-c", script, "sh", str(sock)], env=env, capture_output=True)
@@ -304,7 +309,7 @@ def test_inert_without_socket_and_no_ram_outside_qemu(tmp_path):
     r = subprocess.run(["true"], env={**os.environ, "LD_PRELOAD": lib}, capture_output=True)
     assert r.returncode == 0 and r.stderr == b""
     sock = tmp_path / "a.sock"
-    env = {**os.environ, **agent_env(sock, "/dev/shm/satori-test-does-not-exist")}
+    env = {**os.environ, **agent_env(sock, str(tmp_path / "satori-test-does-not-exist"))}
     proc = subprocess.Popen(["sleep", "60"], env=env, start_new_session=True)
     try:
         with AgentClient(sock) as c:
@@ -357,7 +362,7 @@ def test_merge_punches_maps_store_and_skips_mismatches(world):
         assert vm.guest_read(goff0 + i * PAGE) == guest[i]
         e = pagemap(vm.pid, vm.hva(goff0 + i * PAGE))
         assert bool((e >> 61) & 1), "file-backed (store page cache or RAM file)"
-    store_maps = maps_lines(vm.pid, str(store.path))
+    store_maps = maps_lines(vm.pid, store.label)
     assert len(store_maps) == len(differ) + 1  # 13 remapped runs + the agent's read view
     with open(f"/proc/{vm.pid}/smaps") as f:
         smaps = f.read()
@@ -366,7 +371,7 @@ def test_merge_punches_maps_store_and_skips_mismatches(world):
     assert map_count(vm.pid) > maps_before
 
     # MADV_DONTFORK re-applied on the remapped ranges
-    chunks = smaps.split(str(store.path))
+    chunks = smaps.split(store.label)
     flags = [c.split("VmFlags:")[1].split("\n")[0] for c in chunks[1:]]
     rw_flags = [f for f, ln in zip(flags, store_maps, strict=True) if " rw-p " in ln]
     assert all(" dc" in f for f in rw_flags), rw_flags
@@ -394,8 +399,8 @@ def test_merge_punches_maps_store_and_skips_mismatches(world):
         assert vm.ram[goff0 + i * PAGE : goff0 + (i + 1) * PAGE] == guest[i]
         assert not is_hole(vm.ram_fd, goff0 + i * PAGE)
     assert vm.guest_read(goff0 + n * PAGE, 8 * PAGE) == b"".join(extra)
-    assert len([ln for ln in maps_lines(vm.pid, str(store.path)) if " rw-p " in ln]) == 0
-    assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1, "RAM VMAs did not merge back"
+    assert len([ln for ln in maps_lines(vm.pid, store.label) if " rw-p " in ln]) == 0
+    assert len(maps_lines(vm.pid, vm.label)) == 1, "RAM VMAs did not merge back"
     assert len(vm.client.merged_ranges()) == 0
     assert vm.client.stats()["merged_pages"] == 0
 
@@ -484,9 +489,9 @@ def test_malformed_requests_get_errors_and_agent_keeps_serving(world):
         assert c.ping()["pid"] == vm.pid  # still serving, same connection
 
     expect(errno.EBADF, c.merge, [(0, 0)])  # no store open yet
-    expect(errno.ENOENT, c.open_store, "/dev/shm/satori-test-no-such-store")
+    expect(errno.ENOENT, c.open_store, "/proc/self/fd/999999")
     expect(errno.EINVAL, c.open_store, "")
-    expect(errno.EINVAL, c.open_store, "/dev/shm")  # not a regular file
+    expect(errno.EINVAL, c.open_store, "/proc")  # not a regular file
     store = world.store()
     soff = store.append([good_page] * 2)  # the store holds 2 pages
     assert c.open_store(store.path) == 2 * PAGE
@@ -598,7 +603,7 @@ def test_enomem_from_tiny_max_map_count_is_not_merged(world):
     for g, p in zip(goffs, pages, strict=True):
         assert vm.guest_read(g) == p and is_hole(vm.ram_fd, g)
     assert vm.client.unmerge(64 << 20, 2 * n).restored == n
-    assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1
+    assert len(maps_lines(vm.pid, vm.label)) == 1
 
 
 @pytest.mark.integration
@@ -631,7 +636,7 @@ def test_anonymous_ram_backend_satori_ksm_mode(world):
     assert vm_ranges(vm, True) == [(goff + PAGE, soff + PAGE, n - 1)]
     assert vm.client.unmerge(goff, n).restored == n
     assert vm.guest_read(goff, n * PAGE) == new + b"".join(pages[1:])
-    assert not [ln for ln in maps_lines(vm.pid, str(store.path)) if " rw-p " in ln]
+    assert not [ln for ln in maps_lines(vm.pid, store.label) if " rw-p " in ln]
     st = vm.client.stats()
     # pause-free (wp=1), the bytes are moved in with mremap, in one step: the moved pages keep
     # their own anon_vma, so that range stays a VMA of its own (2 more than before); held vCPUs
@@ -739,7 +744,7 @@ def test_random_merge_unmerge_write_matches_model(world):
     assert vm.client.unmerge(base, npg).restored == len(tracked)
     tracked.clear()
     check()
-    assert len(maps_lines(vm.pid, str(vm.mem_path))) == 1
+    assert len(maps_lines(vm.pid, vm.label)) == 1
 
 
 # ------------------------------------------------------------ pause-free merging (uffd-wp)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from harness import accounting
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
 
@@ -60,7 +61,8 @@ def test_balloon_over_merged_pages_frees_their_store_pages(image):
         pytest.fail("the image has no hint ring (guest patch did not build)")
     before = set(harness_leftovers())
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=512, sharing=True), image, run_id=run) for n in ("ba", "bb")]
+    vms = [VM(VMSpec(n, memory_mb=512), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True)) for n in ("ba", "bb")]
     try:
         start_all(vms)
         a, b = vms
@@ -77,7 +79,7 @@ def test_balloon_over_merged_pages_frees_their_store_pages(image):
                 vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches")
                 actual = balloon_to(vm, BALLOON_MB)
                 eng.check_breaks()
-                s = accounting.measure(vms, store=eng.store_path)  # the kernel says what maps the store
+                s = accounting.measure(vms, store=eng.store_ref)  # the kernel says what maps the store
                 g = s.per_vm()[vm.name]
                 # a guest cannot hold more pages than its balloon leaves it
                 assert g <= actual * MB + 2 * MB, (vm.name, g / MB, actual)

@@ -19,6 +19,7 @@ from test_core import xxh64_collision
 
 from harness.errors import AgentError
 from harness.sharing import scheduler
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
 
@@ -34,7 +35,8 @@ def trio(image):
         pytest.fail("the image has no hint ring (guest patch did not build)")
     before = set(harness_leftovers())
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=512, sharing=True, append="iomem=relaxed"), image, run_id=run)
+    vms = [VM(VMSpec(n, memory_mb=512, append="iomem=relaxed"), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True))
            for n in ("ea", "eb", "ec")]
     try:
         start_all(vms)

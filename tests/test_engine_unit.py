@@ -44,8 +44,12 @@ class FakeAgent:
         return self.world.list(self.vm)
 
 
+def fake_qmp(command: str, *a, **k):
+    return {"running": True} if command == "query-status" else None
+
+
 def links_for(world: World) -> list:
-    return [SimpleNamespace(idx=i, name=f"vm{i}", m=SimpleNamespace(qmp=lambda *a, **k: None),
+    return [SimpleNamespace(idx=i, name=f"vm{i}", m=SimpleNamespace(qmp=fake_qmp),
                             agent=FakeAgent(world, i), c=VMCounters(), needs_list=False, listed=None,
                             last_error=None, wp=False, delta=False) for i in range(len(world.ram))]
 

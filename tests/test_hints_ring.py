@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import hints
+from harness import hints, memfd
 from harness.hints import (
     FLAG_VALID,
     HEADER_SIZE,
@@ -27,6 +27,7 @@ from harness.hints import (
     RECORD_SIZE,
     HintRing,
     create_ring_file,
+    create_ring_memfd,
 )
 
 RAM = 64 << 20
@@ -290,6 +291,7 @@ def test_garbage_hypothesis(tmp_path_factory: pytest.TempPathFactory) -> None:
         st.integers(0, 2**64 - 1),  # consumer position the guest scribbles
     )
     def run(head: bytes, seed: int, producer: int, consumer: int) -> None:
+        path.unlink(missing_ok=True)
         create_ring_file(path, size)
         with HintRing(path, 1 << 30) as ring:
             blob = head + np.random.default_rng(seed).bytes(size - len(head))
@@ -448,8 +450,6 @@ def test_guest_reports_cold_reads(tmp_path: Path, tiny: bool) -> None:
 
     import xxhash
 
-    from harness.paths import shm_dir
-
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         pytest.skip("needs a Debian host")
     abi = _abi()
@@ -459,32 +459,31 @@ def test_guest_reports_cold_reads(tmp_path: Path, tiny: bool) -> None:
     disk.write_bytes(disk_bytes)
     ram_size = 256 << 20
     tag = uuid.uuid4().hex[:8]
-    ram = shm_dir() / f"satori-test-{tag}-ram"
-    ring_path = shm_dir() / f"satori-test-{tag}-ring"
+    # guest RAM and ring as the harness makes them: memfds QEMU inherits, no name anywhere
+    ram_fd = memfd.create(f"satori-test-{tag}-ram", ram_size)
     ring_bytes = 1 << 20
-    cap = create_ring_file(ring_path, ring_bytes, 64 if tiny else None)
+    ring_fd, cap = create_ring_memfd(f"satori-test-{tag}-ring", ring_bytes, 64 if tiny else None)
     console = tmp_path / "console.log"
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-smp", "2", "-m", "256M",
-        "-object", f"memory-backend-file,id=ram0,size={ram_size},mem-path={ram},share=on",
+        "-object", f"memory-backend-file,id=ram0,size={ram_size},mem-path=/proc/self/fd/{ram_fd},share=on",
         "-machine", "memory-backend=ram0",
         "-object",
-        f"memory-backend-file,id=hintring,size={ring_bytes},mem-path={ring_path},share=on",
+        f"memory-backend-file,id=hintring,size={ring_bytes},mem-path=/proc/self/fd/{ring_fd},share=on",
         "-device", "ivshmem-plain,memdev=hintring",
         "-kernel", str(vmlinuz), "-initrd", str(initrd),
         "-append", "console=ttyS0 quiet panic=-1",
         "-drive", f"file={disk},format=raw,if=virtio,readonly=on",
         "-display", "none", "-serial", f"file:{console}", "-no-reboot", "-nic", "none",
     ]  # fmt: skip
-    q = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    q = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         pass_fds=(ram_fd, ring_fd))
     got: list[np.ndarray] = []
     live_bad = 0
     try:
-        with HintRing(ring_path, ram_size, capacity=cap) as ring:
+        with HintRing(f"/proc/self/fd/{ring_fd}", ram_size, capacity=cap) as ring:
             deadline = time.monotonic() + 600
-            while not ram.exists() and q.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            with open(ram, "rb") as rf:
+            with open(ram_fd, "rb", closefd=False) as rf:
                 rmm = mmap.mmap(rf.fileno(), 0, prot=mmap.PROT_READ)
 
                 def take() -> None:
@@ -507,8 +506,8 @@ def test_guest_reports_cold_reads(tmp_path: Path, tiny: bool) -> None:
         if q.poll() is None:
             q.kill()
         q.wait()
-        ram.unlink(missing_ok=True)
-        ring_path.unlink(missing_ok=True)
+        os.close(ram_fd)
+        os.close(ring_fd)
     log = console.read_text(errors="replace")
     assert "DONE" in log, log[-3000:]
     assert f"SUM {hashlib.md5(disk_bytes).hexdigest()}" in log, log[-3000:]

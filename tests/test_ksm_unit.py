@@ -63,10 +63,82 @@ def test_killed_run_is_repaired_by_the_next(sysfs, tmp_path):
         os._exit(0)
     os.waitpid(dead, 0)
     (tmp_path / "ksm-saved.json").write_text(json.dumps(
-        {"pid": dead, "mode": "ksm-fast", "values": {"pages_to_scan": 37, "sleep_millisecs": 200, "run": 0}}))
+        {"pid": dead, "start": 1, "mode": "ksm-fast",
+         "values": {"pages_to_scan": 37, "sleep_millisecs": 200, "run": 0}}))
     with ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path):
         assert values(sysfs)["pages_to_scan"] == 100
     assert values(sysfs) == START  # the machine's real values, not the dead run's
+
+
+@pytest.mark.parametrize("saved", [
+    {"pid": 1, "start": 1, "mode": "ksm", "values": {"../../../proc/sys/kernel/core_pattern": 1}},
+    {"pid": 1, "start": 1, "mode": "ksm", "values": {"run": "|/tmp/evil"}},
+    {"pid": 1, "start": 1, "mode": "ksm", "values": {"run": 0}, "extra": 1},
+    {"pid": "1", "start": 1, "mode": "ksm", "values": {}},
+    [1, 2],
+])
+def test_hostile_saved_file_is_refused_and_nothing_written(sysfs, tmp_path, saved):
+    (tmp_path / "ksm-saved.json").write_text(json.dumps(saved))
+    with pytest.raises(HarnessError, match="not used"):
+        with ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path):
+            pass
+    with pytest.raises(HarnessError, match="not used"):
+        ksm.recover(sysfs, tmp_path)
+    assert values(sysfs) == START
+    assert sorted(p.name for p in sysfs.iterdir()) == sorted(START)  # nothing planted either
+
+
+def test_saved_file_writable_by_others_or_symlink_is_refused(sysfs, tmp_path):
+    good = {"pid": 1, "start": 1, "mode": "ksm", "values": {"run": 0}}
+    f = tmp_path / "ksm-saved.json"
+    f.write_text(json.dumps(good))
+    os.chmod(f, 0o666)
+    with pytest.raises(HarnessError, match="not a private file"):
+        ksm.recover(sysfs, tmp_path)
+    f.unlink()
+    other = tmp_path / "elsewhere.json"
+    other.write_text(json.dumps(good))
+    f.symlink_to(other)
+    with pytest.raises(HarnessError, match="unreadable"):
+        ksm.recover(sysfs, tmp_path)
+    assert values(sysfs) == START
+
+
+def test_recover_restores_a_killed_runs_values_and_says_so(sysfs, tmp_path):
+    (sysfs / "run").write_text("1\n")
+    (tmp_path / "ksm-saved.json").write_text(json.dumps(
+        {"pid": 1, "start": 1, "mode": "ksm-fast", "values": {"run": 0, "pages_to_scan": 37}}))
+    did = ksm.recover(sysfs, tmp_path)
+    assert values(sysfs) == START and len(did) == 1 and "ksm-fast" in did[0]
+    assert not (tmp_path / "ksm-saved.json").exists()
+    assert ksm.recover(sysfs, tmp_path) == []
+
+
+def test_lock_is_machine_wide(sysfs, tmp_path, monkeypatch):
+    """The KSM lock and saved values do not depend on the runtime folder (two test sessions
+    with different SATORI_RUNTIME must not control KSM at once); a second control waits."""
+    import subprocess
+    import sys
+
+    dirs = set()
+    for rt in ("a", "b"):
+        monkeypatch.setenv("SATORI_RUNTIME", str(tmp_path / rt))
+        dirs.add(ksm.KSMControl("ksm")._dir())
+    assert len(dirs) == 1
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    code = ("import sys; from pathlib import Path; from harness import ksm\n"
+            "try:\n"
+            "    with ksm.KSMControl('ksm', root=Path(sys.argv[1]), state_dir=Path(sys.argv[2]), lock_timeout=1): pass\n"
+            "except Exception as e: print(e); sys.exit(3)\n")
+    with ksm.KSMControl("ksm-fast", root=sysfs, state_dir=state):
+        env = {**os.environ, "SATORI_RUNTIME": str(tmp_path / "other")}
+        r = subprocess.run([sys.executable, "-c", code, str(sysfs), str(state)], env=env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 3 and "controlled by another" in r.stdout, r.stdout + r.stderr
+        assert ksm.recover(sysfs, state) == []  # a live control holds it: left alone
+        assert values(sysfs)["pages_to_scan"] == 1000
+    assert values(sysfs) == START
 
 
 def test_missing_ksm_is_a_clear_error(tmp_path):

@@ -20,7 +20,7 @@ def _sample(cpu: float = 0.004, stale: int = 0) -> Sample:
 
 
 class _Eng:
-    store_path = None
+    store_ref = None
 
 
 def _loop(engines) -> _Loop:

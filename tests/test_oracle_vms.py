@@ -16,6 +16,7 @@ import time
 import pytest
 
 from harness import accounting, ksm, modes
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, new_run_id, start_all
 
@@ -78,11 +79,12 @@ def test_incremental_oracle_equals_full_scan_with_merging(image):
     if not image.hints:
         pytest.fail("the image has no hint ring (guest patch did not build)")
     run = new_run_id()
-    vms = [VM(VMSpec(f"or{i}", memory_mb=384, sharing=True, boot_timeout_s=1800), image, run_id=run) for i in range(2)]
+    vms = [VM(VMSpec(f"or{i}", memory_mb=384, boot_timeout_s=1800), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True)) for i in range(2)]
     try:
         start_all(vms)
         with SharingEngine([Member.from_vm(v) for v in vms], domain=f"test-or-{run}") as eng, \
-                accounting.Meter(vms, store=eng.store_path) as meter:
+                accounting.Meter(vms, store=eng.store_ref) as meter:
             assert meter.untracked == {}
             sampler = _Sampler(meter)
             sampler.start()
@@ -100,7 +102,7 @@ def test_incremental_oracle_equals_full_scan_with_merging(image):
                 sampler.join(30)
                 assert sampler.error is None, sampler.error
                 costs += [round(x.cpu_seconds * 1000, 1) for x in sampler.samples]
-                inc, full = _compare(vms, meter, eng.store_path)
+                inc, full = _compare(vms, meter, eng.store_ref)
                 sampler = _Sampler(meter)
                 sampler.start()
             sampler.stop_evt.set()
@@ -118,7 +120,7 @@ def test_incremental_oracle_equals_full_scan_with_merging(image):
 
 @pytest.mark.skipif(modes.get("ksm-fast").unavailable() is not None, reason="host kernel without KSM")
 def test_incremental_oracle_equals_full_scan_under_ksm(image):
-    vms = [VM(VMSpec(f"ok{i}", memory_mb=384, hints=False, ram_backend=modes.get("ksm-fast").ram_backend,
+    vms = [VM(VMSpec(f"ok{i}", memory_mb=384, ram_backend=modes.get("ksm-fast").ram_backend,
                      boot_timeout_s=1800),
               image) for i in range(2)]
     try:

@@ -229,7 +229,7 @@ def test_side_channel_probe_runs_in_a_guest(image, tmp_path: Path) -> None:
     sc = _side_channel()
     probe = sc.build_probe(tmp_path)
     regions = [sc.Region("/data/set1/f0003.bin", 0, 8), sc.Region("/data/set1/f0004.bin", 65536, 4)]
-    with VM(VMSpec("scprobe", memory_mb=384, hints=False), image) as vm:
+    with VM(VMSpec("scprobe", memory_mb=384), image) as vm:
         vm.ssh.put(probe.read_bytes(), sc.GUEST_PROBE)
         vm.ssh.check(f"chmod 700 {sc.GUEST_PROBE}")
         before = vm.ssh.check("md5sum /data/set1/f0003.bin /data/set1/f0004.bin")

@@ -12,6 +12,7 @@ import time
 import pytest
 import xxhash
 
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
 from harness.workloads import integrity
@@ -24,9 +25,9 @@ FILE_PAGES = NFILES * 1024
 
 
 def run_shmem_kb(vms, eng) -> int:
-    """Shmem this run holds: the guests' RAM files and the content store (other processes on
+    """Shmem this run holds: the guests' RAM memfds and the content store (other processes on
     the host may allocate Shmem meanwhile, so /proc/meminfo's total would be noisy)."""
-    files = [vm.ram_path for vm in vms] + [eng.store_path]
+    files = [vm.ram.path for vm in vms] + [eng.store_ref.path]
     return sum(os.stat(f).st_blocks for f in files) // 2
 
 
@@ -37,7 +38,8 @@ def pair(image):
     before = set(harness_leftovers())
     run = new_run_id()
     # iomem=relaxed: the adversary test maps the ring BAR from guest user space
-    vms = [VM(VMSpec(n, memory_mb=512, sharing=True, append="iomem=relaxed"), image, run_id=run)
+    vms = [VM(VMSpec(n, memory_mb=512, append="iomem=relaxed"), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True))
            for n in ("sa", "sb")]
     try:
         start_all(vms)

@@ -4,15 +4,17 @@ clean shutdown, and a clear error for a VM that cannot boot."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.cli import find_in_ram
-from harness.errors import BootError
+from harness.errors import BootError, HarnessError
 from harness.vm import VM, VMSpec
 
 pytestmark = pytest.mark.integration
@@ -27,13 +29,17 @@ def test_boot_ssh_qmp_and_ram_file(image):
         vm.ssh.put(marker, "/tmp/marker")
         assert vm.ssh.get("/tmp/marker") == marker
         # the tmpfs page holds all 4096 bytes (transient copies may share only the start)
-        assert find_in_ram(vm.ram_path, marker), "marker page not found whole in the guest RAM file"
-        assert vm.ram_path.stat().st_size == 384 << 20
-        pid, files = vm.pid, [vm.ram_path, vm.paths.qmp, vm.paths.work]
+        assert find_in_ram(vm.ram, marker), "marker page not found whole in the guest RAM memfd"
+        fd = vm.ram.open()
+        assert os.fstat(fd).st_size == 384 << 20
+        os.close(fd)
+        pid, files = vm.pid, [vm.paths.qmp, vm.paths.work]
         assert all(p.exists() for p in files)
-    # shut down: no process, no socket, no /dev/shm file
+    # shut down: no process, no socket, no memfd (it had no name; its last holder is gone)
     assert not Path(f"/proc/{pid}").exists()
     assert not any(p.exists() for p in files)
+    with pytest.raises(HarnessError):
+        vm.ram.open()
 
 
 def test_missing_kernel_fails_fast_with_clear_error(image, tmp_path):
@@ -60,7 +66,9 @@ def test_guest_that_does_not_boot_reports_console_and_cmdline(image, tmp_path):
 
 
 def test_cli_vm_up_ssh_qmp_down(image, tmp_path):
-    env_run = lambda *a: subprocess.run(["satori", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    # this tree's CLI (the `satori` script may point at another checkout)
+    env_run = lambda *a: subprocess.run([sys.executable, "-m", "harness.cli", *a], capture_output=True,  # noqa: E731
+                                        text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
     try:
         r = env_run("vm", "up", "clitest", "--memory", "320")
         assert r.returncode == 0, r.stderr + r.stdout

@@ -2,14 +2,15 @@
  * satori merge agent: a shared library preloaded (LD_PRELOAD) into a stock qemu-system-x86_64.
  *
  * It replaces guest RAM pages by copy-on-write mappings of identical pages of a content store
- * (a /dev/shm file); docs/merging.md says why this mechanism (measured), how merging avoids
+ * (a memfd of the engine, opened as /proc/<engine pid>/fd/<n>); docs/merging.md says why this mechanism (measured), how merging avoids
  * stopping the guest, and why no guest write is lost.
  *
  * Environment (read once by the constructor, then removed from the environment so that helper
  * programs QEMU may start do not load or start a second agent):
  *   SATORI_AGENT_SOCKET   path of the UNIX stream socket to serve (required; unset = agent off)
  *   SATORI_AGENT_MEMPATH  mem-path= of the guest RAM backend
- *                         (-object memory-backend-file,share=on,mem-path=...)
+ *                         (-object memory-backend-file,share=on,mem-path=...): the harness
+ *                         passes a memfd, /proc/self/fd/<n>
  *   SATORI_AGENT_WP       "0": never use userfaultfd write-protection (merges then need the
  *                         vCPUs held); anything else or unset: use it when the kernel can
  *   SATORI_AGENT_RAMSIZE  instead of MEMPATH, for an anonymous RAM backend
@@ -142,6 +143,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -383,13 +385,8 @@ static void tb_printf(struct tbuf *b, const char *fmt, ...)
 
 /* ------------------------------- guest RAM lookup ------------------------------- */
 
-static int same_path(const char *a, const char *b, const char *b_real)
-{
-    return strcmp(a, b) == 0 || (b_real && strcmp(a, b_real) == 0);
-}
-
-/* An fd QEMU holds on the file with inode ino, opened read-write: duplicated, or -1. */
-static int dup_qemu_ram_fd(unsigned long ino)
+/* An fd QEMU holds on the file (dev, ino), opened read-write: duplicated, or -1. */
+static int dup_qemu_ram_fd(dev_t dev, unsigned long ino)
 {
     /* opendir(3) /proc/self/fd: QEMU keeps the memory-backend-file fd open */
     DIR *d = opendir("/proc/self/fd");
@@ -404,7 +401,8 @@ static int dup_qemu_ram_fd(unsigned long ino)
             continue;
         struct stat sb;
         /* fstat(2) + fcntl(2) F_GETFL: same inode, and writable (fallocate, MAP_SHARED RW) */
-        if (fstat((int)n, &sb) < 0 || !S_ISREG(sb.st_mode) || (unsigned long)sb.st_ino != ino)
+        if (fstat((int)n, &sb) < 0 || !S_ISREG(sb.st_mode) || (unsigned long)sb.st_ino != ino ||
+            sb.st_dev != dev)
             continue;
         int fl = fcntl((int)n, F_GETFL);
         if (fl < 0 || (fl & O_ACCMODE) != O_RDWR)
@@ -757,37 +755,38 @@ static int find_ram(const char **why)
         *why = "neither SATORI_AGENT_MEMPATH nor SATORI_AGENT_RAMSIZE was set when QEMU started";
         return ENODEV;
     }
-    char *real = realpath(g_mem_path, NULL);
+    struct stat want;
+    /* stat(2) of the path given (a memfd is /proc/self/fd/<n>: its name in the mapping list is
+     * "/memfd:... (deleted)", so the mapping is found by device and inode, never by name) */
+    if (stat(g_mem_path, &want) < 0 || !S_ISREG(want.st_mode)) {
+        *why = "SATORI_AGENT_MEMPATH is not a regular file (QEMU not started yet?)";
+        return errno ? errno : ENOENT;
+    }
     /* fopen(3) of /proc/self/smaps: mapping list with VmFlags (QEMU's madvise flags) */
     FILE *f = fopen("/proc/self/smaps", "re");
     if (!f) {
         *why = "cannot read /proc/self/smaps";
-        free(real);
         return errno ? errno : EIO;
     }
     char *line = NULL;
     size_t cap = 0;
     uint64_t start = 0, ext_end = 0;
-    unsigned long found_ino = 0;
     int in_ram = 0, got = 0, flags_done = 0;
     while (getline(&line, &cap, f) > 0) {
         unsigned long s, e, off, maj, min, inode;
         char perms[8];
-        int pos = 0;
-        if (sscanf(line, "%lx-%lx %7s %lx %lx:%lx %lu %n", &s, &e, perms, &off, &maj, &min,
-                   &inode, &pos) == 7) {
-            char *path = line + pos;
-            path[strcspn(path, "\n")] = 0;
+        if (sscanf(line, "%lx-%lx %7s %lx %lx:%lx %lu", &s, &e, perms, &off, &maj, &min,
+                   &inode) == 7) {
             in_ram = 0;
-            if (!same_path(path, g_mem_path, real))
+            if (inode != (unsigned long)want.st_ino || maj != major(want.st_dev) ||
+                min != minor(want.st_dev))
                 continue;
             if (!got && off == 0 && perms[3] == 's') {
                 start = s;
                 ext_end = e;
-                found_ino = inode;
                 got = 1;
                 in_ram = 1;
-            } else if (got && s == ext_end && inode == found_ino && off == s - start) {
+            } else if (got && s == ext_end && off == s - start) {
                 ext_end = e; /* the RAM mapping may already be split into several VMAs */
             }
             continue;
@@ -800,7 +799,6 @@ static int find_ram(const char **why)
     free(line);
     fclose(f);
     if (!got) {
-        free(real);
         *why = "guest RAM mapping not found in /proc/self/smaps (QEMU not started yet, or "
                "mem-path differs)";
         return ENOENT;
@@ -808,19 +806,18 @@ static int find_ram(const char **why)
     /* Prefer a dup of QEMU's own fd of the RAM file: the kernel merges adjacent VMAs only if
      * they map the same struct file, so an unmerge maps it back with the very same file and
      * QEMU's RAM VMA heals into one again (own open(): one VMA more per unmerged range). */
-    int fd = dup_qemu_ram_fd(found_ino);
+    int fd = dup_qemu_ram_fd(want.st_dev, (unsigned long)want.st_ino);
     if (fd < 0)
         /* open(2): the RAM backend file, O_RDWR for fallocate(PUNCH_HOLE) and the MAP_SHARED
          * remap on unmerge; O_CLOEXEC so QEMU's helpers do not inherit it */
-        fd = open(real ? real : g_mem_path, O_RDWR | O_CLOEXEC);
-    free(real);
+        fd = open(g_mem_path, O_RDWR | O_CLOEXEC);
     if (fd < 0) {
         *why = "cannot open the guest RAM file";
         return errno;
     }
     struct stat sb;
-    /* fstat(2): check it is the mapped file (same inode) and take its size */
-    if (fstat(fd, &sb) < 0 || (unsigned long)sb.st_ino != found_ino) {
+    /* fstat(2): check it is the mapped file (same device and inode) and take its size */
+    if (fstat(fd, &sb) < 0 || sb.st_ino != want.st_ino || sb.st_dev != want.st_dev) {
         close(fd);
         *why = "guest RAM file was replaced since QEMU mapped it";
         return ESTALE;

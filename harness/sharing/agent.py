@@ -2,9 +2,9 @@
 
 Typical use::
 
-    env = {**os.environ, **agent_env(sock, mem_path)}     # start QEMU with this env
+    env = {**os.environ, **agent_env(sock, "/proc/self/fd/5")}  # QEMU inherits the RAM memfd as fd 5
     with AgentClient(sock) as agent:
-        agent.open_store("/dev/shm/satori-run-store")
+        agent.open_store(store.ref.path)                  # /proc/<engine pid>/fd/<n>
         if not agent.pause_free():                        # wp=0: hold the vCPUs (QMP stop)
             ...
         res = agent.merge([(guest_off, store_off), ...], status=True)
@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno as errno_mod
 import hashlib
 import os
+import secrets
 import shutil
 import socket
 import struct
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness.errors import AgentError, ToolMissing
+from harness.errors import AgentError, HarnessError, ToolMissing
 from harness.paths import cache_dir
 
 MAGIC = 0x52544153  # "SATR" little-endian
@@ -101,30 +102,57 @@ def ensure_agent() -> Path:
     return build_library(agent_source(), agent_library_path(), "the merge agent")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def built_here(lib: Path) -> bool:
+    """Whether ``lib`` is a library this harness built and nobody changed since: a regular file
+    (no symlink) of this user, not writable by group or others, whose SHA-256 is the one
+    recorded next to it at build time. Anything else is rebuilt, never loaded."""
+    import stat as stat_mod
+
+    from harness.paths import read_private
+
+    try:
+        st = os.lstat(lib)
+        if not stat_mod.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return False
+        return read_private(lib.with_name(lib.name + ".sha256")).strip() == _sha256(lib)
+    except (OSError, HarnessError):
+        return False
+
+
 def build_library(source: Path, out: Path, what: str) -> Path:
     """Compile one C file into a shared library at ``out`` (the cache, keyed by its source hash)
-    unless it is there already; a missing compiler or a compile error is a clear error."""
-    if out.is_file():
+    unless a library the harness built is there already (:func:`built_here`); a missing
+    compiler or a compile error is a clear error."""
+    from harness.paths import private_dir, write_private
+
+    if built_here(out):
         return out
     cc = _find_compiler()
     if cc is None:
         raise ToolMissing(
             f"no C compiler (cc or gcc) found to build {what}: install the package gcc"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp.{os.getpid()}")
+    private_dir(out.parent.parent, "cache folder")
+    private_dir(out.parent, "cache folder")
+    tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
     cmd = [cc, *CFLAGS, "-o", str(tmp), str(source)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except (OSError, subprocess.TimeoutExpired) as e:
         tmp.unlink(missing_ok=True)
         raise AgentError(f"compiling {what} failed", f"{' '.join(cmd)}\n{e}") from e
-    if proc.returncode != 0 or not tmp.is_file():
+    if proc.returncode != 0 or not tmp.is_file() or tmp.is_symlink():
         tmp.unlink(missing_ok=True)
         raise AgentError(
             f"compiling {what} failed",
             f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}".rstrip(),
         )
+    os.chmod(tmp, 0o700)
+    write_private(out.with_name(out.name + ".sha256"), _sha256(tmp) + "\n")
     os.replace(tmp, out)  # atomic: a concurrent build of the same source is harmless
     return out
 
@@ -334,6 +362,12 @@ class AgentClient:
             self.close()  # the stream is out of step now: start afresh next time
             what = "timed out" if isinstance(e, TimeoutError) else str(e)
             raise AgentError(f"merge agent {name} at {self.socket_path}: {what}") from e
+        except BaseException:
+            # interrupted between request and reply (Ctrl-C, SIGTERM): the reply would be read
+            # as the answer to the next request (a MERGE reply taken for a LIST, say, whose
+            # ranges then decide which store pages are freed): never reuse this connection
+            self.close()
+            raise
         if status != 0:
             msg = body.decode("utf-8", "replace")
             code = errno_mod.errorcode.get(status, str(status))
@@ -389,6 +423,11 @@ class AgentClient:
             timeout=self.timeout + npages * 200e-6,
         )
         return UnmergeResult(*struct.unpack("<2Q", body))
+
+    def unmerge_all(self) -> UnmergeResult:
+        """Give back every page this agent merged (a new engine taking over from a dead one)."""
+        size = int(self.stats()["ram_size"])
+        return self.unmerge(0, size // PAGE)
 
     def stats(self) -> dict[str, int | str]:
         """Counters: merged_total, mismatched_total, failed_total, mmap_calls, merge_ns,

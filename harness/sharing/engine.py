@@ -26,26 +26,27 @@ hints wait at most one round of the others' budgets, whatever a flooding guest s
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from harness import sysstate
 from harness.errors import HarnessError
-from harness.paths import shm_dir
+from harness.memfd import ProcFile
 from harness.sharing import index
+from harness.sharing.agent import AgentRequestError
 from harness.sharing.breaks import BreakChecker
 from harness.sharing.core import NativeCore, base_bytes
-from harness.sharing.link import Member, VMLink
+from harness.sharing.link import Member, VMLink, resume
 from harness.sharing.scheduler import MergeScheduler
 from harness.sharing.store import PAGE, ContentStore
 
 __all__ = ["IdlePoll", "Member", "SharingEngine"]
-
-MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
 
 
 class IdlePoll:
@@ -79,7 +80,7 @@ class SharingEngine:
         self,
         members: Iterable[Member],
         domain: str = "default",
-        store_path: Path | None = None,
+        store_name: str | None = None,
         batch_pages: int = 4096,
         flush_interval_s: float = 0.2,
         break_check_interval_s: float = 1.0,
@@ -95,7 +96,8 @@ class SharingEngine:
         if records_per_poll < 1 or batch_pages < 1 or stage_pages < 1:
             raise HarnessError("records_per_poll, batch_pages and stage_pages must be >= 1")
         self.domain = domain
-        self.store_path = store_path or shm_dir() / f"satori-store-{domain}-{os.getpid()}-{time.time_ns() % 10**9}"
+        label = re.sub(r"[^A-Za-z0-9_.-]", "_", domain)[:64]
+        self.store_name = store_name or f"satori-store-{label}-{os.getpid()}"
         self.batch_pages = batch_pages
         self.flush_interval_s = flush_interval_s
         self.break_check_interval_s = break_check_interval_s
@@ -115,6 +117,11 @@ class SharingEngine:
         self.t_start = time.monotonic()
         self.cpu_start = time.process_time()
 
+    @property
+    def store_ref(self) -> ProcFile | None:
+        """The content store (a memfd) as other readers reach it: ``/proc/<engine pid>/fd/<n>``."""
+        return self.store.ref if self.store is not None else None
+
     def quota(self, m: Member) -> int:
         """First holders VM ``m`` may have in the index at once."""
         q = self.candidate_quota
@@ -133,7 +140,7 @@ class SharingEngine:
         self.close()
 
     def open(self) -> None:
-        self.store = ContentStore(self.store_path)
+        self.store = ContentStore(self.store_name)
         sizes = [m.ram_size for m in self.members]
         self.core = NativeCore(self._key, self.store.fd, self.stage_pages, index.max_slots(sizes))
         for i, m in enumerate(self.members):
@@ -142,7 +149,12 @@ class SharingEngine:
             vm = self.core.add_vm(link.ram_fd, link.mem_fd, link.hva, m.ram_size, self.quota(m), self.batch_pages)
             assert vm == link.idx
             assert link.agent is not None
-            link.agent.open_store(self.store_path)
+            try:
+                link.agent.open_store(self.store.ref.path)
+            except AgentRequestError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                self._take_over(link)
             info = link.agent.ping()
             link.wp = info.get("wp") == 1
             link.delta = {"7", "8"} <= set(str(info.get("ops", "")).split(","))
@@ -154,37 +166,48 @@ class SharingEngine:
         self.scheduler = MergeScheduler(self.core, self.breaks, self.batch_pages, self.flush_interval_s, self.log)
         self._raise_max_map_count(2 * sum(s // PAGE for s in sizes) + 65536)
 
+    def _take_over(self, link: VMLink) -> None:
+        """The VM still maps pages of the store of an engine that is gone (stopped or killed):
+        give them back to its RAM (unmerge, vCPUs held), then open this engine's store."""
+        assert self.store is not None and link.agent is not None
+        self.log(f"VM {link.name}: pages merged by a previous engine: unmerging them first")
+        link.resume_due = True
+        link.m.qmp("stop")
+        try:
+            res = link.agent.unmerge_all()
+        finally:
+            resume(link, self.log)
+        self.log(f"VM {link.name}: {res.restored} pages unmerged ({res.failed} failed)")
+        link.agent.open_store(self.store.ref.path)
+
     def close(self) -> None:
         for link in self.links:
+            if link.resume_due:  # leave no VM paused behind us
+                resume(link, self.log)
             link.close()
         self.links = []
         if self.core is not None:
             self.core.close()
             self.core = None
         if self.store is not None:
-            self.store.close(unlink=True)  # QEMUs keep their mappings: the pages stay valid
+            self.store.close()  # QEMUs keep their mappings: the pages stay valid
             self.store = None
         self._restore_max_map_count()
 
     def _raise_max_map_count(self, want: int) -> None:
-        """Each isolated merged page may cost 2 VMAs: lift the limit for the run (restored at close)."""
+        """Each isolated merged page may cost 2 VMAs: lift the limit for the run (recorded
+        machine-wide before the change, restored at close or by ``satori cleanup``)."""
         try:
-            cur = int(MAX_MAP_COUNT.read_text())
-        except OSError:
-            return
-        if cur >= want:
-            return
-        try:
-            MAX_MAP_COUNT.write_text(str(want))
-            self._saved_max_map = cur
-            self.log(f"vm.max_map_count {cur} -> {want} for this run")
-        except OSError as e:
+            if sysstate.raise_max_map_count(want):
+                self._saved_max_map = want
+                self.log(f"vm.max_map_count raised to {want} for this run")
+        except (OSError, HarnessError) as e:
             self.log(f"cannot raise vm.max_map_count ({e}): scattered merges may fail with ENOMEM")
 
     def _restore_max_map_count(self) -> None:
         if self._saved_max_map is not None:
-            with contextlib.suppress(OSError):
-                MAX_MAP_COUNT.write_text(str(self._saved_max_map))
+            with contextlib.suppress(OSError, HarnessError):
+                sysstate.release_max_map_count()
             self._saved_max_map = None
 
     # ---------------------------------------------------------------- the loop
@@ -209,6 +232,10 @@ class SharingEngine:
                 taken += len(batch)
                 self._ingest(link, batch)
         self._rr = (self._rr + 1) % n
+        now = time.monotonic()
+        for link in self.links:
+            if link.resume_due and now >= link.resume_at:  # a stop/cont failed: resume it
+                resume(link, self.log)
         now_ns = time.monotonic_ns()
         for link in self.links:
             if sched.due(link, now_ns):
@@ -307,7 +334,7 @@ class SharingEngine:
             "domain": self.domain,
             "store_pages": c["slots_live"],
             "store_slots_total": c["slots_hw"],
-            "store_path": str(self.store_path),
+            "store": self.store.ref.as_dict() if self.store is not None else None,
             "engine_cpu_s": round(time.process_time() - self.cpu_start, 3),
             "merged_total": sum(v["merged_total"] for v in vms.values()),
             "merge_lag_s": sched.lag.summary(),

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import sysstate
 from harness.accounting import ram_hva
-from harness.errors import HarnessError
+from harness.errors import HarnessError, QMPError
 from harness.hints import HintRing
+from harness.memfd import ProcFile
+from harness.paths import write_private
+from harness.qmp import cont
 from harness.sharing.agent import AgentClient
 
 
@@ -26,42 +32,61 @@ class Member:
 
     name: str
     pid: int
-    ram_path: Path
+    ram: ProcFile | None  # the guest RAM memfd (None: anonymous RAM, read through /proc/<pid>/mem)
     ram_size: int
-    ring_path: Path
+    ring: ProcFile
     agent_socket: Path
     qmp: Callable[..., Any]
+    close: Callable[[], None] | None = None  # what to release with the engine (its QMP connection)
 
     @classmethod
     def from_vm(cls, vm) -> Member:
-        if vm.ring_path is None or vm.agent_socket is None:
+        from harness.sharing.attach import agent_socket_of, ring_of
+
+        ring, sock = ring_of(vm), agent_socket_of(vm)
+        if ring is None or sock is None:
             raise HarnessError(
                 f"VM {vm.name} has no hint ring or no merge agent: start it with sharing on "
-                "(VMSpec(sharing=True), 'satori vm up NAME --sharing'), on an image with hints"
+                "(sharing_attachments(agent=True), 'satori vm up NAME --sharing'), on an image with hints"
             )
-        return cls(vm.name, vm.pid, vm.ram_path, vm.ram_size, vm.ring_path, vm.agent_socket, vm.qmp)
+        return cls(vm.name, vm.pid, vm.ram, vm.ram_size, ring, sock, vm.qmp)
 
     @classmethod
     def from_state(cls, state: dict) -> Member:
-        """A VM started in the background (``satori vm up NAME --sharing``)."""
-        from harness.vm import qmp_connect
+        """A VM started in the background (``satori vm up NAME --sharing``), from its validated
+        state (:func:`harness.vm.load_states`)."""
+        from harness.sharing.attach import agent_socket_of_state, ring_of_state
+        from harness.vm import qmp_connect, state_memfile, state_paths
 
         if not state.get("alive"):
             raise HarnessError(f"VM {state['name']} is not running")
-        if not state.get("ring") or not state.get("agent"):
+        ring, sock = ring_of_state(state), agent_socket_of_state(state)
+        if ring is None or sock is None:
             raise HarnessError(
                 f"VM {state['name']} was not started with sharing (satori vm up {state['name']} --sharing)"
             )
-        conn = qmp_connect(Path(state["qmp"]))
+        conn = qmp_connect(state_paths(state).qmp)
+        marker = pause_marker(state)
 
-        def qmp(command: str, **args: Any) -> Any:
-            reply = conn.cmd_raw(command, args or None)
-            if "error" in reply:
-                raise HarnessError(f"VM {state['name']}: QMP {command}: {reply['error'].get('desc')}")
-            return reply.get("return")
+        def qmp(command: str, timeout: float | None = None, **args: Any) -> Any:
+            # a background VM outlives this engine: say who paused it before pausing it, so
+            # `satori cleanup` resumes it if the engine is killed before its 'cont'
+            if command == "stop":
+                write_private(marker, json.dumps(sysstate.me()))
+            ret = conn.cmd(command, timeout, **args)
+            if command == "query-status" and ret.get("running"):
+                marker.unlink(missing_ok=True)
+            return ret
 
-        return cls(state["name"], int(state["pid"]), Path(state["ram"]), int(state["ram_size"]),
-                   Path(state["ring"]), Path(state["agent"]), qmp)
+        return cls(state["name"], int(state["pid"]), state_memfile(state, "ram"), int(state["ram_size"]),
+                   ring, sock, qmp, conn.close)
+
+
+def pause_marker(state: dict) -> Path:
+    """``paused-by.json`` in a background VM's folder: the engine that may have paused it."""
+    from harness.vm import state_paths
+
+    return state_paths(state).work / "paused-by.json"
 
 
 @dataclasses.dataclass
@@ -78,6 +103,30 @@ class VMCounters:
     agent_ns: int = 0  # wall time of the agent's merges
     agent_errors: int = 0  # batches or LISTs whose reply was lost or refused
     relists: int = 0  # LISTs asked because an agent's word was lost
+    qmp_errors: int = 0  # QMP stop/cont that failed or timed out (the VM is resumed later)
+    not_stored: int = 0  # batches not sent: no memory to write their store pages
+
+
+def resume(link, log: Callable[[str], None] | None = None) -> bool:
+    """Resume a VM the engine paused (``cont`` retried and checked with query-status). On
+    failure the error is recorded and ``link.resume_due`` stays set: the engine tries again a
+    second later (:meth:`SharingEngine.step`), and at close."""
+    try:
+        cont(link.m.qmp, link.name)
+        link.resume_due = False
+    except QMPError as e:
+        qmp_failed(link, "cont", e, log)
+    link.resume_at = time.monotonic() + 1.0
+    return not link.resume_due
+
+
+def qmp_failed(link, what: str, e: Exception, log: Callable[[str], None] | None = None) -> None:
+    """Record a QMP failure on a VM; it may be paused now (a 'stop' QEMU reads late): resume due."""
+    link.c.qmp_errors += 1
+    link.last_error = f"QMP {what}: {e}"
+    link.resume_due = True
+    if log:
+        log(f"VM {link.name}: QMP {what} failed: {e}")
 
 
 class VMLink:
@@ -94,12 +143,14 @@ class VMLink:
         self.needs_list = False  # the agent's word on some pages was lost: LIST before any free
         self.listed: tuple[int, bytes] | None = None  # (books version, LIST digest) last reconciled
         self.last_error: str | None = None
+        self.resume_due = False  # a stop was sent and no 'cont' verified yet: make sure it runs
+        self.resume_at = 0.0
         self.wp = False  # the agent merges pause-free (PING wp=1); else stop/cont per batch
         self.delta = False  # the agent answers BREAKS and MAPPED; else its LIST every look
         try:
-            self.ring = HintRing(m.ring_path, m.ram_size)
+            self.ring = HintRing(m.ring, m.ram_size)
             self.agent = AgentClient(m.agent_socket)
-            self.ram_fd = os.open(m.ram_path, os.O_RDONLY) if m.ram_path.exists() else -1
+            self.ram_fd = m.ram.open(os.O_RDONLY) if m.ram is not None else -1
             self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
             self.hva = ram_hva(m)  # HMP gpa2hva: where QEMU maps guest offset 0
         except BaseException:
@@ -121,3 +172,6 @@ class VMLink:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.ram_fd = self.mem_fd = -1
+        if self.m.close is not None:
+            with contextlib.suppress(Exception):
+                self.m.close()

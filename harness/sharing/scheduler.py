@@ -26,6 +26,8 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.sharing.agent import STATUS_MERGED, MergeResult
+from harness.sharing.core import CoreError
+from harness.sharing.link import resume
 
 if TYPE_CHECKING:
     from harness.sharing.breaks import BreakChecker
@@ -48,11 +50,12 @@ def send_batch(link: VMLink, pairs: np.ndarray) -> MergeResult:
     if link.wp:
         return link.agent.merge(pairs, status=True)
     t0 = time.monotonic()
+    link.resume_due = True  # until a verified 'cont': an interrupt anywhere, close() resumes it
     link.m.qmp("stop")
     try:
         return link.agent.merge(pairs, status=True)
     finally:
-        link.m.qmp("cont")
+        resume(link)  # 'cont' retried and checked; a failure is recorded, retried by step()
         held = time.monotonic() - t0
         link.c.paused_s += held
         link.c.paused_max_s = max(link.c.paused_max_s, held)
@@ -119,7 +122,17 @@ class MergeScheduler:
         pairs, times = self.core.take(link.idx)
         if not len(pairs):
             return
-        self.core.sync()  # the agent compares with (and maps) the store's bytes
+        try:
+            self.core.sync()  # the agent compares with (and maps) the store's bytes
+        except CoreError as e:
+            # no memory for the store pages (ENOSPC/ENOMEM): this batch is not merged (its
+            # pages stay staged and are written by a later sync); the books go back to the
+            # agent's word, nothing was sent
+            link.c.not_stored += 1
+            link.last_error = str(e)
+            self.log(f"VM {link.name}: {e}: {len(pairs)} pages not merged")
+            self.breaks.relist(link)
+            return
         res: MergeResult | None
         try:
             res = send_batch(link, pairs)

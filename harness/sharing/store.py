@@ -1,4 +1,8 @@
-"""The content store: one /dev/shm file holding one copy of each shared page.
+"""The content store: one memfd holding one copy of each shared page.
+
+It has no name anyone could open (``harness.memfd``): the engine holds it; merge agents and the
+accounting open it as ``/proc/<engine pid>/fd/<n>`` (:attr:`ContentStore.ref`, checked), and
+QEMUs keep the pages they map after the engine is gone. Nothing is left behind by a kill.
 
 Pages are appended in the order their second holder appears, so pages that guests read in
 sequence sit in sequence in the store and the merge agent maps them with one ``mmap`` per run.
@@ -12,9 +16,14 @@ which the engine calls before it asks an agent to map any of them (reads and fre
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import errno
 import os
-from pathlib import Path
+
+from harness import memfd
+from harness.errors import HarnessError
+from harness.memfd import ProcFile
 
 PAGE = 4096
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -31,13 +40,24 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-class ContentStore:
-    """Append-only page store in a /dev/shm file."""
+class StoreFull(HarnessError):
+    """The host is out of memory for the store: slots ``first`` .. ``end - 1`` were not
+    written (the pages are simply not merged)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        # O_EXCL: two engines must never share (and so corrupt) one store file
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    def __init__(self, first: int, end: int, why: str) -> None:
+        super().__init__(f"content store: out of memory ({why}): {end - first} pages not stored, "
+                         "not merged")
+        self.first = first
+        self.end = end
+
+
+class ContentStore:
+    """Append-only page store in a memfd named ``name`` (``satori-...``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.fd = memfd.create(name, 0)
+        self.ref = ProcFile.of(os.getpid(), self.fd, name)  # how agents and readers reach it
         self.slots = 0  # slots ever appended
         self.live = 0  # slots not punched
         self.punched = 0
@@ -55,17 +75,34 @@ class ContentStore:
         return slot
 
     def sync(self) -> None:
-        """Write every appended page to the file (one pwritev per 1024 pages)."""
+        """Write every appended page to the file (one pwritev per 1024 pages).
+
+        Out of memory (ENOSPC/ENOMEM) raises :class:`StoreFull` naming the first slot not
+        written; that slot and every later unwritten one are lost (never mapped by anyone:
+        the engine drops the merges planned on them), the slots written before are fine."""
         pages, self._unwritten = self._unwritten, []
         first = self.slots - len(pages)
         for k in range(0, len(pages), 1024):
             chunk = pages[k:k + 1024]
             off, want = (first + k) * PAGE, len(chunk) * PAGE
-            done = os.pwritev(self.fd, chunk, off)
-            if done != want:  # short write (tmpfs full?): finish it page by page, or raise
-                raw = b"".join(bytes(p) for p in chunk)
-                while done < want:
-                    done += os.pwrite(self.fd, raw[done:], off + done)
+            done = 0
+            try:
+                done = os.pwritev(self.fd, chunk, off)
+                if done != want:  # short write: finish it, or learn why not
+                    raw = b"".join(bytes(p) for p in chunk)
+                    while done < want:
+                        n = os.pwrite(self.fd, raw[done:], off + done)
+                        if n <= 0:
+                            raise OSError(errno.ENOSPC, "short write")
+                        done += n
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.ENOMEM):
+                    raise
+                lost = first + k + done // PAGE
+                with contextlib.suppress(OSError):  # a torn page is no page: free it
+                    punch_hole(self.fd, lost * PAGE, PAGE)
+                self.live -= self.slots - lost
+                raise StoreFull(lost, self.slots, e.strerror or str(e)) from None
 
     def read(self, slot: int) -> bytes:
         self.sync()
@@ -78,11 +115,9 @@ class ContentStore:
         self.live -= 1
         self.punched += 1
 
-    def close(self, unlink: bool = True) -> None:
-        """Close the store. Unlinking is safe while QEMUs map it: the pages live until unmapped."""
+    def close(self) -> None:
+        """Close the store. QEMUs that map its pages keep them: the memory lives until unmapped."""
         if self.fd >= 0:
             self._unwritten = []
             os.close(self.fd)
             self.fd = -1
-        if unlink:
-            self.path.unlink(missing_ok=True)
