@@ -472,7 +472,10 @@ class VM:
         assert self.proc is not None and self.ssh_port is not None, "launch() first"
         try:
             wait_banner(self.ssh_port, self.spec.boot_timeout_s, alive=lambda: self.proc.poll() is None)
-            self.ssh.connect()
+            # a loaded host's guest sends its banner, then takes long over key exchange: the
+            # login gets what is left of the boot timeout (at least a minute), not 30 s
+            left = self.spec.boot_timeout_s - (time.monotonic() - self._t_launch)
+            self.ssh.connect(timeout=max(60.0, left))
         except SSHError as e:
             raise self._boot_error(str(e)) from None
         self.boot_seconds = time.monotonic() - self._t_launch
