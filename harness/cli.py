@@ -307,6 +307,9 @@ def cmd_share(args: argparse.Namespace) -> int:
         print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_ref.path} (Ctrl-C stops)")
         t_print = 0.0
         try:
+            # the status file names this engine before its first merge can pause a VM: a kill at
+            # any moment after leaves one that `satori cleanup` finds and removes
+            write_private(status, json.dumps(eng.stats() | me))
             while True:
                 if eng.step() == 0:
                     time.sleep(0.02)
