@@ -123,7 +123,7 @@ class _Loop:
         self.ksm_ctl = ksm_ctl
         self.log = log
         self.budget_pages = budget_pages  # the host's promise: the sum of the entitlements
-        self.guard = _Guard(vms, surplus, [e.store_ref.path for e in engines.values()])
+        self.guard = _Guard(vms, surplus, [e.store_ref.path for e in engines.values() if e.store_ref is not None])
         self.scrub = scrub
         self.samples: list[dict[str, Any]] = []
         self.stop_evt = threading.Event()

@@ -253,8 +253,6 @@ def test_killed_run_is_undone_by_the_next_start(image, tmp_path):
     ``satori cleanup`` finds nothing left."""
     from harness.ksm import KSM_SYSFS
 
-    ksm_keys = ("run", "pages_to_scan", "sleep_millisecs")
-    ksm_before = {k: (KSM_SYSFS / k).read_text() for k in ksm_keys}
     cfg = tmp_path / "killed.yaml"
     cfg.write_text(KILLED_RUN)
     run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(cfg), "--out", str(tmp_path / "out")],
@@ -297,8 +295,9 @@ def test_killed_run_is_undone_by_the_next_start(image, tmp_path):
     said = r.stdout
     ksm_free = not (sysd / "ksm-saved.json").exists()
     if ksm_free:  # nobody else's KSM control took the lock meanwhile: the killed run's values are back
-        assert "cleanup: KSM" in said, said
-        assert {k: (KSM_SYSFS / k).read_text() for k in ksm_keys} == ksm_before
+        # the values themselves are checked on a fake sysfs (test_ksm_unit): here other
+        # processes on this machine (outside this tree's lock) may set KSM meanwhile
+        assert f"cleanup: KSM settings of a killed run (pid {run.pid}, mode satori+ksm) restored" in said, said
     rec = sysd / "max_map_count.json"
     if rec.exists():  # another engine on this machine holds it: the dead one is dropped, not the value
         assert run.pid not in [h["pid"] for h in json.loads(rec.read_text())["holders"]]
