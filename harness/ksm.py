@@ -363,7 +363,7 @@ def recover(root: Path = KSM_SYSFS, state_dir: Path | None = None) -> list[str]:
     restore them. Returns what was done."""
     if not (root / "run").exists():
         return []
-    ctl = KSMControl("none", root=root, state_dir=state_dir, lock_timeout=0)
+    ctl = KSMControl("ksm", root=root, state_dir=state_dir, lock_timeout=0)  # its lock and saved file only: nothing is set
     try:
         ctl._lock()
     except HarnessError:
