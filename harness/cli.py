@@ -302,29 +302,34 @@ def cmd_share(args: argparse.Namespace) -> int:
     members = [Member.from_state(find_state(n)) for n in args.names]
     status = _share_status_path(args.domain)
     me = {"pid": os.getpid(), "start": start_time(os.getpid())}  # who wrote it: cleanup checks
-    with SharingEngine(members, domain=args.domain, batch_pages=args.batch,
-                       flush_interval_s=args.interval, log=print) as eng:
-        print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_ref.path} (Ctrl-C stops)")
-        t_print = 0.0
-        try:
-            # the status file names this engine before its first merge can pause a VM: a kill at
-            # any moment after leaves one that `satori cleanup` finds and removes
-            write_private(status, json.dumps(eng.stats() | me))
-            while True:
-                if eng.step() == 0:
-                    time.sleep(0.02)
-                if time.monotonic() - t_print >= 1.0:
-                    t_print = time.monotonic()
-                    st = eng.stats()
-                    write_private(status, json.dumps(st | me))
-                    per = "  ".join(f"{n}: hinted {v['hinted']} merged {v['merged']} broken {v['broken']} "
-                                    f"rejected {v['rejected'] + v['changed']}" for n, v in st["vms"].items())
-                    print(f"{time.strftime('%H:%M:%S')}  store {st['store_pages']} pages  {per}", flush=True)
-        except KeyboardInterrupt:
-            eng.flush_all()
-            print("stopped; merged pages stay merged (copy-on-write) until the VMs write or exit")
-        finally:
-            status.unlink(missing_ok=True)
+    # the status file names this engine before it opens: opening may pause a VM already (taking
+    # over pages a dead engine merged), and a kill at any moment after must leave a file that
+    # `satori cleanup` finds and removes
+    zero = dict.fromkeys(("hinted", "merged", "broken", "rejected", "changed"), 0)
+    write_private(status, json.dumps({"domain": args.domain, "vms": {n: dict(zero) for n in args.names},
+                                      "store_pages": 0} | me))
+    try:
+        with SharingEngine(members, domain=args.domain, batch_pages=args.batch,
+                           flush_interval_s=args.interval, log=print) as eng:
+            print(f"sharing domain {args.domain!r}: {', '.join(args.names)}; store {eng.store_ref.path} "
+                  "(Ctrl-C stops)")
+            t_print = 0.0
+            try:
+                while True:
+                    if eng.step() == 0:
+                        time.sleep(0.02)
+                    if time.monotonic() - t_print >= 1.0:
+                        t_print = time.monotonic()
+                        st = eng.stats()
+                        write_private(status, json.dumps(st | me))
+                        per = "  ".join(f"{n}: hinted {v['hinted']} merged {v['merged']} broken {v['broken']} "
+                                        f"rejected {v['rejected'] + v['changed']}" for n, v in st["vms"].items())
+                        print(f"{time.strftime('%H:%M:%S')}  store {st['store_pages']} pages  {per}", flush=True)
+            except KeyboardInterrupt:
+                eng.flush_all()
+                print("stopped; merged pages stay merged (copy-on-write) until the VMs write or exit")
+    finally:
+        status.unlink(missing_ok=True)
     return 0
 
 
