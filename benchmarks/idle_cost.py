@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.image import ensure_image  # noqa: E402
+from harness.sharing.attach import sharing_attachments  # noqa: E402
 from harness.sharing.engine import Member, SharingEngine  # noqa: E402
 from harness.vm import VM, VMSpec, new_run_id, start_all  # noqa: E402
 from harness.workloads import dataset_files  # noqa: E402
@@ -32,7 +33,8 @@ def main() -> int:
     a = ap.parse_args()
     image = ensure_image(log=lambda m: None)
     run = new_run_id()
-    vms = [VM(VMSpec(n, memory_mb=512, sharing=True, boot_timeout_s=600), image, run_id=run)
+    vms = [VM(VMSpec(n, memory_mb=512, boot_timeout_s=600), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True))
            for n in ("ia", "ib")]
     try:
         start_all(vms)

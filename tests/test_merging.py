@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.paths import shm_dir
+from harness import memfd
 from harness.sharing.agent import PAGE, STATUS_MERGED
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import SharingEngine
 from harness.sharing.link import Member, VMLink
 from harness.sharing.scheduler import send_batch
@@ -71,8 +72,10 @@ def pair(image):
     if not image.hints:
         pytest.fail("the image has no hint ring (guest patch did not build)")
     run = new_run_id()
-    pf = VM(VMSpec("pf", memory_mb=512, sharing=True, boot_timeout_s=600), image, run_id=run)
-    fb = VM(VMSpec("fb", memory_mb=512, sharing=True, boot_timeout_s=600), image, run_id=run)
+    pf = VM(VMSpec("pf", memory_mb=512, boot_timeout_s=600), image, run_id=run,
+            attachments=sharing_attachments(hints=True, agent=True))
+    fb = VM(VMSpec("fb", memory_mb=512, boot_timeout_s=600), image, run_id=run,
+            attachments=sharing_attachments(hints=True, agent=True))
     try:
         pf.launch()
         os.environ["SATORI_AGENT_WP"] = "0"  # read by fb's agent when QEMU starts
@@ -100,21 +103,21 @@ def link_of(eng: SharingEngine, vm: VM) -> VMLink:
     return next(link for link in eng.links if link.name == vm.name)
 
 
-def storm_merges(vm: VM, npages: int, secs: float, store: Path) -> tuple[dict, int, dict, bool]:
+def storm_merges(vm: VM, npages: int, secs: float, store: str) -> tuple[dict, int, dict, bool]:
     """A write storm in the guest on ``npages`` pages while the host merges exactly those pages,
-    64 at a time, each first copied as it is into ``store``, through the engine's one batch
+    64 at a time, each first copied as it is into a store memfd named ``store``, through the engine's one batch
     function (pause-free or stop/cont, as the agent says). Returns the storm's result, pages
     merged, the agent's stats, and whether it was pause-free."""
     link = VMLink(0, Member.from_vm(vm))
     exe = guestbin.install(vm, "guest_storm", HELPERS / "guest_storm.c")
     chan = vm.ssh.client.get_transport().open_session()
-    sfd = os.open(store, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    sfd = memfd.create(store, 0)  # as the engine's: no name in any folder
     mem = os.open(f"/proc/{vm.pid}/mem", os.O_RDONLY)
     merged = soff = 0
     try:
         assert link.agent is not None
         link.wp = link.agent.pause_free()
-        link.agent.open_store(store)
+        link.agent.open_store(f"/proc/{os.getpid()}/fd/{sfd}")
         chan.exec_command(f"{exe} {npages} {secs}")
         f = chan.makefile("rb")
         gpas = [int(x, 16) for x in f.readline().decode().split()[1:]]
@@ -139,7 +142,6 @@ def storm_merges(vm: VM, npages: int, secs: float, store: Path) -> tuple[dict, i
     finally:
         os.close(mem)
         os.close(sfd)
-        store.unlink()
         chan.close()
         link.close()
     assert final == "bad=0", final
@@ -155,7 +157,7 @@ def test_guest_write_storm_on_pages_being_merged_loses_nothing(pair):
     pf, fb = pair
     for vm in (pf, fb):
         for attempt in range(3 if vm is pf else 1):
-            store = shm_dir() / f"satori-storm-{vm.name}-{os.getpid()}-{attempt}"
+            store = f"satori-storm-{vm.name}-{attempt}"
             result, merged, st, pause_free = storm_merges(vm, 512, 12.0, store)
             assert pause_free == (vm is pf), (vm.name, st["wp_error"])
             assert result["bad"] == 0 and result["writes"] > 10_000, (vm.name, result)

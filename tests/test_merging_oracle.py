@@ -20,6 +20,7 @@ import time
 import pytest
 
 from harness import accounting
+from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, new_run_id, start_all
 
@@ -35,12 +36,13 @@ def test_pause_free_merging_keeps_the_oracle_incremental(image):
     if not image.hints:
         pytest.fail("the image has no hint ring (guest patch did not build)")
     run = new_run_id()
-    vms = [VM(VMSpec(f"mo{i}", memory_mb=384, sharing=True, boot_timeout_s=900), image, run_id=run)
+    vms = [VM(VMSpec(f"mo{i}", memory_mb=384, boot_timeout_s=900), image, run_id=run,
+              attachments=sharing_attachments(hints=True, agent=True))
            for i in range(2)]  # fmt: skip
     try:
         start_all(vms)
         with SharingEngine([Member.from_vm(v) for v in vms], domain=f"test-mo-{run}") as eng, \
-                accounting.Meter(vms, store=eng.store_path) as meter:
+                accounting.Meter(vms, store=eng.store_ref) as meter:
             assert all(link.wp for link in eng.links), "the agents cannot merge pause-free here"
             assert meter.untracked == {}, meter.untracked
             samples: list[accounting.Sample] = []
@@ -88,7 +90,7 @@ def test_pause_free_merging_keeps_the_oracle_incremental(image):
                 vm.qmp("stop")
             try:
                 inc = meter.sample()
-                full = accounting.measure(vms, store=eng.store_path)
+                full = accounting.measure(vms, store=eng.store_ref)
                 meter.sample()
                 again = meter.sample()
             finally:

@@ -424,11 +424,6 @@ class AgentClient:
         )
         return UnmergeResult(*struct.unpack("<2Q", body))
 
-    def unmerge_all(self) -> UnmergeResult:
-        """Give back every page this agent merged (a new engine taking over from a dead one)."""
-        size = int(self.stats()["ram_size"])
-        return self.unmerge(0, size // PAGE)
-
     def stats(self) -> dict[str, int | str]:
         """Counters: merged_total, mismatched_total, failed_total, mmap_calls, merge_ns,
         merged_pages and merged_ranges (now), ram_size, store_size, ... (see agent.c)."""

@@ -174,7 +174,7 @@ class SharingEngine:
         link.resume_due = True
         link.m.qmp("stop")
         try:
-            res = link.agent.unmerge_all()
+            res = link.agent.unmerge(0, link.m.ram_size // PAGE)
         finally:
             resume(link, self.log)
         self.log(f"VM {link.name}: {res.restored} pages unmerged ({res.failed} failed)")
