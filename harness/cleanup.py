@@ -8,6 +8,9 @@ can be left after a ``kill -9`` at any moment, and what :func:`cleanup` does abo
 - a background VM paused by a ``satori share`` engine that died between QMP ``stop`` and
   ``cont`` (``paused-by.json`` names a process that is gone): resumed (``cont``, checked with
   ``query-status``);
+- a VM folder with no ``state.json`` (a kill between its creation and QEMU's start, or before
+  the state was written) older than a minute, whose QMP socket no process names: removed (one
+  that a process still names is reported and left alone);
 - ``share-<domain>.json`` of an engine that is gone: removed;
 - half-written state files (``.*.tmp``) older than a minute: removed;
 - KSM settings and ``vm.max_map_count`` changed by a run that is gone: restored from the state
@@ -21,16 +24,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from harness import ksm, sysstate
 from harness import qmp as qmp_mod
 from harness.errors import HarnessError, QMPError
 from harness.memfd import same_process
 from harness.paths import read_private, runtime_dir
-from harness.vm import load_states, state_paths, vms_dir
+from harness.vm import VMPaths, load_states, qemu_opt, state_paths, vms_dir
 
 
 def cleanup(log: Callable[[str], None] | None = None) -> list[str]:
@@ -39,6 +44,7 @@ def cleanup(log: Callable[[str], None] | None = None) -> list[str]:
     did: list[str] = []
     problems: list[str] = []
     root = runtime_dir()
+    did += _stateless_folders()
     for s in load_states(problems):
         paths = state_paths(s)
         if not s["alive"]:
@@ -100,3 +106,30 @@ def _resume_orphan(state: dict, marker) -> list[str]:
         q.close()
     who = f"engine pid {owner['pid']}" if owner else "an engine"
     return [] if running else [f"VM {state['name']}: resumed (paused by {who}, which is gone)"]
+
+
+def _named_by_a_process(needle: bytes) -> bool:
+    """Whether any process's command line contains ``needle``."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            with contextlib.suppress(OSError):
+                if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return True
+    return False
+
+
+def _stateless_folders() -> list[str]:
+    """VM folders a kill left before their ``state.json`` was written (see the module docstring)."""
+    did: list[str] = []
+    now = time.time()
+    for work in sorted(vms_dir().iterdir()):
+        if work.is_symlink() or not work.is_dir() or (work / "state.json").exists():
+            continue
+        with contextlib.suppress(OSError):
+            if now - work.lstat().st_mtime < 60:
+                continue  # a VM being launched right now
+        if _named_by_a_process(qemu_opt(VMPaths.in_folder(work).qmp).encode()):
+            continue  # a QEMU whose harness was killed while starting it: load_states reports it
+        shutil.rmtree(work, ignore_errors=True)
+        did.append(f"removed {work} (a VM folder without state; no process uses it)")
+    return did

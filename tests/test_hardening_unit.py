@@ -215,6 +215,35 @@ def test_cleanup_removes_status_files_of_dead_engines(tmp_path, monkeypatch):
     assert not (rt / "share-gone.json").exists() and (rt / "share-live.json").exists()
 
 
+def test_cleanup_removes_vm_folders_a_kill_left_without_state(tmp_path, monkeypatch):
+    """A harness killed between making a VM folder and writing its state.json: the folder goes
+    once it is a minute old and no process names its QMP socket; one still named (a QEMU being
+    started, or orphaned) and a fresh one stay."""
+    rt = tmp_path / "rt"
+    monkeypatch.setenv("SATORI_RUNTIME", str(rt))
+    from harness.vm import VMPaths, vms_dir
+
+    made = {}
+    for name in ("old", "used", "new"):
+        work = vms_dir() / f"r1-{name}"
+        os.mkdir(work, 0o700)
+        (work / "qemu.log").write_text("")
+        made[name] = work
+    for name in ("old", "used"):
+        os.utime(made[name], (time.time() - 120, time.time() - 120))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               str(VMPaths.in_folder(made["used"]).qmp)])
+    try:
+        r = cli("cleanup", runtime=rt)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.returncode == 0, r.stderr
+    assert f"removed {made['old']}" in r.stdout, r.stdout
+    assert not made["old"].exists() and made["used"].exists() and made["new"].exists()
+    assert f"left alone: {made['used']}: no state.json" in r.stdout, r.stdout
+
+
 def test_store_out_of_memory_loses_only_unwritten_pages(monkeypatch):
     """ENOSPC/ENOMEM writing the store: a clear StoreFull naming the slots not written; the
     pages written before are intact and the store keeps working."""
