@@ -693,6 +693,11 @@ METRICS: tuple[Metric, ...] = (
     Metric("bystander_p99_ratio", "bystander p99", "x",
            "the bystander's p99 read latency after the collapse / with the sharers idle",
            _bystander("p99_ratio"), ratio, "lower", "isolation", workloads=("collapse",)),
+    Metric("bystander_within_noise", "bystander within noise", "0/1",
+           "1 when the bystander's median job time after the collapse lies inside the spread (min-max) "
+           "of its jobs alone, else 0",
+           _bystander("within_noise"), lambda x: f"{x:.2g}", "higher", "isolation", workloads=("collapse",),
+           goal=Goal(">=", 1.0, ("satori",), ("collapse",), "bystander's time within noise of its time alone")),
 )
 
 BY_KEY: dict[str, Metric] = {m.key: m for m in METRICS}

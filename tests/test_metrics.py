@@ -247,3 +247,14 @@ def test_stall_probe_figures_from_the_workloads() -> None:
     assert (vals["stall_max_us"], vals["stall_p999_us"], vals["stall_over1ms"]) == (900.0, 220.0, 0.0)
     assert vals["stall_p999_vs_none"] == pytest.approx(1.1)
     assert metrics.goal_verdict(metrics.get("stall_max_us"), Stat.of([900.0])) == "met"
+
+
+def test_bystander_figures_from_the_collapse_workload() -> None:
+    run = view("satori")
+    run.workloads[0]["extra"] = {"bystander": {"vm": "c", "job_ratio": 1.38, "p99_ratio": 2.9,
+                                               "within_noise": False}}
+    vals, _ = evaluate(run, keys=["bystander_job_ratio", "bystander_p99_ratio", "bystander_within_noise"])
+    assert vals == {"bystander_job_ratio": 1.38, "bystander_p99_ratio": 2.9, "bystander_within_noise": 0.0}
+    m = metrics.get("bystander_within_noise")
+    assert metrics.goal_verdict(m, Stat.of([0.0, 1.0, 1.0])) == "met"  # median of the repetitions
+    assert metrics.goal_verdict(m, Stat.of([0.0, 0.0, 1.0])) != "met"
