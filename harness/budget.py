@@ -89,13 +89,14 @@ class HostUse:
 
 
 def _file_pages(path: str | os.PathLike | None) -> int:
-    """Resident pages of a tmpfs/memfd file (its allocated blocks), 0 if there is none."""
+    """Resident pages of a tmpfs/memfd file (its allocated blocks), 0 if there is no file. A
+    file that cannot be read is an error, never 0: it would hide host memory from the budget."""
     if path is None:
         return 0
     try:
         return os.stat(path).st_blocks * 512 // PAGE
-    except OSError:
-        return 0
+    except OSError as e:
+        raise HarnessError(f"host budget: cannot read the size of {path}: {e.strerror}") from None
 
 
 def count_host(

@@ -601,6 +601,8 @@ class Runner:
                     error = "; ".join(describe_death(f) for f in loop.deaths)
                 if loop.error is not None and error is None:
                     status, error = "failed", f"sampling/sharing loop: {loop.error}"
+                if loop.guard.error is not None and error is None:  # failed after the last workload
+                    status, error = "failed", f"host memory guard: {loop.guard.error}"
                 if surplus is not None:
                     with contextlib.suppress(Exception):
                         surplus.release()

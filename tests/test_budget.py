@@ -1,14 +1,20 @@
-"""Host budget accounting (pure): frames counted once, store and RAM-file pages no guest maps,
-private, new and broken pages per VM, and the figures over a run (overshoot, reclaim, violations)."""
+"""Host budget accounting: frames counted once, store and RAM-file pages no guest maps (memfd
+sizes through /proc/<pid>/fd), private, new and broken pages per VM, and the figures over a run
+(overshoot, reclaim, violations). Pure, but for one real memfd."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+import pytest
 
 from harness.budget import (
+    PAGE,
     PAGES_PER_MB,
     PM_EXCLUSIVE,
     PM_FILE,
+    _file_pages,
     count_host,
     overshoot,
     page_changes,
@@ -16,6 +22,7 @@ from harness.budget import (
     run_figures,
     violations,
 )
+from harness.errors import HarnessError
 
 PRESENT = np.uint64(1 << 63)
 
@@ -137,3 +144,18 @@ def test_run_figures_from_samples_and_events() -> None:
     assert f["reclaim_s"] == 1.5  # 290 at t=2 is the last above 256 + 8: back at t=3 (4 MB left)
     none = run_figures([{"t": 0.0}], [], {"a": 256.0})
     assert none["peak_overshoot_mb"] is None and none["reclaim_s"] is None
+
+
+def test_memfd_pages_counted_through_proc_fd_and_an_unreadable_file_is_an_error() -> None:
+    fd = os.memfd_create("budget-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 64 * PAGE)  # a sparse memfd: size is not memory
+        assert _file_pages(f"/proc/self/fd/{fd}") == 0
+        for i in (0, 5, 9):
+            os.pwrite(fd, b"x", i * PAGE)
+        assert _file_pages(f"/proc/{os.getpid()}/fd/{fd}") == 3
+    finally:
+        os.close(fd)
+    assert _file_pages(None) == 0
+    with pytest.raises(HarnessError, match="cannot read the size"):
+        _file_pages(f"/proc/self/fd/{fd}")  # closed: the pages it held cannot be hidden as 0
