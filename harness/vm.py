@@ -215,10 +215,16 @@ def build_cmdline(
     ram_fd: int | None = None,
     kernel_args: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
+    device_memory: int = 0,
 ) -> list[str]:
     """The QEMU command line of one VM (pure: unit tested). ``ram_fd``: the fd number of the
-    guest RAM memfd QEMU inherits (``ram_backend="file"``)."""
+    guest RAM memfd QEMU inherits (``ram_backend="file"``). ``device_memory``: bytes of memory
+    devices (virtio-pmem) the attachments plug: ``-m`` then has one slot and ``maxmem``
+    (QEMU places device memory above 4 GiB: guest RAM keeps gpa == RAM offset)."""
     mem = f"{spec.memory_mb}M"
+    mem_opt = mem
+    if device_memory:
+        mem_opt += f",slots=1,maxmem={(spec.memory_mb << 20) + device_memory}"
     if spec.ram_backend == "file":
         if ram_fd is None:
             raise HarnessError(f"VM {spec.name}: a shared RAM backend needs its memfd")
@@ -246,7 +252,7 @@ def build_cmdline(
         "-accel", "tcg,thread=multi,tb-size=256" if accel == "tcg" else accel,
         "-cpu", "max" if accel == "tcg" else "host",
         "-smp", str(spec.vcpus),
-        "-m", mem,
+        "-m", mem_opt,
         "-object", backend,
         "-kernel", str(spec.kernel or image.kernel),
         "-initrd", str(image.initrd),
@@ -304,6 +310,8 @@ class VM:
         self._args: list[str] = []
         self._env: dict[str, str] = {}
         self._kernel_args: dict[str, str] = {"satori.hints": "0"}  # the image's stock disk driver
+        self._preloads: list[str] = []  # libraries QEMU preloads, in order
+        self._device_memory = 0  # bytes of memory devices (virtio-pmem)
         self._memfds: dict[str, tuple[int, str, int]] = {}  # key -> (our fd, memfd name, size)
         self.memfiles: dict[str, ProcFile] = {}  # key -> how other processes reach it
         self._launched_attachments: list[Attachment] = []
@@ -317,6 +325,20 @@ class VM:
     def set_env(self, name: str, value: str) -> None:
         """An environment variable of the QEMU process (before launch)."""
         self._env[name] = value
+
+    def add_preload(self, lib: str | os.PathLike) -> None:
+        """A shared library QEMU preloads: ``LD_PRELOAD`` is the attachments' libraries in the
+        order they were added, then any ``LD_PRELOAD`` set with :meth:`set_env` or inherited."""
+        path = os.fspath(lib)
+        if ":" in path or any(c.isspace() for c in path):
+            raise HarnessError(f"preload {path}: no ':' or spaces in the path")
+        self._preloads.append(path)
+
+    def add_device_memory(self, size: int) -> None:
+        """Room for a memory device (virtio-pmem) of ``size`` bytes (before launch)."""
+        if size <= 0 or size % PAGE:
+            raise HarnessError(f"VM {self.name}: device memory must be whole pages, not {size}")
+        self._device_memory += size
 
     def set_kernel_arg(self, key: str, value: str) -> None:
         """``key=value`` on the guest kernel command line (replaces an earlier value of key)."""
@@ -429,14 +451,17 @@ class VM:
             a.pre_launch(self)
         from harness.oracle import tracker_env
 
+        env = dict(os.environ) | self._env
+        if self._preloads:
+            env["LD_PRELOAD"] = ":".join([*self._preloads, *filter(None, [env.get("LD_PRELOAD")])])
         # the oracle's write tracker (harness/wptrack.c) in every QEMU, after the attachments' preloads
-        env = tracker_env(dict(os.environ) | self._env)
+        env = tracker_env(env)
         fds = tuple(fd for fd, _, _ in self._memfds.values())
         for attempt in range(3):
             self.ssh_port = free_port()
             self.cmdline = build_cmdline(self.spec, self.image, self.paths, self.accel.accel,
                                          self.ssh_port, self.memfd_number("ram"),
-                                         self._kernel_args, self._args)
+                                         self._kernel_args, self._args, self._device_memory)
             fd_log = os.open(self.paths.qemu_log,
                              os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
