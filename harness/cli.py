@@ -69,8 +69,9 @@ def cmd_image_build(args: argparse.Namespace) -> int:
 
 
 def cmd_vm_up(args: argparse.Namespace) -> int:
-    from harness.image import ensure_image
-    from harness.sharing.attach import agent_socket_of, ring_of, sharing_attachments
+    from harness.config import recipe_path
+    from harness.image import DEFAULT_RECIPE, ensure_image
+    from harness.sharing.attach import agent_socket_of, hint_source, ring_of, sharing_attachments
     from harness.vm import VM, VMSpec, load_states
 
     # the name and the memory are checked before anything is built
@@ -78,9 +79,10 @@ def cmd_vm_up(args: argparse.Namespace) -> int:
     _cleanup_quietly()
     if any(s["name"] == args.name and s["alive"] for s in load_states()):
         raise HarnessError(f"a VM named {args.name!r} is already running (satori vm down {args.name})")
-    img = ensure_image()
-    hints = args.hints if args.hints is not None else True
-    vm = VM(spec, img, detach=True, attachments=sharing_attachments(hints=hints, agent=args.sharing))
+    img = ensure_image(recipe_path(args.image) or DEFAULT_RECIPE)
+    source = hint_source(args.hints, img)  # default: the guest driver if the image has it, else host
+    vm = VM(spec, img, detach=True,
+            attachments=sharing_attachments(hints=source or "off", agent=args.sharing and source is not None))
     try:
         vm.start()
     except BaseException:
@@ -93,7 +95,7 @@ def cmd_vm_up(args: argparse.Namespace) -> int:
     print(f"  console:    {vm.paths.console}")
     print(f"  guest RAM:  {vm.ram.path} (a memfd: no file anyone else can open)")
     if ring_of(vm):
-        print(f"  hint ring:  {ring_of(vm).path}")
+        print(f"  hint ring:  {ring_of(vm).path} ({source} hints)")
     if agent_socket_of(vm):
         print(f"  agent:      {agent_socket_of(vm)}")
     # release our connections; QEMU keeps running in its own session
@@ -516,8 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("name")
     up.add_argument("--memory", type=POSITIVE_INT, default=512, help="MiB (default 512)")
     up.add_argument("--vcpus", type=POSITIVE_INT, default=1)
-    up.add_argument("--hints", dest="hints", action="store_true", default=None, help="hint ring on (default when the image has it)")
-    up.add_argument("--no-hints", dest="hints", action="store_false")
+    up.add_argument("--image", help="image recipe (a name in images/, e.g. trixie, or a YAML path; "
+                    "default: images/bookworm.yaml)")
+    up.add_argument("--hints", choices=("guest", "host", "off"), default=None,
+                    help="who reports the guest's disk reads: the patched guest driver, QEMU on the "
+                         "host (any guest kernel), or nobody (default: guest when the image has the "
+                         "driver, host otherwise)")
+    up.add_argument("--no-hints", dest="hints", action="store_const", const="off", help="--hints off")
     up.add_argument("--sharing", action="store_true", help="hint ring and merge agent")
     up.set_defaults(func=cmd_vm_up)
     ls = vm.add_parser("ls", help="list VMs")

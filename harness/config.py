@@ -128,6 +128,11 @@ class _VMSettings(_Model):
     )
     vcpus: int = Field(1, ge=1, le=64)
     disk: DiskThrottle = Field(default_factory=DiskThrottle)
+    hints: Literal["guest", "host", "off"] | None = Field(
+        None, description="who reports this VM's disk reads in modes with hints: the patched guest "
+                          "driver, QEMU on the host (any guest kernel), or nobody; default: guest "
+                          "when the image has the driver, host otherwise (satori-host: always host)"
+    )
 
 
 class VMGroup(_VMSettings):
@@ -209,6 +214,7 @@ class VMConfig:
     vcpus: int
     disk_iops: int | None
     disk_bps: int | None
+    hints: str | None = None  # "guest" | "host" | "off" | None (the default rule)
 
 
 DomainName = Annotated[str, Field(pattern=NAME_PATTERN, max_length=DOMAIN_NAME_MAX)]
@@ -254,7 +260,7 @@ class ExperimentConfig(_Model):
             VMConfig(
                 name=n, image=s.image, memory_mb=s.memory_mb,
                 entitlement_mb=s.entitlement_mb if s.entitlement_mb is not None else s.memory_mb,
-                vcpus=s.vcpus, disk_iops=s.disk.iops, disk_bps=s.disk.bps,
+                vcpus=s.vcpus, disk_iops=s.disk.iops, disk_bps=s.disk.bps, hints=s.hints,
             )
             for n, s in entries
         ]
@@ -510,6 +516,17 @@ def _vm_names(data: dict) -> list[str]:
         count = _int(vms.get("count")) or 0
         return [f"{prefix}{i + 1}" for i in range(count)]
     return [n for _, n, _, _ in _raw_vms(data) if n]
+
+
+def recipe_path(image: str | None, config_dir: Path | None = None) -> Path | None:
+    """The image recipe a VM's ``image:`` names (next to the config, as given, or in
+    ``images/``, with or without ``.yaml``); ``None`` for the built-in default recipe."""
+    if image is None:
+        return None
+    found = _find_recipe(image, config_dir or Path.cwd())
+    if found is None:
+        raise ConfigError(f"image recipe {image!r} not found (next to the config, or in images/)")
+    return found
 
 
 def _find_recipe(image: str, config_dir: Path) -> Path | None:

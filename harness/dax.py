@@ -17,7 +17,10 @@ This module owns:
   ``virtio-pmem-pci``) and the kernel argument ``satori.pmem=<folder>`` that makes the guest's
   init load ``virtio_pmem``/``nd_pmem`` and mount the device ``-o ro,dax=always`` over the
   dataset's folder (``images/rc.sysinit``); a mount without DAX fails there rather than
-  silently using the page cache.
+  silently using the page cache;
+- :class:`PmemAttachment`: all of that for one VM (plus the device memory ``-m`` needs);
+- :func:`device_regions`: where a running VM's pmem device is mapped in its QEMU (to measure
+  its pages like guest RAM: the frames are the host file's page cache, one copy for all VMs).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from harness.accounting import parse_gpa2hva
 from harness.errors import HarnessError, ImageError
 from harness.image import Image, write_dataset
 from harness.paths import cache_dir
+from harness.vm import VM, Attachment
 
 FORMAT = 1  # bump when the layout of the pmem image changes
 ALIGN = 2 << 20  # virtio-pmem regions are hot-plugged in 2 MiB sub-sections
@@ -102,3 +107,45 @@ def pmem_args(pmem: PmemImage) -> tuple[list[str], dict[str, str]]:
         "-device", f"virtio-pmem-pci,memdev={MEMDEV_ID},id=pmemdev0",
     ]
     return args, {"satori.pmem": pmem.mount}
+
+
+class PmemAttachment(Attachment):
+    """The dataset's pmem image, mapped read-only into the VM and mounted with FS-DAX over the
+    dataset's folder by the guest's init (the root disk's copy is hidden under the mount)."""
+
+    key = "pmem"
+
+    def __init__(self, pmem: PmemImage) -> None:
+        self.pmem = pmem
+
+    def pre_launch(self, vm: VM) -> None:
+        args, kargs = pmem_args(self.pmem)
+        vm.add_device_memory(self.pmem.size)
+        vm.add_args(*args)
+        for k, v in kargs.items():
+            vm.set_kernel_arg(k, v)
+
+    def state(self, vm: VM) -> dict[str, str | int | None]:
+        return {"image": str(self.pmem.path), "mount": self.pmem.mount, "size": self.pmem.size}
+
+
+def device_regions(vm: VM) -> list[tuple[int, int]]:
+    """(host virtual address, size) of each virtio-pmem device of a running VM in its QEMU
+    (QMP ``query-memory-devices`` for the guest-physical address, HMP ``gpa2hva`` for the host's)."""
+    out = []
+    for d in vm.qmp("query-memory-devices") or []:
+        if d.get("type") != "virtio-pmem":
+            continue
+        data = d["data"]
+        text = vm.qmp("human-monitor-command", **{"command-line": f"gpa2hva {int(data['memaddr']):#x}"})
+        out.append((parse_gpa2hva(text), int(data["size"])))
+    return out
+
+
+def dax_mounted(vm: VM, folder: str) -> bool:
+    """Whether the guest has ``folder`` mounted from a pmem device with DAX (``/proc/mounts``)."""
+    for line in vm.ssh.check("cat /proc/mounts").splitlines():
+        f = line.split()
+        if len(f) >= 4 and f[1] == folder and f[0].startswith("/dev/pmem"):
+            return any(o in ("dax", "dax=always") for o in f[3].split(","))
+    return False

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from harness import accounting, budget, ksm, metrics, modes, report
-from harness.config import ExperimentConfig, config_as_run
+from harness.config import ExperimentConfig, config_as_run, recipe_path
 from harness.errors import BootError, HarnessError
-from harness.image import Image, ensure_image
-from harness.sharing.attach import sharing_attachments
+from harness.image import DEFAULT_RECIPE, Image, ensure_image
+from harness.sharing.attach import mode_attachments, ring_of
 from harness.sharing.engine import IdlePoll, Member, SharingEngine
 from harness.surplus import Budget, Policy, SurplusManager
 from harness.vm import VM, VMSpec, new_run_id, start_all
@@ -66,6 +66,7 @@ class ModeRun:
     error: str | None = None
     failures: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # VMs that died
     entitlements_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    vms: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # image, hints per VM
 
 
 def vm_death(vm: VM, t: float, domain: str | None) -> dict[str, Any]:
@@ -480,6 +481,7 @@ class Runner:
         self.runs: list[ModeRun] = []
         self.skipped: dict[str, str] = {}  # mode -> why this host cannot run it
         self.image: Image | None = None
+        self.images: dict[str, Image] = {}  # VM name -> its image (VMs may boot different ones)
         self.accel = None
 
     # ------------------------------------------------------------ one mode
@@ -507,9 +509,13 @@ class Runner:
         t_start = time.monotonic()
         cpu0 = time.process_time()
         with contextlib.ExitStack() as stack:
-            vms = [VM(s, self.image, run_id=run_id, accel=self.accel, log=self.log,
-                      attachments=sharing_attachments(hints=m.hints == "guest", agent=m.engine))
-                   for s in self._specs(m)]
+            vms, setup = [], {}
+            for s, v in zip(self._specs(m), cfg.vm_list(), strict=True):
+                img = self.images.get(s.name, self.image)
+                atts, source = mode_attachments(m, img, v.hints, self.log)
+                vms.append(VM(s, img, run_id=run_id, accel=self.accel, log=self.log, attachments=atts))
+                setup[s.name] = {"image": img.name, "recipe_hash": img.recipe_hash, "kernel": img.abi,
+                                 "hints": source or "off", "pmem": m.pmem}
             for vm in vms:
                 stack.callback(vm.shutdown)
             self.log(f"[{mode} #{rep + 1}] booting {len(vms)} VMs")
@@ -542,8 +548,13 @@ class Runner:
             if m.engine:
                 by_name = {vm.name: vm for vm in vms}
                 for dom, names in cfg.domains().items():
-                    engines[dom] = stack.enter_context(SharingEngine(
-                        [Member.from_vm(by_name[n]) for n in names], domain=f"{dom}-{run_id}", log=self.log))
+                    members = [Member.from_vm(by_name[n]) for n in names if ring_of(by_name[n])]
+                    if len(members) < len(names):
+                        self.log(f"domain {dom}: VMs without hints take no part in sharing: "
+                                 + ", ".join(n for n in names if not ring_of(by_name[n])))
+                    if members:
+                        engines[dom] = stack.enter_context(SharingEngine(
+                            members, domain=f"{dom}-{run_id}", log=self.log))
             t_mode = time.monotonic()
             loop = _Loop(vms, engines, cfg.groups(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log,
                          budget_pages=sum(b.entitlement for b in budgets))
@@ -638,7 +649,7 @@ class Runner:
                     t0=starts[0] if starts else None, engine=eng_stats, ksm=ksm_delta, cpu=cpu,
                     boot_s=boot, surplus=surplus.series() if surplus else [],
                     quiet_since=ctx.quiet_since, status=status, error=error, failures=list(loop.deaths),
-                    entitlements_mb={v.name: float(v.entitlement_mb) for v in cfg.vm_list()},
+                    entitlements_mb={v.name: float(v.entitlement_mb) for v in cfg.vm_list()}, vms=setup,
                 )
                 self.runs.append(run)
                 self.write()
@@ -647,6 +658,19 @@ class Runner:
         for f in run.failures:
             self.log(f"[{mode} #{rep + 1}] recorded: {describe_death(f)}")
         return run
+
+    def _images(self) -> dict[str, Image]:
+        """Each VM's image (its ``image:`` recipe, built or found in the cache), by VM name."""
+        cdir = self.config_path.parent if self.config_path else None
+        default = DEFAULT_RECIPE.resolve()
+        built: dict[Path, Image] = {default: self.image} if self.image else {}
+        out = {}
+        for v in self.cfg.vm_list():
+            rp = (recipe_path(v.image, cdir) or DEFAULT_RECIPE).resolve()
+            if rp not in built:
+                built[rp] = ensure_image(rp, log=self.log)
+            out[v.name] = built[rp]
+        return out
 
     def _wait_balloons(self, vms: list[VM], surplus: SurplusManager, timeout: float = 60.0) -> None:
         """Wait until each guest's balloon reached its entitlement (the guest frees memory)."""
@@ -670,6 +694,7 @@ class Runner:
                 self.log(f"mode {m} skipped: {why}")
         runnable = [m for m in self.cfg.modes if m not in self.skipped]
         self.image = ensure_image(log=self.log)
+        self.images = self._images() if runnable else {}
         total = len(runnable) * self.cfg.repetitions
         k = 0
         try:
@@ -711,6 +736,8 @@ class Runner:
         if self.accel:
             meta["accel_reason"] = self.accel.reason
         meta["config_file"] = str(self.config_path) if self.config_path else None
+        meta["images"] = {n: {"image": i.name, "recipe_hash": i.recipe_hash, "kernel": i.abi,
+                              "hint_driver": i.hints} for n, i in self.images.items()}
         meta["seed"] = self.cfg.seed
         expected = (len(self.cfg.modes) - len(self.skipped)) * self.cfg.repetitions
         complete = len(self.runs) == expected and all(r.status == "ok" for r in self.runs)
@@ -730,7 +757,7 @@ def mode_entry(name: str) -> dict[str, Any]:
     """The mode table's entry as recorded in results (what the mode was when it ran)."""
     m = modes.get(name)
     return {"name": m.name, "summary": m.summary, "ram_backend": m.ram_backend,
-            "ksm": dict(m.ksm) if m.ksm else None, "hints": m.hints, "engine": m.engine}
+            "ksm": dict(m.ksm) if m.ksm else None, "hints": m.hints, "engine": m.engine, "pmem": m.pmem}
 
 
 def run_record(r: ModeRun, cfg: ExperimentConfig) -> dict[str, Any]:
@@ -741,7 +768,7 @@ def run_record(r: ModeRun, cfg: ExperimentConfig) -> dict[str, Any]:
     defines = sorted({d for w in cfg.workloads for d in kinds[w.name].DEFINES})
     return {
         "rep": r.rep, "status": r.status, "error": r.error, "failures": r.failures,
-        "entitlements_mb": r.entitlements_mb,
+        "entitlements_mb": r.entitlements_mb, "vms": r.vms,
         "t0": r.t0, "quiet_since": r.quiet_since, "defines": defines, "surplus_on": cfg.surplus,
         "boot_s": r.boot_s, "cpu": r.cpu, "ksm": r.ksm, "engine": r.engine,
         "workloads": r.workloads, "events": r.events, "surplus": r.surplus, "samples": r.samples,

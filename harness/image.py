@@ -710,9 +710,10 @@ def _build_patched(abi: str, work: Path, log: Log) -> dict[str, Path] | None:
 
 
 def ensure_image(recipe_path: Path = DEFAULT_RECIPE, log: Log = print) -> Image:
-    """The cached image, building it first if needed; ``$SATORI_IMAGE`` names a built image folder."""
+    """The cached image, building it first if needed; ``$SATORI_IMAGE`` names a built image
+    folder to use instead of the default recipe's (other recipes are built as usual)."""
     pinned = os.environ.get("SATORI_IMAGE")
-    if pinned:
+    if pinned and Path(recipe_path).resolve() == DEFAULT_RECIPE.resolve():
         if not (Path(pinned) / "manifest.json").exists():
             raise ImageError(f"SATORI_IMAGE={pinned} is not a built image folder (no manifest.json)")
         return Image.load(Path(pinned))

@@ -9,6 +9,8 @@ A mode says how the VMs of a run are built and what shares their memory:
 - ``hints``: where page hints come from: ``guest`` (the patched guest virtio-blk and its ring),
   ``host`` (QEMU's own disk reads), or ``None`` (no hints: the stock guest driver);
 - ``engine``: whether the sharing engine (verify hints, merge through the agents) runs;
+- ``pmem``: the image's dataset is one read-only virtio-pmem image mounted with FS-DAX in
+  every guest (``harness.dax``): its pages never enter a guest's page cache;
 - ``requires``: checks of this host; each returns ``None`` or the reason the mode cannot run
   here (:meth:`Mode.unavailable`), which the runner records instead of running it.
 
@@ -60,6 +62,7 @@ class Mode:
     hints: HintSource
     engine: bool
     requires: tuple[Check, ...] = ()
+    pmem: bool = False
 
     @property
     def scans(self) -> bool:
@@ -69,7 +72,7 @@ class Mode:
     @property
     def shares(self) -> bool:
         """Whether anything shares memory in this mode (``none`` is the baseline that does not)."""
-        return self.scans or self.engine
+        return self.scans or self.engine or self.pmem
 
     def unavailable(self) -> str | None:
         """Why this host cannot run the mode, or ``None`` when it can."""
@@ -105,6 +108,12 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("satori+ksm", "satori's hints, and KSM at the default rate for what no read reveals",
          ram_backend="ram-merge", ksm={**_KSM_DEFAULT_RATE, "run": 1}, hints="guest", engine=True,
          requires=(ksm_files(),)),
+    Mode("satori-host", "hints from QEMU's own disk reads (any guest kernel, no guest patch), "
+         "verified and merged at once",
+         ram_backend="file", ksm={"run": 0}, hints="host", engine=True),
+    Mode("dax", "the dataset on one read-only virtio-pmem image mounted with FS-DAX in every "
+         "guest: no page-cache copy at all (only that data, never writes)",
+         ram_backend="file", ksm={"run": 0}, hints=None, engine=False, pmem=True),
 )}
 
 NAMES: tuple[str, ...] = tuple(MODES)

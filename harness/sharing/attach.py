@@ -82,15 +82,73 @@ class MergeAgentAttachment(Attachment):
         return STORE_ESTIMATE
 
 
-def sharing_attachments(hints: bool = True, agent: bool = False,
+HINT_SOURCES = ("guest", "host", "off")
+
+
+def hint_source(wanted: str | bool | None, image) -> str | None:
+    """Who reports a VM's reads: ``"guest"`` (the patched driver in the image), ``"host"`` (the
+    preload in QEMU, any guest) or ``None``. ``wanted``: ``"guest"`` | ``"host"`` | ``"off"``,
+    or ``None``/``"auto"``/``True`` for the default: guest when the image has the driver, host
+    otherwise. Asking for guest hints of an image without the driver is an error."""
+    if wanted in (None, "auto", True):
+        return "guest" if image.hints else "host"
+    if wanted in ("off", False):
+        return None
+    if wanted == "host":
+        return "host"
+    if wanted == "guest":
+        if not image.hints:
+            raise HarnessError(f"image {image.name or image.root} has no hint driver (stock kernel): "
+                               "use hints: host")
+        return "guest"
+    raise HarnessError(f"hints must be one of {', '.join(HINT_SOURCES)}, not {wanted!r}")
+
+
+def sharing_attachments(hints: str | bool | None = True, agent: bool = False,
                         ring_bytes: int = DEFAULT_RING_BYTES) -> list[Attachment]:
-    """The attachments of a VM that takes part in sharing (``agent``) or only reports hints."""
+    """The attachments of a VM that takes part in sharing (``agent``) or only reports hints.
+
+    ``hints``: ``"guest"`` (or ``True``: the guest driver when the image has it), ``"host"``
+    (host-observed hints: :class:`harness.sharing.hosthints.HostHintsAttachment`), or
+    ``None``/``False``/``"off"``. Resolve a per-VM choice with :func:`hint_source` first."""
+    source = {True: "guest", False: "off", None: "off"}.get(hints, hints)  # type: ignore[call-overload]
+    if source not in HINT_SOURCES:
+        raise HarnessError(f"hints must be one of {', '.join(HINT_SOURCES)}, not {hints!r}")
     out: list[Attachment] = []
-    if hints or agent:
+    if source == "host":
+        from harness.sharing.hosthints import HostHintsAttachment
+
+        out.append(HostHintsAttachment(ring_bytes))
+    elif source == "guest":
         out.append(HintRingAttachment(ring_bytes))
     if agent:
         out.append(MergeAgentAttachment())
     return out
+
+
+def mode_attachments(mode, image, hints: str | None = None,
+                     log=print) -> tuple[list[Attachment], str | None]:
+    """What a VM of ``image`` carries in ``mode`` (a :class:`harness.modes.Mode`), and its hint
+    source. ``hints``: the VM's own setting (``guest``/``host``/``off``, ``None`` = default).
+
+    - a mode without hints: none; ``satori-host`` (hints ``host``): host hints for every VM but
+      one set to ``off``; ``satori`` (hints ``guest``): the VM's setting, by default the guest
+      driver when the image has it and host hints otherwise (a stock guest in a satori run);
+    - an engine mode: the merge agent too, for every VM that has hints (a VM without hints has
+      nothing to give the engine and is left out of its domain);
+    - a ``pmem`` mode (dax): the dataset's pmem image, mounted with DAX by the guest.
+    """
+    source: str | None = None
+    if mode.hints == "host":
+        source = None if hints == "off" else "host"
+    elif mode.hints == "guest":
+        source = hint_source(hints, image)
+    out = sharing_attachments(hints=source or "off", agent=mode.engine and source is not None)
+    if mode.pmem:
+        from harness.dax import PmemAttachment, pmem_image
+
+        out.append(PmemAttachment(pmem_image(image, log)))
+    return out, source
 
 
 def ring_of(vm: VM) -> ProcFile | None:

@@ -38,7 +38,7 @@ import numpy as np
 from harness import sysstate
 from harness.errors import HarnessError
 from harness.memfd import ProcFile
-from harness.sharing import index
+from harness.sharing import hosthints, index
 from harness.sharing.agent import AgentRequestError
 from harness.sharing.breaks import BreakChecker
 from harness.sharing.core import NativeCore, base_bytes
@@ -303,7 +303,8 @@ class SharingEngine:
 
     def stats(self) -> dict[str, Any]:
         """Counters of the domain and per VM; ``merge_lag_s``; per VM ``agent_cpu_ns`` (None
-        with ``agent_error`` saying why when the agent could not tell)."""
+        with ``agent_error`` saying why when the agent could not tell) and ``hosthints_cpu_ns``
+        (the host's hashing for host hints, 0 for a guest producer; None with ``hosthints_error``)."""
         core, sched, _ = self._parts()
         vms: dict[str, dict[str, Any]] = {}
         for link in self.links:
@@ -324,6 +325,11 @@ class SharingEngine:
             except (HarnessError, KeyError, ValueError) as e:
                 v["agent_cpu_ns"] = None
                 v["agent_error"] = f"agent STATS: {e}"
+            try:  # a host producer counts its CPU in the ring header (a guest one leaves 0)
+                v["hosthints_cpu_ns"] = hosthints.read_counters(link.m.ring).cpu_ns
+                v["hosthints_error"] = None
+            except HarnessError as e:
+                v["hosthints_cpu_ns"], v["hosthints_error"] = None, str(e)
             v["last_error"] = link.last_error
             vms[link.name] = v
         c = core.counters()

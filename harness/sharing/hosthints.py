@@ -7,8 +7,14 @@ driver would into a hint ring of the same format (``docs/hint-ring.md``), which 
 created and reads as it reads a guest's. No guest change: any kernel, any guest.
 
 This module builds the library (once per source hash, into the cache, like the merge agent),
-gives the environment a QEMU process needs to run it, and reads the counters the library keeps
-in the ring header (calls, pages hashed, its CPU time: the host-side cost of host hints).
+attaches it to a VM (:class:`HostHintsAttachment`: a ring memfd under the same key as the guest
+driver's ring, so the engine does not care who fills it; the preload; the guest's stock
+driver), and reads the counters the library keeps in the ring header (calls, pages hashed,
+its CPU time: the host-side cost of host hints).
+
+What it covers is what the harness configures: QEMU 7.2's ``aio=threads`` (the default; the VM
+never sets ``aio=``) on a qcow2 overlay over a raw base, ``cache=writeback``. Reads with
+``aio=native`` or ``aio=io_uring`` land in guest RAM in another call and are not reported.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.hints import init_ring
+from harness.memfd import ProcFile, open_file
 from harness.sharing.agent import build_library, library_path
+from harness.vm import VM, Attachment
 
 LIB_NAME = "satori_hosthints.so"
 
@@ -49,7 +58,8 @@ def preload_env(ring: str | os.PathLike, ram: str | os.PathLike,
                 disks: Sequence[str | os.PathLike]) -> dict[str, str]:
     """Environment entries for a QEMU process that should report its guest's disk reads.
 
-    ``ring``: the hint ring file (created with :func:`harness.hints.create_ring_file`);
+    ``ring``: the hint ring file (initialised with :func:`harness.hints.init_ring`; inside QEMU
+    a ``/proc/self/fd/N`` of a memfd it inherits);
     ``ram``: the guest RAM backend file (``mem-path=``, or a ``/proc/.../fd/N`` link to it);
     ``disks``: the image files whose reads count (the overlay, then its backing file): a
     record's ``disk`` is the index in this list, its ``sector`` the byte offset in that file
@@ -88,15 +98,22 @@ class HostHintCounters:
         return self.cpu_ns / 1e9
 
 
-def read_counters(ring: str | os.PathLike) -> HostHintCounters:
+def read_counters(ring: ProcFile | str | os.PathLike) -> HostHintCounters:
     """The host producer's counters of one ring (all zero if no preload attached yet)."""
+    fd = open_file(ring)
     try:
-        with open(ring, "rb") as f:
-            hdr = f.read(128)
+        hdr = os.pread(fd, 128, 0)
     except OSError as e:
         raise HarnessError(f"cannot read hint ring {ring}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    return counters_from_header(hdr, str(ring))
+
+
+def counters_from_header(hdr: bytes, what: str = "hint ring") -> HostHintCounters:
+    """:class:`HostHintCounters` from the first 128 bytes of a ring (e.g. a reader's mapping)."""
     if len(hdr) < 128:
-        raise HarnessError(f"hint ring {ring} is too small")
+        raise HarnessError(f"{what} is too small")
     u64 = lambda off: struct.unpack_from("<Q", hdr, off)[0]  # noqa: E731
     return HostHintCounters(
         attached=struct.unpack_from("<I", hdr, OFF_GUEST_STATE)[0] == 1,
@@ -104,3 +121,36 @@ def read_counters(ring: str | os.PathLike) -> HostHintCounters:
         dropped=u64(OFF_DROPPED), partial=u64(OFF_PARTIAL), other=u64(OFF_HH_OTHER),
         cpu_ns=u64(OFF_HH_CPU_NS),
     )
+
+
+class HostHintsAttachment(Attachment):
+    """Host-observed hints for a VM: a hint ring memfd (key ``ring``, like the guest driver's,
+    but no ivshmem device: the guest never sees it), the preload that fills it from QEMU's own
+    disk reads, and the guest's stock disk driver (``satori.hints=0``). Needs guest RAM the
+    preload can find (``ram_backend="file"``)."""
+
+    key = "host-hints"
+
+    def __init__(self, ring_bytes: int = 4 << 20) -> None:
+        if ring_bytes & (ring_bytes - 1) or ring_bytes < 8192:
+            raise HarnessError("ring_bytes must be a power of two >= 8192")
+        self.ring_bytes = ring_bytes
+
+    def pre_launch(self, vm: VM) -> None:
+        from harness.sharing.attach import RING_KEY
+
+        ram_fd = vm.memfd_number("ram")
+        if ram_fd is None:
+            raise HarnessError(f"VM {vm.name}: host hints need guest RAM in a shared memfd "
+                               "(ram_backend 'file'), not anonymous RAM")
+        fd = vm.add_memfd(RING_KEY, self.ring_bytes)
+        init_ring(fd, self.ring_bytes)
+        env = preload_env(f"/proc/self/fd/{fd}", f"/proc/self/fd/{ram_fd}",
+                          [vm.paths.overlay, vm.image.rootfs])
+        vm.add_preload(env.pop("LD_PRELOAD").split(":")[0])
+        for k, v in env.items():
+            vm.set_env(k, v)
+        vm.set_kernel_arg("satori.hints", "0")  # the stock driver, whatever the image has
+
+    def state(self, vm: VM) -> dict[str, str | int | None]:
+        return {"source": "host"}
