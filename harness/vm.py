@@ -334,6 +334,13 @@ class VM:
             raise HarnessError(f"preload {path}: no ':' or spaces in the path")
         self._preloads.append(path)
 
+    def launch_env(self) -> dict[str, str]:
+        """QEMU's environment: the harness's, the attachments' variables, ``LD_PRELOAD``."""
+        env = dict(os.environ) | self._env
+        if self._preloads:
+            env["LD_PRELOAD"] = ":".join([*self._preloads, *filter(None, [env.get("LD_PRELOAD")])])
+        return env
+
     def add_device_memory(self, size: int) -> None:
         """Room for a memory device (virtio-pmem) of ``size`` bytes (before launch)."""
         if size <= 0 or size % PAGE:
@@ -451,11 +458,8 @@ class VM:
             a.pre_launch(self)
         from harness.oracle import tracker_env
 
-        env = dict(os.environ) | self._env
-        if self._preloads:
-            env["LD_PRELOAD"] = ":".join([*self._preloads, *filter(None, [env.get("LD_PRELOAD")])])
         # the oracle's write tracker (harness/wptrack.c) in every QEMU, after the attachments' preloads
-        env = tracker_env(env)
+        env = tracker_env(self.launch_env())
         fds = tuple(fd for fd, _, _ in self._memfds.values())
         for attempt in range(3):
             self.ssh_port = free_port()
