@@ -149,3 +149,34 @@ def dax_mounted(vm: VM, folder: str) -> bool:
         if len(f) >= 4 and f[1] == folder and f[0].startswith("/dev/pmem"):
             return any(o in ("dax", "dax=always") for o in f[3].split(","))
     return False
+
+
+@dataclasses.dataclass(frozen=True)
+class PmemSharing:
+    """The pmem pages a set of VMs touch, counted like guest RAM (METRICS.md G/F/R): ``G`` every
+    (VM, present pmem page), ``F`` the distinct host frames behind them (the pmem file's page
+    cache: one copy whoever maps it), ``R = G - F`` the pages saved against each VM holding its
+    own copy."""
+
+    G: int
+    F: int
+
+    @property
+    def R(self) -> int:
+        return self.G - self.F
+
+
+def pmem_sharing(vms: list[VM]) -> PmemSharing:
+    """:class:`PmemSharing` of running dax VMs, from their QEMUs' pagemaps (root)."""
+    import numpy as np
+
+    from harness.accounting import decode_pagemap, read_pagemap
+
+    g, frames = 0, []
+    for vm in vms:
+        for hva, size in device_regions(vm):
+            present, pfn = decode_pagemap(read_pagemap(vm.pid, hva, size // 4096))
+            g += int(present.sum())
+            frames.append(pfn[present])
+    f = len(np.unique(np.concatenate(frames))) if frames else 0
+    return PmemSharing(g, f)

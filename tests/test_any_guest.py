@@ -272,6 +272,8 @@ def test_dax_maps_one_copy_and_the_guests_hold_none(image):
         both = (pfns[0] != 0) & (pfns[1] != 0)
         assert both.sum() >= nfiles * 1024 * 0.9, both.sum()
         assert (pfns[0][both] == pfns[1][both]).all()
+        sh = dax.pmem_sharing(vms)  # one copy on the host for the two guests' reads
+        assert sh.G >= 2 * 0.9 * nfiles * 1024 and sh.R >= 0.45 * sh.G
     finally:
         for vm in vms:
             vm.shutdown()
