@@ -169,7 +169,7 @@ def readers(args) -> None:
     hash_us = guest_hash_us() if "satori" in res["modes"] else None
     print()
     print(f"{res['name']}: {args.files} files x 4 MiB per VM, {args.reps} repetition(s), "
-          f"commit {res['meta'].get('commit')}, {res['meta'].get('accel')}")
+          f"commit {(res['meta'].get('git_commit') or '?')[:10]}, {res['meta'].get('accel')}")
     if res["meta"].get("images"):
         print("images: " + ", ".join(f"{n} {i['image']} ({i['kernel']})" for n, i in res["meta"]["images"].items()))
     head = ("mode", "E_disk", "time to 90%", "merge lag p99", "host CPU/page saved", "peak R",
@@ -200,7 +200,7 @@ def readers(args) -> None:
 def boot(args) -> None:
     res = run(REPO / "configs" / "any-guest-boot.yaml", args, args.modes, {"keep_s": args.keep})
     print()
-    print(f"{res['name']}: {args.reps} repetition(s), commit {res['meta'].get('commit')}")
+    print(f"{res['name']}: {args.reps} repetition(s), commit {(res['meta'].get('git_commit') or '?')[:10]}")
     head = ("mode", "disk content / populated non-zero", "E_disk", "E", "merged (MB)")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
