@@ -35,7 +35,7 @@
  * and preadv64; the others are the same functions under their other glibc names, or the
  * flags variant other builds use). Not covered: aio=native (io_submit of
  * libaio: the data lands after io_getevents) and aio=io_uring (liburing): the harness never
- * configures them, and the VM refuses host hints with them. Reads QEMU makes into its own
+ * configures them (its -drive has no aio=, QEMU's default is threads). Reads QEMU makes into its own
  * buffers (qcow2 metadata, bounce buffers) are not in guest RAM and are ignored.
  *
  * Producer side of the ring (docs/hint-ring.md "Protocol" 2-3): the header is checked as the
