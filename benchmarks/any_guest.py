@@ -91,7 +91,8 @@ def rep_figures(mode: dict) -> list[dict]:
         peak_r = max((row.get("R") or 0 for row in rows), default=0)
         vms = [v for st in (r.get("engine") or {}).values() for v in st["vms"].values()]
         hh_s = sum(v.get("hosthints_cpu_ns") or 0 for v in vms) / 1e9
-        hinted = sum(v.get("hinted") or 0 for v in vms)
+        host_hinted = sum(v.get("hinted") or 0 for v in vms if v.get("hosthints_cpu_ns"))
+        guest_hinted = sum(v.get("hinted") or 0 for v in vms if not v.get("hosthints_cpu_ns"))
         cpu = r.get("cpu") or {}
         host_s = sum(cpu.get(k) or 0 for k in ("engine_s", "agent_s", "ksmd_s")) + hh_s
         lags = [st.get("merge_lag_s") for st in (r.get("engine") or {}).values() if st.get("merge_lag_s")]
@@ -102,8 +103,8 @@ def rep_figures(mode: dict) -> list[dict]:
             "peak_R": peak_r,
             "cpu_per_saved": host_s / peak_r if peak_r else None,
             "hosthints_s": hh_s,
-            "hinted": hinted,
-            "hh_per_page": hh_s / hinted if hinted and hh_s else None,
+            "guest_hinted": guest_hinted,
+            "hh_per_page": hh_s / host_hinted if host_hinted else None,
         })
     return out
 
@@ -181,11 +182,13 @@ def readers(args) -> None:
             print(f"| {name} | skipped: {mode['skipped']} |")
             continue
         f = rep_figures(mode)
-        hashing = "-"
+        parts = []
         if any(x["hh_per_page"] for x in f):
-            hashing = "host " + fmt([x["hh_per_page"] for x in f], " us/page", 1e6)
-        elif hash_us and any(x["hinted"] for x in f):
-            hashing = f"guest ~{hash_us:.2f} us/page (est.)"
+            parts.append("host " + fmt([x["hh_per_page"] for x in f], " us/page", 1e6))
+        if hash_us and any(x["guest_hinted"] for x in f):
+            pages = statistics.median(x["guest_hinted"] for x in f)
+            parts.append(f"guest ~{hash_us:.2f} us/page (est.), ~{pages * hash_us / 1e6:.2f} s")
+        hashing = "; ".join(parts) or "-"
         print(f"| {name} | {fmt([x['E_disk'] for x in f])} | {fmt([x['t90'] for x in f], ' s')} | "
               f"{fmt([x['lag_p99'] for x in f], ' s')} | {fmt([x['cpu_per_saved'] for x in f], ' us', 1e6)} | "
               f"{fmt([x['peak_R'] * PAGE / 2**20 for x in f], ' MB')} | {hashing} |")
