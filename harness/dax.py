@@ -128,6 +128,11 @@ class PmemAttachment(Attachment):
     def state(self, vm: VM) -> dict[str, str | int | None]:
         return {"image": str(self.pmem.path), "mount": self.pmem.mount, "size": self.pmem.size}
 
+    def host_memory(self, vm: VM) -> int:
+        # the image's page cache: one copy whatever the number of VMs mapping it, and clean
+        # (read-only), so the kernel can drop it under pressure: nothing to reserve per VM
+        return 0
+
 
 def device_regions(vm: VM) -> list[tuple[int, int]]:
     """(host virtual address, size) of each virtio-pmem device of a running VM in its QEMU

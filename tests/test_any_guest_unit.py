@@ -77,6 +77,7 @@ def test_host_hints_attachment_ring_preload_and_stock_driver(vm):
     assert vm._env["SATORI_HOSTHINTS_RAM"] == f"/proc/self/fd/{ram_fd}"
     assert vm._env["SATORI_HOSTHINTS_DISKS"] == f"{vm.paths.overlay}:/img/rootfs.raw"
     assert len(vm._preloads) == 1 and vm._preloads[0].endswith("satori_hosthints.so")
+    assert HostHintsAttachment(1 << 16).host_memory(vm) == 1 << 16  # the ring counts against the host's room
 
 
 def test_host_hints_need_shared_ram(tmp_path, monkeypatch):
@@ -90,6 +91,7 @@ def test_pmem_attachment_device_memory_and_kernel_arg(vm, tmp_path):
     pmem = PmemImage(tmp_path / "d.ext4", 226 << 20, "/data/set1", 50, 200 << 20)
     PmemAttachment(pmem).pre_launch(vm)
     assert vm._device_memory == 226 << 20
+    assert PmemAttachment(pmem).host_memory(vm) == 0  # the image's page cache: one copy for every VM
     assert vm._kernel_args["satori.pmem"] == "/data/set1"
     assert "-device" in vm._args and "virtio-pmem-pci,memdev=pmem0,id=pmemdev0" in vm._args
     paths = VMPaths.in_folder(Path("/r/vms/r1-a"))

@@ -154,3 +154,6 @@ class HostHintsAttachment(Attachment):
 
     def state(self, vm: VM) -> dict[str, str | int | None]:
         return {"source": "host"}
+
+    def host_memory(self, vm: VM) -> int:
+        return self.ring_bytes
