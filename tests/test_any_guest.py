@@ -16,6 +16,7 @@ import hashlib
 import os
 import struct
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -76,19 +77,6 @@ def trixie():
     return ensure_image(TRIXIE, log=lambda m: print(m, flush=True))
 
 
-def test_second_image_builds_and_boots(trixie, image):
-    assert trixie.recipe_hash != image.recipe_hash and not trixie.hints
-    assert trixie.name == "trixie-stock" and trixie.abi.startswith("6.12.")
-    with VM(VMSpec("trixie1", memory_mb=384), trixie) as vm:
-        assert vm.ssh.check("uname -r").strip() == trixie.abi
-        assert "13" in vm.ssh.check("cat /etc/debian_version")
-        # the stock driver, no ring module: nothing of satori in the guest kernel
-        assert "satori" not in vm.ssh.check("cat /proc/modules")
-        assert "satori.hints=0" in vm.ssh.check("cat /proc/cmdline")
-        # the dataset is the same bytes as in the first image
-        assert vm.ssh.check("cat /data/set1/f000[0-2].bin | md5sum").split()[0] == dataset_md5(range(3))
-
-
 # ---------------------------------------------------------------- host hints, two stock images
 
 
@@ -107,6 +95,20 @@ def stock_pair(image, trixie):
     finally:
         for v in vms:
             v.shutdown()
+
+
+def test_second_image_builds_and_boots(trixie, image, stock_pair):
+    assert trixie.recipe_hash != image.recipe_hash and not trixie.hints
+    assert trixie.name == "trixie-stock" and trixie.abi.startswith("6.12.")
+    vm = stock_pair[1]  # the module's trixie VM: one boot less
+    assert vm.image is trixie
+    assert vm.ssh.check("uname -r").strip() == trixie.abi
+    assert "13" in vm.ssh.check("cat /etc/debian_version")
+    # the stock driver, no ring module: nothing of satori in the guest kernel
+    assert "satori" not in vm.ssh.check("cat /proc/modules")
+    assert "satori.hints=0" in vm.ssh.check("cat /proc/cmdline")
+    # the dataset is the same bytes as in the first image
+    assert vm.ssh.check("cat /data/set1/f000[0-2].bin | md5sum").split()[0] == dataset_md5(range(3))
 
 
 def test_host_hints_cover_a_cold_read(stock_pair):
@@ -149,22 +151,38 @@ def engine(stock_pair):
 
 
 def e_disk(vms, eng) -> float:
-    s = accounting.measure(vms, store=eng.store_ref, merged=eng.merged_ranges())
-    return s.E_disk
+    return accounting.measure(vms, store=eng.store_ref).E_disk
+
+
+MERGE_WITHIN_S = 5.0  # issue 11: E_disk >= 0.9 within 5 s of the reads
 
 
 def test_stock_vms_of_two_images_merge_what_they_read(stock_pair, engine):
+    """The engine runs while both guests read the same 80 MB; 5 s after the last read it stops
+    and the oracle's E_disk must be >= 0.9 (asserted on E_disk, whatever the timing was)."""
     a, b = stock_pair
     for vm in (a, b):
-        vm.ssh.check(f"sync; echo 3 > /proc/sys/vm/drop_caches; cat {files(10, 30)} > /dev/null")
-    engine.drain(quiet_s=0.5, timeout_s=30)
+        vm.ssh.check("sync; echo 3 > /proc/sys/vm/drop_caches")
+    engine.drain(quiet_s=0.3)  # what the boots and the drops left in the rings
+    stop = threading.Event()
+    t = threading.Thread(target=engine.run, args=(stop.is_set,), daemon=True)
+    t.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:  # both guests read at once; a failure is raised here
+            list(pool.map(lambda vm: vm.ssh.check(f"cat {files(10, 30)} > /dev/null"), (a, b)))
+        stop.wait(MERGE_WITHIN_S)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive()
+    e = e_disk(stock_pair, engine)
     st = engine.stats()["vms"]
+    assert e >= 0.9, (e, {n: {k: v[k] for k in ("hinted", "merged", "changed", "dropped")} for n, v in st.items()})
     for vm in (a, b):
         assert st[vm.name]["merged"] >= 0.9 * 20 * 1024, st[vm.name]
-    assert e_disk(stock_pair, engine) >= 0.9
     assert (a.ssh.check(f"cat {files(10, 30)} | md5sum").split()[0]
             == b.ssh.check(f"cat {files(10, 30)} | md5sum").split()[0] == dataset_md5(range(10, 30)))
-    cpu = engine.stats()["vms"][a.name]["hosthints_cpu_ns"]
+    cpu = st[a.name]["hosthints_cpu_ns"]
     assert cpu and cpu > 0  # the host's hashing is measured (the yardstick charges it)
 
 
