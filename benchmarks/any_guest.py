@@ -215,7 +215,7 @@ def readers(args) -> None:
         print(f"\ndax alone (2 VMs, {args.files} files each): pmem pages mapped G={d['G']}, host frames "
               f"F={d['F']}, saved R={d['R']} ({d['R'] * PAGE / 2**20:.0f} MB); dataset pages in the "
               f"guests' RAM: {d['in_ram']} of {d['read_pages']} read (the page cache holds no copy)")
-    print("\nE_disk of dax counts guest RAM only (the dataset is not in it); its saving is the line above.")
+        print("\nE_disk of dax counts guest RAM only (the dataset is not in it); its saving is the line above.")
 
 
 def boot(args) -> None:
