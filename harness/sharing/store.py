@@ -4,14 +4,17 @@ It has no name anyone could open (``harness.memfd``): the engine holds it; merge
 accounting open it as ``/proc/<engine pid>/fd/<n>`` (:attr:`ContentStore.ref`, checked), and
 QEMUs keep the pages they map after the engine is gone. Nothing is left behind by a kill.
 
-Pages are appended in the order their second holder appears, so pages that guests read in
-sequence sit in sequence in the store and the merge agent maps them with one ``mmap`` per run.
-The file only grows while mapped (a shrinking file would SIGBUS the QEMUs that map it); a slot
-nobody maps any more is *punched* (its memory freed, the file size kept) and never reused, so
-the file is sparse and costs memory only for live slots.
+The engine's native core (``core.c``) writes the pages: it places each in the order its second
+holder appears, so pages that guests read in sequence sit in sequence in the store and the merge
+agent maps them with one ``mmap`` per run, and it pwrites the store's fd itself. The file only
+grows while mapped (a shrinking file would SIGBUS the QEMUs that map it); a slot nobody maps any
+more is *punched* (its memory freed, the file size kept) and the core may *reuse* it for new
+content later, which keeps the store's size bounded against a guest that churns pages (the
+oracle sees a reuse through its own watch mapping: ``harness.oracle.StoreWatch``).
 
-Appended pages are written in one ``pwritev`` per run of slots by :meth:`ContentStore.sync`,
-which the engine calls before it asks an agent to map any of them (reads and frees sync too).
+This class owns the memfd, its checked reference and the punch; its own append/``sync`` path
+(one ``pwritev`` per run of slots) serves tests that need a store without an engine; the engine
+does not use it.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class ContentStore:
         return os.pread(self.fd, PAGE, slot * PAGE)
 
     def free(self, slot: int) -> None:
-        """Free a slot's memory (no VM maps it any more); the slot is not reused."""
+        """Free a slot's memory (no VM maps it any more); this class never reuses the slot (the core may)."""
         self.sync()
         punch_hole(self.fd, slot * PAGE, PAGE)
         self.live -= 1
