@@ -248,22 +248,10 @@ class KSMControl:
 
     def _lock(self) -> None:
         path = self._dir() / "ksm.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    owner = self._stale_owner()
-                    raise HarnessError(
-                        f"KSM is controlled by another harness process (pid {owner}) for more "
-                        f"than {self.lock_timeout:.0f} s (lock {path})"
-                    ) from None
-                time.sleep(0.2)
-        self._lock_fd = fd
+        self._lock_fd = sysstate.acquire_lock(
+            path, self.lock_timeout,
+            lambda: (f"KSM is controlled by another harness process (pid {self._stale_owner()}) "
+                     f"for more than {self.lock_timeout:.0f} s (lock {path})"))
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:

@@ -23,7 +23,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +43,29 @@ def system_dir() -> Path:
     return private_dir(runtime_dir() / "system", "system state folder")
 
 
+def acquire_lock(path: Path, timeout: float, busy: Callable[[], str] | None = None) -> int:
+    """Take the lock file ``path`` (flock, waiting up to ``timeout`` s); returns its descriptor,
+    whose close releases it. On timeout: HarnessError with ``busy()`` as the message."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                msg = busy() if busy else (f"{path} is held by another harness process for more "
+                                           f"than {timeout:.0f} s")
+                raise HarnessError(msg) from None
+            time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def locked(name: str, timeout: float = 60.0, folder: Path | None = None) -> Iterator[None]:
     """Hold the machine-wide lock ``name`` (waiting up to ``timeout`` s)."""
-    path = (folder or system_dir()) / f"{name}.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fd = acquire_lock((folder or system_dir()) / f"{name}.lock", timeout)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise HarnessError(f"{path} is held by another harness process for more than "
-                                       f"{timeout:.0f} s") from None
-                time.sleep(0.1)
         yield
     finally:
         os.close(fd)  # releases the lock
