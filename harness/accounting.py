@@ -286,24 +286,14 @@ def _require_root() -> None:
 def read_pagemap(pid: int | str, addr: int, npages: int) -> np.ndarray:
     """Raw pagemap entries of ``npages`` pages from virtual address ``addr`` of process ``pid``."""
     path = f"/proc/{pid}/pagemap"
-    out = np.empty(npages, dtype=np.uint64)
-    view = memoryview(out).cast("B")
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
         raise HarnessError(f"cannot open {path}: {e}") from None
     try:
-        got = 0
-        while got < len(view):
-            r = os.preadv(fd, [view[got:]], (addr // PAGE) * 8 + got)
-            if r <= 0:
-                raise HarnessError(f"short read of {path} at page {addr // PAGE + got // 8}")
-            got += r
-    except OSError as e:
-        raise HarnessError(f"cannot read {path}: {e}") from None
+        return read_pagemap_fd(fd, addr, npages, what=path)
     finally:
         os.close(fd)
-    return out
 
 
 def read_pagemap_fd(fd: int, addr: int, npages: int, out: np.ndarray | None = None, what: str = "pagemap") -> np.ndarray:
