@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from harness import oracle
+from harness import memfd, oracle
 from harness.errors import HarnessError
 from harness.memfd import ProcFile, open_file
 
@@ -221,18 +221,11 @@ def parse_gpa2hva(text: str) -> int:
 
 def ram_hva(vm) -> int:
     """Host virtual address of guest-physical 0 in the QEMU process of ``vm`` (QMP, cached)."""
-    key = (vm.pid, _start_time(vm.pid))
+    key = (vm.pid, memfd.start_time(vm.pid) or 0)
     if key not in _hva_cache:
         text = vm.qmp("human-monitor-command", **{"command-line": "gpa2hva 0"})
         _hva_cache[key] = parse_gpa2hva(text)
     return _hva_cache[key]
-
-
-def _start_time(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 def target(vm) -> Target:
@@ -261,7 +254,7 @@ def target_from_state(state: dict) -> Target:
     from harness.vm import qmp_connect, state_memfile, state_paths
 
     pid = int(state["pid"])
-    key = (pid, _start_time(pid))
+    key = (pid, memfd.start_time(pid) or 0)
     if key not in _hva_cache:
         q = qmp_connect(state_paths(state).qmp_manual)
         try:

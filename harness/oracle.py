@@ -109,6 +109,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from harness import memfd
 from harness.errors import HarnessError
 from harness.paths import cache_dir
 
@@ -637,10 +638,9 @@ class WriteTracker:
     def _attach(self) -> None:
         # one tracker per process at a time: an abstract UNIX socket name is the lock (the
         # kernel frees it when its holder closes or dies; nothing to clean up)
-        try:
-            start = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-        except (OSError, IndexError):
-            raise TrackerUnavailable(f"process {self.pid} is gone") from None
+        start = memfd.start_time(self.pid)
+        if start is None:
+            raise TrackerUnavailable(f"process {self.pid} is gone")
         self._lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             self._lock.bind(f"\0satori-wptrack-{self.pid}-{start}")
