@@ -147,7 +147,7 @@ static void logmsg(const char *fmt, ...)
     (void)r;
 }
 
-/* ---- xxh64, seed 0 (the published XXH64 specification; the same function as verify.c's) ---- */
+/* ---- xxh64, seed 0 (the published XXH64 specification; the same function as core.c's satori_xxh64) ---- */
 #define P1 0x9E3779B185EBCA87ULL
 #define P2 0xC2B2AE3D27D4EB4FULL
 #define P3 0x165667B19E3779F9ULL
