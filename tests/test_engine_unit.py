@@ -54,6 +54,17 @@ def links_for(world: World) -> list:
                             last_error=None, wp=False, delta=False) for i in range(len(world.ram))]
 
 
+def hint_same_pages(w: World, seed: int, n: int, now: int = 0) -> list[bytes]:
+    """n random pages written at pages 0..n-1 of both VMs and hinted by each (records at ``now``)."""
+    rng = random.Random(seed)
+    pages = [rng.randbytes(PAGE) for _ in range(n)]
+    for vm in (0, 1):
+        for k, pg in enumerate(pages):
+            w.write(vm, k, pg)
+        w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), now)
+    return pages
+
+
 @pytest.fixture()
 def engine_parts():
     w = World(native, nvms=2, npages=64)
@@ -67,12 +78,7 @@ def engine_parts():
 
 def test_lost_reply_then_lost_lists_never_free_a_mapped_slot(engine_parts, monkeypatch):
     w, links, breaks, sched, log = engine_parts
-    rng = random.Random(1)
-    pages = [rng.randbytes(PAGE) for _ in range(10)]
-    for vm in (0, 1):
-        for k, pg in enumerate(pages):
-            w.write(vm, k, pg)
-        w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 1)
+    pages = hint_same_pages(w, 1, 10, now=1)
     sched.flush(links[0])
     real = sched_mod.send_batch
 
@@ -105,12 +111,7 @@ def test_lost_reply_then_lost_lists_never_free_a_mapped_slot(engine_parts, monke
 
 def test_misses_are_relisted_and_lag_counts_merged_pages_only(engine_parts):
     w, links, breaks, sched, _ = engine_parts
-    rng = random.Random(2)
-    pages = [rng.randbytes(PAGE) for _ in range(8)]
-    for vm in (0, 1):
-        for k, pg in enumerate(pages):
-            w.write(vm, k, pg)
-        w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 0)
+    hint_same_pages(w, 2, 8)
     w.write(1, 3, bytes(PAGE))  # changed before the merge: the agent's memcmp says no
     sched.flush(links[0])
     sched.flush(links[1])
@@ -165,12 +166,7 @@ def test_delta_agents_settle_break_and_free_without_any_list():
     breaks = BreakChecker(w.core, links, 1.0, log.append)
     sched = MergeScheduler(w.core, breaks, 4096, 0.2, log.append)
     try:
-        rng = random.Random(4)
-        pages = [rng.randbytes(PAGE) for _ in range(8)]
-        for vm in (0, 1):
-            for k, pg in enumerate(pages):
-                w.write(vm, k, pg)
-            w.core.ingest(vm, records([(k * PAGE, xxhash.xxh64_intdigest(pg)) for k, pg in enumerate(pages)]), 0)
+        hint_same_pages(w, 4, 8)
         w.write(1, 3, bytes(PAGE))  # changed before the merge: the agent's memcmp says no
         sched.flush(links[0])
         sched.flush(links[1])
