@@ -162,7 +162,8 @@ def med(xs: list) -> str:
     if not xs:
         return "n/a"
     m = statistics.median(xs)
-    return f"{m:g} [{min(xs):g}-{max(xs):g}]" if len(xs) > 1 else f"{m:g}"
+    f = "{:,.0f}" if all(float(x).is_integer() for x in xs) else "{:g}"
+    return f"{f.format(m)} [{f.format(min(xs))}-{f.format(max(xs))}]" if len(xs) > 1 else f.format(m)
 
 
 def main() -> int:
