@@ -68,6 +68,25 @@ def print_table(rows: list[tuple[str, float]], per: str, floor: tuple[float, flo
     print(f"{'total':<8} {total:>10.3f} {total / limit:>8.2f}")
 
 
+def print_agent_split(agents: list[dict]) -> None:
+    """The agents' merge time split by what it spends on (their own clocks, wall time in the
+    agent thread): the page-table change (mmap of the store), madvise, the punch of the guest's
+    old copy, and the rest (memcmp, userfaultfd register/protect/release of each chunk)."""
+    def tot(k: str) -> int:
+        return sum(int(a.get(k, 0)) for a in agents)
+    merged, calls = tot("merged_total"), tot("mmap_calls")
+    if not merged:
+        return
+    parts = {k: tot(k) for k in ("mmap_ns", "madvise_ns", "punch_ns")}
+    rest = tot("merge_ns") - sum(parts.values())
+    print(f"agents: {merged} pages merged in {calls} mmaps ({merged / max(1, calls):.2f} pages per run), "
+          f"{tot('wp_chunks')} write-protected chunks (held {tot('wp_ns') / max(1, tot('wp_chunks')) / 1e3:.1f} us "
+          f"on average, max {max(int(a.get('wp_max_ns', 0)) for a in agents) / 1e3:.0f} us)")
+    print("agent merge time per merged page: " + ", ".join(
+        f"{k[:-3]} {v / merged / 1e3:.3f} us" for k, v in parts.items())
+        + f", rest (memcmp + userfaultfd) {rest / merged / 1e3:.3f} us")
+
+
 def stage_us(c: dict[str, int], n: int) -> list[tuple[str, float]]:
     return [("read", c["ns_read"] / n / 1e3), ("hash", (c["ns_verify"] + c["ns_key"]) / n / 1e3),
             ("index", c["ns_index"] / n / 1e3), ("store", c["ns_store"] / n / 1e3)]
@@ -163,6 +182,7 @@ def with_vms(files: int, memory: int, keep: float) -> int:
             th.join()
             st = eng.stats()
             counters = eng.core.counters()
+            agents = [link.agent.stats() for link in eng.links if link.agent is not None]
         merged = st["merged_total"]
         v = st["vms"].values()
         hinted = sum(x["hinted"] for x in v)
@@ -189,6 +209,7 @@ def with_vms(files: int, memory: int, keep: float) -> int:
             s = sum(agent_cpu) / 1e9
             print(f"agent threads' CPU (merges and LISTs): {s:.3f} s = {s * 1e6 / merged:.3f} us per merged page")
         print(f"engine thread CPU {cpu['engine']:.3f} s = {cpu['engine'] * 1e6 / merged:.3f} us per merged page")
+        print_agent_split(agents)
     finally:
         for vm in vms:
             vm.shutdown()

@@ -210,7 +210,7 @@ class _Loop:
     def _engine_main(self) -> None:
         try:
             next_stats = time.monotonic()
-            idle = IdlePoll(0.02, 0.1)
+            idle = IdlePoll(0.02, 0.25)
             while not self.stop_evt.is_set():
                 self.check_vms()
                 c0 = time.thread_time()
@@ -231,7 +231,7 @@ class _Loop:
                     next_stats = time.monotonic() + self.interval
                     self._publish_stats()
                 self.stepped.set()  # after the first stats: the first sample row has its counters
-                idle.wait(taken)  # 20 ms while hints flow, backing off to 100 ms when quiet
+                idle.wait(taken)  # 20 ms while hints flow, backing off to 250 ms when quiet
             c0 = time.thread_time()
             for e in list(self.engines.values()):
                 e.flush_all()

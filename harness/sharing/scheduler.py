@@ -112,11 +112,11 @@ class MergeScheduler:
         self.lag = LagHistogram()
 
     def due(self, link: VMLink, now_ns: int) -> bool:
-        c = self.core.vm_counters(link.idx)
-        return bool(c["pending"]) and (c["pending"] >= self.batch_pages or now_ns - c["pending_t0"] >= self.flush_ns)
+        pending, t0 = self.core.pending(link.idx)
+        return bool(pending) and (pending >= self.batch_pages or now_ns - t0 >= self.flush_ns)
 
     def full(self, link: VMLink) -> bool:
-        return self.core.vm_counters(link.idx)["pending"] >= self.batch_pages
+        return self.core.pending(link.idx)[0] >= self.batch_pages
 
     def flush(self, link: VMLink) -> None:
         pairs, times = self.core.take(link.idx)
