@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -99,27 +101,27 @@ class Child:
 
 
 @pytest.fixture
-def store(tmp_path):
+def shm():
+    """A private folder on tmpfs (the guests' RAM files and stores are shmem, like QEMU's):
+    made by mkdtemp, 0700, an unpredictable name, so nothing in it can be planted by another
+    user; removed with all it holds."""
+    d = Path(tempfile.mkdtemp(prefix="satori-test-", dir=os.environ.get("SATORI_SHM", "/dev/shm")))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def store(shm):
     """A content store of 32 pages: pages 0-15 hold data (page k filled with byte 100 + k),
     16-31 are holes."""
-    path = Path(os.environ.get("SATORI_SHM", "/dev/shm")) / f"satori-test-store-{os.getpid()}"
-    with open(path, "wb") as f:
+    path = shm / "store"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
         f.truncate(32 * 4096)
         for k in range(16):
             f.seek(k * 4096)
             f.write(bytes([100 + k]) * 4096)
-    yield path
-    path.unlink(missing_ok=True)
-
-
-@pytest.fixture
-def shm(tmp_path):
-    d = Path(os.environ.get("SATORI_SHM", "/dev/shm")) / f"satori-test-ram-{os.getpid()}"
-    d.mkdir(exist_ok=True)
-    yield d
-    for f in d.iterdir():
-        f.unlink()
-    d.rmdir()
+    return path
 
 
 def _same(a: acc.Sample, b: acc.Sample) -> None:
