@@ -222,6 +222,7 @@ class _Loop:
                         if self._died_under(dom):
                             continue  # its VM died under it: recorded, the others go on
                         raise
+                pending = any(e.pending() for e in self.engines.values())
                 self.engine_cpu += time.thread_time() - c0
                 if taken == 0:
                     self.idle.set()
@@ -231,7 +232,8 @@ class _Loop:
                     next_stats = time.monotonic() + self.interval
                     self._publish_stats()
                 self.stepped.set()  # after the first stats: the first sample row has its counters
-                idle.wait(taken)  # 20 ms while hints flow, backing off to 250 ms when quiet
+                # 20 ms while hints flow or pairs wait for their flush, backing off to 250 ms when quiet
+                idle.wait(taken, pending)
             c0 = time.thread_time()
             for e in list(self.engines.values()):
                 e.flush_all()

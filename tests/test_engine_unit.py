@@ -185,3 +185,25 @@ def test_delta_agents_settle_break_and_free_without_any_list():
         assert not any(link.needs_list for link in links) and not log
     finally:
         w.close()
+
+
+def test_idle_poll_backs_off_only_when_nothing_waits(monkeypatch):
+    """An idle engine sleeps longer and longer (up to max_s); pairs waiting for their batch's
+    flush keep it at poll_s, so the flush is not delayed by a backed-off sleep (merge lag)."""
+    from harness.sharing.engine import IdlePoll
+
+    slept: list[float] = []
+    monkeypatch.setattr("harness.sharing.engine.time.sleep", slept.append)
+    p = IdlePoll(0.02, 0.25)
+    for _ in range(10):
+        p.wait(0)
+    assert slept[0] == 0.02 and max(slept) == 0.25 and slept == sorted(slept)
+    slept.clear()
+    p.wait(0, pending=True)
+    p.wait(0, pending=True)
+    assert slept == [0.02, 0.02]
+    p.wait(0)
+    assert slept[-1] == 0.02  # backing off starts from poll_s again
+    slept.clear()
+    p.wait(5)  # records taken: no sleep at all
+    assert slept == []

@@ -55,16 +55,22 @@ class IdlePoll:
     spell waits at most ``max_s``). The sleep reaches 0.25 s after ~0.9 s without a hint: an
     idle engine wakes 4 times a second, not 10 (an idle step measured ~0.15 ms of the engine
     thread's CPU on a busy 2-core host, however little it does); a burst of
-    reads after a quiet spell waits at most 0.25 s for its first poll, then 20 ms again."""
+    reads after a quiet spell waits at most 0.25 s for its first poll, then 20 ms again. While
+    pairs wait in a batch (``pending``), the sleep stays at ``poll_s``: a batch is flushed when
+    its flush interval is up, not up to one backed-off sleep later (that sleep is merge lag)."""
 
     def __init__(self, poll_s: float = 0.02, max_s: float = 0.25) -> None:
         self.poll_s = poll_s
         self.max_s = max(poll_s, max_s)
         self.cur = poll_s
 
-    def wait(self, taken: int) -> None:
+    def wait(self, taken: int, pending: bool = False) -> None:
         if taken:
             self.cur = self.poll_s
+            return
+        if pending:
+            self.cur = self.poll_s
+            time.sleep(self.poll_s)
             return
         time.sleep(self.cur)
         self.cur = min(self.max_s, self.cur * 1.5)
@@ -248,6 +254,11 @@ class SharingEngine:
             breaks.checked()
         return taken
 
+    def pending(self) -> bool:
+        """Whether any VM has merge pairs waiting for their batch to be flushed."""
+        core, _, _ = self._parts()
+        return any(core.pending(link.idx)[0] for link in self.links)
+
     def _ingest(self, link: VMLink, batch: np.ndarray) -> None:
         core, sched, _ = self._parts()
         t = time.monotonic_ns()
@@ -263,7 +274,7 @@ class SharingEngine:
         """Step until ``stop()`` is true (Ctrl-C propagates; merged pages stay correct)."""
         idle = IdlePoll(poll_s)
         while not stop():
-            idle.wait(self.step())
+            idle.wait(self.step(), self.pending())
         self.flush_all()
 
     def run_for(self, seconds: float, poll_s: float = 0.02) -> None:
