@@ -482,6 +482,7 @@ class Runner:
         self.log = log
         self.runs: list[ModeRun] = []
         self.skipped: dict[str, str] = {}  # mode -> why this host cannot run it
+        self.git_at_start: tuple[str | None, str | None] | None = None
         self.image: Image | None = None
         self.images: dict[str, Image] = {}  # VM name -> its image (VMs may boot different ones)
         self.accel = None
@@ -689,6 +690,7 @@ class Runner:
     # ------------------------------------------------------------ all
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.git_at_start = report.git_state()  # the code this run measures, whatever HEAD is later
         for m in self.cfg.modes:
             why = modes.get(m).unavailable()
             if why:
@@ -734,6 +736,7 @@ class Runner:
         meta = report.collect_meta(
             config_as_run(self.cfg), self.accel.accel if self.accel else None,
             self.image.abi if self.image else None, self.image.recipe_hash if self.image else None,
+            self.git_at_start,
         )
         if self.accel:
             meta["accel_reason"] = self.accel.reason

@@ -571,15 +571,21 @@ def _cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     return platform.processor() or None
 
 
+def git_state() -> tuple[str | None, str | None]:
+    """The project's commit and ``git status --porcelain`` now (None where git cannot tell)."""
+    return (_run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT),
+            _run(["git", "status", "--porcelain"], cwd=REPO_ROOT))
+
+
 def collect_meta(config_dict: Mapping[str, Any] | None, accel: str | None, guest_kernel: str | None,
-                 recipe_hash: str | None) -> dict[str, Any]:
+                 recipe_hash: str | None, git: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
     """Everything a reader needs to judge and reproduce a result: host kernel and CPU, QEMU
     version and accelerator, guest kernel, image recipe hash, the config as run, the project's
-    commit (and whether the tree had uncommitted changes), Python, seed."""
+    commit (and whether the tree had uncommitted changes: ``git``, as :func:`git_state` gave
+    it when the run started, since the tree may move during a long run), Python, seed."""
     u = platform.uname()
     qemu = _run(["qemu-system-x86_64", "--version"])
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
-    status = _run(["git", "status", "--porcelain"], cwd=REPO_ROOT)
+    commit, status = git if git is not None else git_state()
     config_dict = dict(config_dict or {})
     return {
         "host_kernel": f"{u.system} {u.release} {u.version}",

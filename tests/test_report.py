@@ -195,3 +195,13 @@ def test_plots_need_matplotlib(folder: Path, monkeypatch: pytest.MonkeyPatch) ->
         report.write_plots(folder)
     with pytest.raises(HarnessError, match="matplotlib"):
         report.report(folder)
+
+
+def test_meta_records_the_commit_a_run_started_on(monkeypatch):
+    """A long run records the commit it measured, not the one HEAD points to when it ends."""
+    from harness import report as rep
+
+    monkeypatch.setattr(rep, "git_state", lambda: ("b" * 40, ""))  # HEAD moved meanwhile
+    meta = rep.collect_meta({"seed": 1}, "tcg", None, None, git=("a" * 40, " M README.md"))
+    assert meta["git_commit"] == "a" * 40 and meta["git_dirty"] is True
+    assert rep.collect_meta({}, "tcg", None, None)["git_commit"] == "b" * 40
