@@ -215,14 +215,15 @@ class _Loop:
                 self.check_vms()
                 c0 = time.thread_time()
                 taken = 0
+                pending = False
                 for dom, e in list(self.engines.items()):
                     try:
                         taken += e.step()
+                        pending = e.pending() or pending
                     except Exception:
                         if self._died_under(dom):
                             continue  # its VM died under it: recorded, the others go on
                         raise
-                pending = any(e.pending() for e in self.engines.values())
                 self.engine_cpu += time.thread_time() - c0
                 if taken == 0:
                     self.idle.set()

@@ -41,3 +41,12 @@ def no_leftovers(request):
     yield
     after = [x for x in harness_leftovers() if x not in before]
     assert not after, "the test left these behind:\n" + "\n".join(after)
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child a test stops with SIGINT: a shell without job control starts
+    background commands with SIGINT ignored, and the child would inherit that (Python then
+    installs no KeyboardInterrupt handler); the test means a user's Ctrl-C."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 
 from harness import metrics
 from harness.report import load_results
@@ -100,7 +101,8 @@ def test_ctrl_c_mid_run_cleans_up_and_keeps_partial_results(image, tmp_path: Pat
     cfg.write_text(CONFIG.replace("keep_s: 6", "keep_s: 60"))
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(cfg), "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=sigint_default)
     lines = []
     deadline = time.monotonic() + 900  # boots are slow on a loaded machine
     assert p.stdout is not None

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sigint_default
 
 from harness import sysstate
 from harness.memfd import fd_name
@@ -97,7 +98,8 @@ def _nobody_reads(path: str) -> bool:
 def test_files_are_private_and_nobody_reads_guest_memory(pair, tmp_path):
     runtime = Path(os.environ["SATORI_RUNTIME"])
     eng = subprocess.Popen([sys.executable, "-m", "harness.cli", "share", *pair, "--domain", "hz"],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           preexec_fn=sigint_default)
     try:
         status = runtime / "share-hz.json"
         deadline = time.monotonic() + 120

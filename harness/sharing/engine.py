@@ -255,9 +255,10 @@ class SharingEngine:
         return taken
 
     def pending(self) -> bool:
-        """Whether any VM has merge pairs waiting for their batch to be flushed."""
-        core, _, _ = self._parts()
-        return any(core.pending(link.idx)[0] for link in self.links)
+        """Whether any VM has merge pairs waiting for their batch to be flushed (False once
+        the engine is closed: nothing can wait in it any more)."""
+        core = self.core
+        return core is not None and any(core.pending(link.idx)[0] for link in self.links)
 
     def _ingest(self, link: VMLink, batch: np.ndarray) -> None:
         core, sched, _ = self._parts()
