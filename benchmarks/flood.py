@@ -8,8 +8,9 @@ the third guest, ``mallory``, does one of:
 - ``none``: nothing (the baseline);
 - ``valid``: ever new *valid* hints: it writes 32 MiB of random bytes to its disk and reads them
   cold, again and again (every record is true, every page unique: the index's worst case);
-- ``forged``: records as fast as its ring takes them, written straight into the ring (random
-  hashes for random pages of its RAM: each costs the engine a page read and a hash).
+- ``forged``: the adversary workload's forger (its ``flood`` attack): records as fast as its ring
+  takes them, written straight into the ring (random hashes for random pages of its RAM: each
+  costs the engine a page read and a hash).
 
 Per condition over the repetitions (``none`` and ``valid`` interleaved, ``forged`` last: once
 forged records have moved the ring's producer, mallory's own driver's records are refused for
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import sys
 import threading
 import time
@@ -38,35 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness.image import ensure_image  # noqa: E402
+from harness.metrics import Stat  # noqa: E402
 from harness.sharing.attach import sharing_attachments  # noqa: E402
 from harness.sharing.engine import Member, SharingEngine  # noqa: E402
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all  # noqa: E402
+from harness.workloads.adversary import ARGS_PATH, FORGE, FORGE_PATH  # noqa: E402
 
 CONDITIONS = ("none", "valid", "forged")
 FILES_PER_READ = 5
 PAGES_PER_FILE = 1024
-
-FORGE = r"""
-import glob, mmap, os, random, struct, sys, time
-secs = float(sys.argv[1])
-dev = [d for d in glob.glob('/sys/bus/pci/devices/*') if open(d + '/vendor').read().strip() == '0x1af4'
-       and open(d + '/device').read().strip() == '0x1110'][0]
-fd = os.open(dev + '/resource2', os.O_RDWR | os.O_SYNC)
-m = mmap.mmap(fd, os.fstat(fd).st_size)
-cap = struct.unpack_from('<I', m, 20)[0]
-ram = int(open('/proc/meminfo').readline().split()[1]) * 1024
-rnd, sent, end = random.Random(1), 0, time.time() + secs
-while time.time() < end:
-    prod, cons = struct.unpack_from('<Q', m, 64)[0], struct.unpack_from('<Q', m, 128)[0]
-    room = cap - (prod - cons) if 0 <= prod - cons <= cap else cap // 2
-    for i in range(room):
-        struct.pack_into('<QQQHHI', m, 4096 + ((prod + i) % cap) * 32, rnd.randrange(ram) & ~4095,
-                         rnd.getrandbits(64), 0, 0, 1, (prod + i) & 0xffffffff)
-    struct.pack_into('<Q', m, 64, prod + room)
-    sent += room
-    time.sleep(0.01)
-print(sent)
-"""
 
 VALID = ("end=$(( $(date +%s) + {secs} )); while [ $(date +%s) -lt $end ]; do "
          "head -c 33554432 /dev/urandom > /root/flood.bin; sync; echo 3 > /proc/sys/vm/drop_caches; "
@@ -100,9 +80,11 @@ def one(vms: list[VM], eng: SharingEngine, cond: str, files: list[str]) -> dict:
             failed.append(str(e).splitlines()[0])
 
     attacker = None
-    if cond == "forged":
-        c.ssh.put(FORGE.encode(), "/tmp/forge.py")
-        attacker = threading.Thread(target=attack, args=("python3 /tmp/forge.py 40",))
+    if cond == "forged":  # the adversary workload's forger, its flood attack only
+        c.ssh.put(FORGE.encode(), FORGE_PATH)
+        c.ssh.put(json.dumps({"attacks": ["flood"], "rate": 0, "duration_s": 40, "seed": 1}).encode(),
+                  ARGS_PATH)
+        attacker = threading.Thread(target=attack, args=(f"python3 {FORGE_PATH} {ARGS_PATH}",))
     elif cond == "valid":
         attacker = threading.Thread(target=attack, args=(VALID.format(secs=40),))
     if attacker is not None:
@@ -158,12 +140,11 @@ def one(vms: list[VM], eng: SharingEngine, cond: str, files: list[str]) -> dict:
 
 
 def med(xs: list) -> str:
-    xs = [x for x in xs if x is not None]
-    if not xs:
+    st = Stat.of(xs)
+    if st is None:
         return "n/a"
-    m = statistics.median(xs)
-    f = "{:,.0f}" if all(float(x).is_integer() for x in xs) else "{:g}"
-    return f"{f.format(m)} [{f.format(min(xs))}-{f.format(max(xs))}]" if len(xs) > 1 else f.format(m)
+    f = "{:,.0f}" if all(float(x).is_integer() for x in xs if x is not None) else "{:g}"
+    return f"{f.format(st.median)} [{f.format(st.lo)}-{f.format(st.hi)}]" if st.n > 1 else f.format(st.median)
 
 
 def main() -> int:
