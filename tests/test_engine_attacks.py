@@ -11,6 +11,7 @@ the engine's memory bound, and the honest pair still merges.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 
@@ -22,6 +23,7 @@ from harness.sharing import scheduler
 from harness.sharing.attach import sharing_attachments
 from harness.sharing.engine import Member, SharingEngine
 from harness.vm import VM, VMSpec, harness_leftovers, new_run_id, start_all
+from harness.workloads.adversary import ARGS_PATH, FORGE, FORGE_PATH
 
 pytestmark = pytest.mark.integration
 
@@ -101,28 +103,6 @@ def test_a_lost_merge_reply_never_frees_a_mapped_page(trio, monkeypatch):
     assert st["vms"][a.name]["broken"] >= 900
 
 
-FLOOD = r"""
-import glob, mmap, os, random, struct, sys, time
-secs = float(sys.argv[1])
-dev = [d for d in glob.glob('/sys/bus/pci/devices/*') if open(d + '/vendor').read().strip() == '0x1af4'
-       and open(d + '/device').read().strip() == '0x1110'][0]
-fd = os.open(dev + '/resource2', os.O_RDWR | os.O_SYNC)
-m = mmap.mmap(fd, os.fstat(fd).st_size)
-cap = struct.unpack_from('<I', m, 20)[0]
-ram = int(open('/proc/meminfo').readline().split()[1]) * 1024
-rnd, sent, end = random.Random(1), 0, time.time() + secs
-while time.time() < end:
-    prod, cons = struct.unpack_from('<Q', m, 64)[0], struct.unpack_from('<Q', m, 128)[0]
-    room = cap - (prod - cons) if 0 <= prod - cons <= cap else cap // 2
-    for i in range(room):  # its own pages, random hashes: every record costs the engine a read
-        struct.pack_into('<QQQHHI', m, 4096 + ((prod + i) % cap) * 32, rnd.randrange(ram) & ~4095,
-                         rnd.getrandbits(64), 0, 0, 1, (prod + i) & 0xffffffff)
-    struct.pack_into('<Q', m, 64, prod + room)
-    sent += room
-    time.sleep(0.01)
-print(sent)
-"""
-
 def test_a_planted_xxh64_collision_does_not_stop_the_honest_pair(trio):
     """The attacker builds, for 256 pages Y of a dataset file, pages X != Y with XXH64(X) =
     XXH64(Y), writes two files of them to its disk and reads both: honest hints of X, stored as
@@ -191,8 +171,10 @@ def test_a_flooding_guest_stays_within_its_bounds(trio):
         assert v1[vm.name]["merged_total"] - v0[vm.name]["merged_total"] >= 0.9 * 5 * 1024, (v0[vm.name], v1[vm.name])
     # 2: forged records as fast as the ring takes, while the honest pair reads other files
     files2 = "/data/set1/f004[5-9].bin"
-    c.ssh.put(FLOOD.encode(), "/tmp/flood.py")
-    forge = threading.Thread(target=c.ssh.check, args=("python3 /tmp/flood.py 25",), kwargs={"timeout": 300})
+    c.ssh.put(FORGE.encode(), FORGE_PATH)  # the adversary workload's forger, its flood attack
+    c.ssh.put(json.dumps({"attacks": ["flood"], "rate": 0, "duration_s": 25, "seed": 1}).encode(), ARGS_PATH)
+    forge = threading.Thread(target=c.ssh.check, args=(f"python3 {FORGE_PATH} {ARGS_PATH}",),
+                             kwargs={"timeout": 300})
     forge.start()
     eng.run_for(3)
     readers = [threading.Thread(target=read_cold, args=(vm, files2)) for vm in (a, b)]
