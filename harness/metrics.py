@@ -463,6 +463,30 @@ def _stall_of(run: RunView, key: str) -> float:
     return max(vals)
 
 
+def _web_p99_of(run: RunView) -> float:
+    vals = [_num(w["extra"].get("web_p99_us")) for w in run.workloads
+            if isinstance(w.get("extra"), Mapping) and w["extra"].get("web_p99_us") is not None]
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        raise NA("no web workload in the run")
+    return max(vals)
+
+
+def _web_p99(run: RunView, base: RunView | None) -> float | None:
+    return _web_p99_of(run)
+
+
+def _web_p99_vs_none(run: RunView, base: RunView | None) -> float | None:
+    if run.mode == "none":
+        raise NA("the baseline")
+    if base is None:
+        raise NA("no run of mode none in the same repetition")
+    mine, theirs = _web_p99_of(run), _web_p99_of(base)
+    if theirs <= 0:
+        raise NA("mode none's p99 is 0")
+    return mine / theirs
+
+
 def _stall(key: str) -> Compute:
     def f(run: RunView, base: RunView | None) -> float | None:
         return _stall_of(run, key)
@@ -659,6 +683,11 @@ METRICS: tuple[Metric, ...] = (
            goal=Goal("<=", 1.10, ("satori", "satori-host"), None, "stall p99.9 within 10% of mode none")),
     Metric("stall_over1ms", "stalls > 1 ms", "count", "gaps longer than 1 ms (worst VM)",
            _stall("stall_over1ms"), count, "lower", "guest"),
+    Metric("web_p99_us", "web p99", "µs", "p99 request latency wrk measured in the guest (worst VM; web workload)",
+           _web_p99, micros, "lower", "guest", workloads=("web",)),
+    Metric("web_p99_vs_none", "web p99 vs none", "x", "the web p99 / mode none's, same repetition",
+           _web_p99_vs_none, ratio, "lower", "guest", applies="sharing", workloads=("web",), ratio=True,
+           goal=Goal("<=", 1.05, ("satori", "satori-host"), ("web",), "web p99 request latency <= 1.05x none")),
     # ---- hints
     Metric("hint_drops", "hint drops", "records", "records the guests dropped (ring full)",
            _hint_counter("dropped"), count, "lower", "hints", applies="engine"),

@@ -258,3 +258,21 @@ def test_bystander_figures_from_the_collapse_workload() -> None:
     m = metrics.get("bystander_within_noise")
     assert metrics.goal_verdict(m, Stat.of([0.0, 1.0, 1.0])) == "met"  # median of the repetitions
     assert metrics.goal_verdict(m, Stat.of([0.0, 0.0, 1.0])) != "met"
+
+
+def test_web_p99_figures_from_the_web_workload() -> None:
+    from harness.workloads.web import parse_latency
+    out = ("Running 30s test @ http://127.0.0.1:8080/\n  Latency Distribution\n     50%  635.91us\n"
+           "     75%  712.00us\n     90%    1.80ms\n     99%    2.50s\n  1234 requests in 30.00s\n")
+    assert parse_latency(out) == {"p50_us": pytest.approx(635.91), "p75_us": 712.0,
+                                  "p90_us": pytest.approx(1800.0), "p99_us": pytest.approx(2.5e6)}
+    assert parse_latency("Requests/sec: 12.0\n") == {}
+    run, base = view("satori"), view("none")
+    assert evaluate(run)[1]["web_p99_us"].startswith("no web workload")
+    run.workloads[0]["extra"] = {"web_p99_us": 1100.0}
+    base.workloads[0]["extra"] = {"web_p99_us": 1000.0}
+    vals, _ = evaluate(run, base, keys=["web_p99_us", "web_p99_vs_none"])
+    assert vals == {"web_p99_us": 1100.0, "web_p99_vs_none": pytest.approx(1.1)}
+    m = metrics.get("web_p99_vs_none")
+    assert metrics.goal_verdict(m, Stat.of([1.1, 1.2, 1.15])) != "met"
+    assert metrics.goal_verdict(m, Stat.of([1.0, 1.02, 1.04])) == "met"
