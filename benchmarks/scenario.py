@@ -107,6 +107,23 @@ def standing(res: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def resize_vms(vms: dict, data: dict, n: int) -> dict:
+    """``--vms N`` on a config of ``count`` VMs (named vm1..vmK): N VMs; a sharing domain that held
+    all K default-named VMs holds all N (so the scaled run shares as the original did), any other
+    domain layout is refused (say which VMs share in a config of its own)."""
+    old = int(vms.get("count") or 0)
+    doms = data.get("sharing_domains")
+    if isinstance(doms, dict):
+        every = [f"vm{i + 1}" for i in range(old)]
+        for name, members in doms.items():
+            if list(members or []) == every:
+                doms[name] = [f"vm{i + 1}" for i in range(n)]
+            else:
+                raise HarnessError(f"--vms {n}: sharing domain {name!r} ({members}) is not all of the "
+                                   f"config's {old} VMs; write a config with the domains you want")
+    return {**vms, "count": n}
+
+
 def print_report(out: Path) -> None:
     table, files = report.report(out)
     res = report.load_results(out)
@@ -163,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.modes:
             data["modes"] = a.modes
         if a.vms and isinstance(data.get("vms"), dict):
-            data["vms"]["count"] = a.vms
+            data["vms"] = resize_vms(data["vms"], data, a.vms)
             data["name"] = f"{data['name']}-{a.vms}vm"
         if a.surplus:
             data["surplus"] = a.surplus == "on"

@@ -69,3 +69,13 @@ def test_report_only(res, tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "the one yardstick" in out and "goals" in out and "where the hinted modes stand" in out
     assert scenario.main(["--report", str(tmp_path / "nope")]) == 1
+
+
+def test_vms_override_scales_the_one_domain_of_all_vms() -> None:
+    data = {"vms": {"count": 4, "memory_mb": 512}, "sharing_domains": {"readers": ["vm1", "vm2", "vm3", "vm4"]}}
+    vms = scenario.resize_vms(data["vms"], data, 8)
+    assert vms == {"count": 8, "memory_mb": 512}
+    assert data["sharing_domains"]["readers"] == [f"vm{i}" for i in range(1, 9)]
+    odd = {"vms": {"count": 3}, "sharing_domains": {"a": ["vm1", "vm2"], "b": ["vm3"]}}
+    with pytest.raises(scenario.HarnessError, match="not all of the config's 3 VMs"):
+        scenario.resize_vms(odd["vms"], odd, 6)
