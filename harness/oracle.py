@@ -67,6 +67,15 @@ What the tracker cannot see, and why the figures do not depend on it:
   their pagemap entries at every sample and counts any page whose content or frame changed
   behind the tracker's back and was not written since (``stale``; a test makes such changes on
   purpose and sees them counted);
+- a KSM page moved without a write: when ksmd gives up a merge half done
+  (``try_to_merge_two_pages`` -> ``break_cow`` -> ``break_ksm``) it *unshares* the page
+  (``FAULT_FLAG_UNSHARE``): ``wp_page_copy`` copies it to a new frame and keeps its uffd-wp bit,
+  so the tracker does not report it, while its frame changed (and the old frame, freed, may be
+  handed to another page). The kernel counts that copy in ``cow_ksm`` as it counts a guest's
+  write to a KSM page, so the accounting treats ``cow_ksm`` like a migration: when it moved, every
+  page's frame is read again, at that sample and the next (it is counted just before the new
+  frame is installed). Before that, the re-check found a few such pages under KSM only (3 of
+  115,200 in a test, 256 in one ``satori+ksm`` collapse repetition);
 - writes into guest RAM that bypass QEMU's page tables: another process writing the RAM file
   (nothing does in this harness), or a DMA still in flight from a pin taken before the scan
   (``O_DIRECT``/``aio=native`` drives; the harness uses ``cache=writeback``, whose reads are
