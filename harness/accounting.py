@@ -783,6 +783,7 @@ class Meter:
         t0, c0 = time.monotonic(), time.thread_time()
         self.samples += 1
         n_read = n_scrub = stale = untracked = moved_pages = 0
+        jumps: list[tuple[Any, np.ndarray]] = []  # per VM: pages found on another frame unwritten
         full_all = not self.incremental
 
         # 1. what may have changed since the last sample: the write tracker first (a write after
@@ -833,12 +834,18 @@ class Meter:
                 pfn[idx] = np.where(now, e & PM_PFN_MASK, np.uint64(0)).astype(np.int64)
                 is_file[idx] = (e & PM_FILE) != 0
                 pfn[~present] = 0
-                # a page neither written nor new on another frame: moved behind our back (or
-                # migrated during this sample: then the host's counters moved too, see below)
+                # a page neither written nor new on another frame (the re-check slice finds
+                # them): moved behind our back, migrated during this sample (then the host's
+                # counters moved too, see below), or remapped since this sample's scan (a merge
+                # agent's MAP_FIXED: the next scan reports that mapping untracked). Read again
+                # now, and suspect: stale at the next sample unless that scan says written or
+                # untracked, like a content the re-check found changed
                 quiet = idx[~written[idx] & v.present[idx] & now]
                 jumped = quiet[pfn[quiet] != v.pfn[quiet]]
                 moved_pages += len(jumped)
                 written[jumped] = True
+                v.suspect[jumped] = True
+                jumps.append((v, jumped))
             v.present, v.pfn, v.file = present, pfn, is_file
             looks.append((written, present, pfn, is_file))
 
@@ -923,8 +930,9 @@ class Meter:
                     v.suspect[idx[bad]] = True  # counted at the next sample unless written
                     cid[idx[bad]] = got[bad]
                     n_scrub += len(idx)
-        if moved_pages and _moves() == self._moves:  # no migration during the sample either
-            stale += moved_pages
+        if moved_pages and _moves() != self._moves:  # a migration during the sample: not suspect
+            for v, jumped in jumps:
+                v.suspect[jumped] = False
         self.stale += stale
 
         # 7. the ledger: pages whose frame or content changed leave their old counts, every VM's

@@ -415,3 +415,33 @@ def test_registering_new_mappings_never_swallows_other_writes(shm, store):
             assert [7, 8] in tr.scan().written.tolist()
     finally:
         kid.close()
+
+
+def test_remap_between_scan_and_read_is_not_stale(shm, store):
+    """A merge agent remaps a page (MAP_FIXED of a store page) after the sample's write-tracker
+    scan and before its pagemap read: the re-check slice sees the page on another frame with no
+    write reported. That is no miss (the next scan reports the new mapping untracked): the page is
+    read at once and not counted stale, while a move the next scan cannot explain still is
+    (test_recheck_counts_changes_the_tracker_cannot_see)."""
+    kid = Child(shm, "r", False, store)
+    try:
+        kid.do("f:10:101", "f:11:7")
+        with acc.Meter([kid.target], store, disk_set=None, scrub=NPAGES) as meter:  # re-check all
+            meter.sample()
+            meter.sample()
+            tracker = meter.views[0].tracker
+            real_scan = tracker.scan
+
+            def scan_then_remap():
+                r = real_scan()
+                kid.do("m:10:1", "r:10:0")  # the agent merges page 10 right after the scan (mapped in)
+                return r
+
+            tracker.scan = scan_then_remap
+            s1 = meter.sample()
+            tracker.scan = real_scan
+            s2 = meter.sample()
+            assert (s1.stale, s2.stale, meter.stale) == (0, 0, 0)
+            _same(s2, acc.measure([kid.target], store, disk_set=None))
+    finally:
+        kid.close()
