@@ -675,6 +675,12 @@ class _StoreView:
             if len(win):
                 ids = index.intern(oracle.hash_fd_pages(self.fd, 0, win, what=f"the content store {self.path}"))
                 bad = ids != self.cid[win]
+                if bad.any() and held is not None:
+                    # a slot the engine freed (punched, maybe reused) since the watch's look
+                    # above: the punch took the watch's entry, so the next sample sees it lost
+                    # and reads it again. Not a miss; only a change under a kept entry (a
+                    # rewrite in place) is
+                    bad[bad] = self.watch.present(n)[win[bad]]
                 changed += int(np.count_nonzero(bad))
                 self.cid[win] = ids
                 checked = len(win)

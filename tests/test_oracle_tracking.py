@@ -445,3 +445,37 @@ def test_remap_between_scan_and_read_is_not_stale(shm, store):
             _same(s2, acc.measure([kid.target], store, disk_set=None))
     finally:
         kid.close()
+
+
+def test_store_slot_freed_during_sample_is_not_stale(shm, store):
+    """The engine frees (punches, maybe reuses) a store slot after the sample's look at the
+    store watch and before its re-check reads the slot: the re-check sees another content, but
+    the punch took the watch's entry, so the next sample re-reads the slot. Not stale (it was
+    counted as stale, 179 pages at once in an adversary run while slots were freed in runs)."""
+    kid = Child(shm, "q", False, store)
+    try:
+        kid.do("f:1:7", "m:10:1")
+        with acc.Meter([kid.target], store, disk_set=None, scrub=NPAGES) as meter:
+            meter.sample()
+            meter.sample()  # store pages read twice: in the re-check from now on
+            w = meter.store.watch
+            real = w.present
+            calls = []
+
+            def look_then_free(n):
+                out = real(n)
+                if not calls:
+                    _punch(store, 3, fill=7)  # freed and reused
+                    _punch(store, 4)  # freed
+                calls.append(n)
+                return out
+
+            w.present = look_then_free
+            s1 = meter.sample()
+            w.present = real
+            s2 = meter.sample()
+            assert (s1.stale, s2.stale, meter.stale) == (0, 0, 0)
+            assert meter.store.reread >= 1
+            _same(s2, acc.measure([kid.target], store, disk_set=None))
+    finally:
+        kid.close()
