@@ -852,6 +852,9 @@ class Meter:
                 written[jumped] = True
                 v.suspect[jumped] = True
                 jumps.append((v, jumped))
+                if len(jumped) and self.store is not None:
+                    # a remap onto the store since the maps were read: read them again
+                    v.slot = store_slots(v.t.pid, v.t.hva, v.n, self.store.fid)
             v.present, v.pfn, v.file = present, pfn, is_file
             looks.append((written, present, pfn, is_file))
 
@@ -886,7 +889,11 @@ class Meter:
             else:
                 keep &= ~written
             cid[keep] = v.cid[keep]
-            plan.append((key, cid, own, keep, is_file & ~on_store))
+            file_pg = is_file & ~on_store
+            for w, jumped in jumps:
+                if w is v:  # on another frame since the maps were read (a remap onto the store,
+                    file_pg[jumped] = False  # its RAM-file page punched): read as QEMU maps it
+            plan.append((key, cid, own, keep, file_pg))
 
         # 4. frames of pages to (re)read whose content is known from another page still on it
         #    (a KSM merge moves a page onto a frame some other page holds): reuse, not reread
