@@ -151,11 +151,12 @@ def test_incremental_oracle_equals_full_scan_under_ksm(image):
                 # KSMControl restores the value on the way out) so both look at the same memory
                 (ksm.KSM_SYSFS / "run").write_text("0")
                 meter.sample()  # what ksmd merged last, read as any change is
-                # Open bug, bounded here: under KSM (anonymous RAM) the incremental oracle has
-                # been seen to keep an old content for a few pages (3 of 115,200: G_disk 51035 vs
-                # 51038 in one CI-like run of 2026-11-30; 3 stale pages in one ksm-advisor
-                # benchmark repetition), a change neither the write tracker nor the frame check
-                # saw. Not understood yet; a real regression (a range of pages missed) still fails.
+                # Under KSM (anonymous RAM) the incremental oracle was seen to keep an old
+                # content for a few pages (3 of 115,200: G_disk 51035 vs 51038 in one CI-like run
+                # of 2026-11-30; 3 stale pages in one ksm-advisor benchmark repetition). Found
+                # since: ksmd's unshare of a half-done merge moves a page to a new frame keeping
+                # its uffd-wp bit (accounting._MOVE_COUNTERS, cow_ksm). The slack stays until
+                # enough runs show the fix holds; a real regression (a range missed) still fails.
                 inc, full = _compare(vms, meter, None, slack=16)
                 assert k.sample().pages_sharing >= s0.pages_sharing + 5_000, "ksmd did not merge"
         assert full.R >= 5_000
