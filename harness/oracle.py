@@ -75,7 +75,9 @@ What the tracker cannot see, and why the figures do not depend on it:
   write to a KSM page, so the accounting treats ``cow_ksm`` like a migration: when it moved, every
   page's frame is read again, at that sample and the next (it is counted just before the new
   frame is installed). Before that, the re-check found a few such pages under KSM only (3 of
-  115,200 in a test, 256 in one ``satori+ksm`` collapse repetition);
+  115,200 in a test, 256 in one ``satori+ksm`` collapse repetition). It is not the only gap
+  under KSM: after it, ``test_oracle_vms``'s KSM case still saw 13 contents of 115,200 pages
+  differ from the full scan (open; the test bounds it);
 - writes into guest RAM that bypass QEMU's page tables: another process writing the RAM file
   (nothing does in this harness), or a DMA still in flight from a pin taken before the scan
   (``O_DIRECT``/``aio=native`` drives; the harness uses ``cache=writeback``, whose reads are
