@@ -481,3 +481,25 @@ def test_store_slot_freed_during_sample_is_not_stale(shm, store):
             _same(s2, acc.measure([kid.target], store, disk_set=None))
     finally:
         kid.close()
+
+
+def test_ksm_unshare_moves_pages_unseen_by_the_tracker_and_counts_cow_ksm(tmp_path):
+    """Why ``cow_ksm`` is one of the accounting's frame-move counters: ksmd's unshare of a KSM
+    page (MADV_UNMERGEABLE here; ksmd's own give-up path, break_cow, is the same break_ksm)
+    copies the page to a new frame and keeps its uffd-wp bit, so the write tracker reports no
+    write while every frame changed; ``cow_ksm`` counts the copies, and the accounting's move
+    count with it."""
+    from harness import ksm
+
+    src = Path(__file__).parent / "helpers" / "ksm_unshare.c"
+    exe = tmp_path / "ksm_unshare"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", "-o", str(exe), str(src)], check=True)
+    with ksm.KSMControl("ksm-fast"):
+        before = acc._moves()
+        out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120).stdout
+        after = acc._moves()
+    got = dict(kv.split("=") for kv in out.split())
+    assert got["merged"] == "1", out
+    assert int(got["moved"]) == 64 and int(got["written"]) == 0, out  # unseen by the tracker
+    assert int(got["cow_ksm"]) >= 64, out
+    assert after - before >= 64  # ... but seen by the accounting's move counters
