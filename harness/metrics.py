@@ -453,55 +453,39 @@ def _bystander(key: str) -> Compute:
     return f
 
 
-def _stall_of(run: RunView, key: str) -> float:
-    """The worst VM's figure of the guest-visible stall probe (workload ``extra``)."""
+_NO_STALL = "no stall probe in the workloads (identical-readers stall_probe: true)"
+_NO_WEB = "no web workload in the run"
+
+
+def _worst_extra(run: RunView, key: str, missing: str) -> float:
+    """The worst VM's figure ``key`` that a workload put in its ``extra`` (the stall probe's,
+    the web workload's p99); NA(``missing``) when no workload has it."""
     vals = [_num(w["extra"].get(key)) for w in run.workloads
             if isinstance(w.get("extra"), Mapping) and w["extra"].get(key) is not None]
     vals = [v for v in vals if v is not None]
     if not vals:
-        raise NA("no stall probe in the workloads (identical-readers stall_probe: true)")
+        raise NA(missing)
     return max(vals)
 
 
-def _web_p99_of(run: RunView) -> float:
-    vals = [_num(w["extra"].get("web_p99_us")) for w in run.workloads
-            if isinstance(w.get("extra"), Mapping) and w["extra"].get("web_p99_us") is not None]
-    vals = [v for v in vals if v is not None]
-    if not vals:
-        raise NA("no web workload in the run")
-    return max(vals)
-
-
-def _web_p99(run: RunView, base: RunView | None) -> float | None:
-    return _web_p99_of(run)
-
-
-def _web_p99_vs_none(run: RunView, base: RunView | None) -> float | None:
-    if run.mode == "none":
-        raise NA("the baseline")
-    if base is None:
-        raise NA("no run of mode none in the same repetition")
-    mine, theirs = _web_p99_of(run), _web_p99_of(base)
-    if theirs <= 0:
-        raise NA("mode none's p99 is 0")
-    return mine / theirs
-
-
-def _stall(key: str) -> Compute:
+def _extra(key: str, missing: str) -> Compute:
     def f(run: RunView, base: RunView | None) -> float | None:
-        return _stall_of(run, key)
+        return _worst_extra(run, key, missing)
     return f
 
 
-def _stall_vs_none(run: RunView, base: RunView | None) -> float | None:
-    if run.mode == "none":
-        raise NA("the baseline")
-    if base is None:
-        raise NA("no run of mode none in the same repetition")
-    mine, theirs = _stall_of(run, "stall_p999_us"), _stall_of(base, "stall_p999_us")
-    if theirs <= 0:
-        raise NA("mode none's p99.9 stall is 0")
-    return mine / theirs
+def _extra_vs_none(key: str, missing: str, zero: str) -> Compute:
+    """This run's worst ``key`` / mode none's, same repetition."""
+    def f(run: RunView, base: RunView | None) -> float | None:
+        if run.mode == "none":
+            raise NA("the baseline")
+        if base is None:
+            raise NA("no run of mode none in the same repetition")
+        mine, theirs = _worst_extra(run, key, missing), _worst_extra(base, key, missing)
+        if theirs <= 0:
+            raise NA(zero)
+        return mine / theirs
+    return f
 
 
 # ---------------------------------------------------------------- formatting
@@ -673,20 +657,20 @@ METRICS: tuple[Metric, ...] = (
            goal=Goal(">=", 2.0, ("satori",), ("macro",), "macrobenchmark gain >= 2x")),
     Metric("stall_max_us", "stall max", "µs",
            "longest gap an in-guest loop saw in CLOCK_MONOTONIC (worst VM; stall probe)",
-           _stall("stall_max_us"), micros, "lower", "guest",
+           _extra("stall_max_us", _NO_STALL), micros, "lower", "guest",
            goal=Goal("<=", 1000, ("satori", "satori-host"), None, "guest-visible stall max <= 1 ms")),
     Metric("stall_p999_us", "stall p99.9", "µs", "the same gaps, 99.9th percentile (worst VM)",
-           _stall("stall_p999_us"), micros, "lower", "guest"),
+           _extra("stall_p999_us", _NO_STALL), micros, "lower", "guest"),
     Metric("stall_p999_vs_none", "stall p99.9 vs none", "x",
            "the p99.9 gap / mode none's, same repetition (the probe's own noise in mode none)",
-           _stall_vs_none, ratio, "lower", "guest", applies="sharing", ratio=True,
+           _extra_vs_none("stall_p999_us", _NO_STALL, "mode none's p99.9 stall is 0"), ratio, "lower", "guest", applies="sharing", ratio=True,
            goal=Goal("<=", 1.10, ("satori", "satori-host"), None, "stall p99.9 within 10% of mode none")),
     Metric("stall_over1ms", "stalls > 1 ms", "count", "gaps longer than 1 ms (worst VM)",
-           _stall("stall_over1ms"), count, "lower", "guest"),
+           _extra("stall_over1ms", _NO_STALL), count, "lower", "guest"),
     Metric("web_p99_us", "web p99", "µs", "p99 request latency wrk measured in the guest (worst VM; web workload)",
-           _web_p99, micros, "lower", "guest", workloads=("web",)),
+           _extra("web_p99_us", _NO_WEB), micros, "lower", "guest", workloads=("web",)),
     Metric("web_p99_vs_none", "web p99 vs none", "x", "the web p99 / mode none's, same repetition",
-           _web_p99_vs_none, ratio, "lower", "guest", applies="sharing", workloads=("web",), ratio=True,
+           _extra_vs_none("web_p99_us", _NO_WEB, "mode none's p99 is 0"), ratio, "lower", "guest", applies="sharing", workloads=("web",), ratio=True,
            goal=Goal("<=", 1.05, ("satori", "satori-host"), ("web",), "web p99 request latency <= 1.05x none")),
     # ---- hints
     Metric("hint_drops", "hint drops", "records", "records the guests dropped (ring full)",
