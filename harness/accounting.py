@@ -789,7 +789,6 @@ class Meter:
         t0, c0 = time.monotonic(), time.thread_time()
         self.samples += 1
         n_read = n_scrub = stale = untracked = moved_pages = 0
-        jumps: list[tuple[Any, np.ndarray]] = []  # per VM: pages found on another frame unwritten
         full_all = not self.incremental
 
         # 1. what may have changed since the last sample: the write tracker first (a write after
@@ -806,6 +805,7 @@ class Meter:
         self._moves = moved
         looks = []
         for v in self.views:
+            jumped = np.zeros(0, np.int64)  # pages found on another frame, unwritten
             written: np.ndarray | None = None  # None: every page may have changed
             if v.tracker is not None:
                 r = v.tracker.scan()
@@ -851,12 +851,11 @@ class Meter:
                 moved_pages += len(jumped)
                 written[jumped] = True
                 v.suspect[jumped] = True
-                jumps.append((v, jumped))
                 if len(jumped) and self.store is not None:
                     # a remap onto the store since the maps were read: read them again
                     v.slot = store_slots(v.t.pid, v.t.hva, v.n, self.store.fid)
             v.present, v.pfn, v.file = present, pfn, is_file
-            looks.append((written, present, pfn, is_file))
+            looks.append((written, present, pfn, is_file, jumped))
 
         # 2. the store: which pages exist, their contents
         if self.store is not None:
@@ -870,7 +869,7 @@ class Meter:
 
         # 3. per page: frame key and, where it cannot have changed, the content id it had
         plan = []
-        for v, (written, present, pfn, is_file) in zip(self.views, looks, strict=True):
+        for v, (written, present, pfn, is_file, jumped) in zip(self.views, looks, strict=True):
             key = np.full(v.n, -1, np.int64)
             cid = np.full(v.n, -1, np.int64)
             sl = v.slot
@@ -890,9 +889,9 @@ class Meter:
                 keep &= ~written
             cid[keep] = v.cid[keep]
             file_pg = is_file & ~on_store
-            for w, jumped in jumps:
-                if w is v:  # on another frame since the maps were read (a remap onto the store,
-                    file_pg[jumped] = False  # its RAM-file page punched): read as QEMU maps it
+            # on another frame since the maps were read (a remap onto the store, its RAM-file
+            # page punched): read as QEMU maps it
+            file_pg[jumped] = False
             plan.append((key, cid, own, keep, file_pg))
 
         # 4. frames of pages to (re)read whose content is known from another page still on it
@@ -944,8 +943,8 @@ class Meter:
                     cid[idx[bad]] = got[bad]
                     n_scrub += len(idx)
         if moved_pages and _moves() != self._moves:  # a migration during the sample: not suspect
-            for v, jumped in jumps:
-                v.suspect[jumped] = False
+            for v, look in zip(self.views, looks, strict=True):
+                v.suspect[look[4]] = False
         self.stale += stale
 
         # 7. the ledger: pages whose frame or content changed leave their old counts, every VM's
