@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(qemu-system-x86 qemu-utils debootstrap kmod cpio busybox-static e2fsprogs openssh-client
-      gcc make libc6-dev patch xz-utils zstd libelf-dev bc flex bison)
+      gcc make libc6-dev libxxhash-dev patch xz-utils zstd libelf-dev bc flex bison)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

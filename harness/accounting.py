@@ -502,6 +502,8 @@ class _Refs:
         self.val = np.full(1024, -1, np.int64)
         self.cls = np.zeros(1024, np.uint8)
         self.live = np.zeros(3, np.int64)
+        self.shared_changed = True  # a key counted more than once before or after a change
+        # since the caller last cleared it (what the surplus credits depend on)
 
     def _grow(self, top: int) -> None:
         if top >= len(self.refs):
@@ -526,6 +528,8 @@ class _Refs:
         if not len(keys):
             return
         uk, cnt = np.unique(keys, return_counts=True)
+        if not self.shared_changed:
+            self.shared_changed = bool(np.any(self.refs[uk] > 1))
         self.refs[uk] -= cnt
         if np.any(self.refs[uk] < 0):
             raise HarnessError("accounting ledger: a reference count went below zero")
@@ -538,6 +542,8 @@ class _Refs:
         self._grow(int(uk[-1]))
         born = self.refs[uk] == 0
         self.refs[uk] += cnt
+        if not self.shared_changed:
+            self.shared_changed = bool(np.any(self.refs[uk] > 1))
         b = uk[born]
         self.val[b] = vals[first[born]]
         self.cls[b] = cls[first[born]]
@@ -554,12 +560,18 @@ class _VMView:
         self.n = t.ram_size // PAGE
         self.mem_fd = self.ram_fd = self.pm_fd = -1
         self.tracker: oracle.WriteTracker | None = None
+        self.mirror: oracle.RamMirror | None = None
         self.why_untracked = "full scan" if not track else None
         try:
             self.pm_fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
             self.mem_fd = os.open(f"/proc/{t.pid}/mem", os.O_RDONLY)
             if t.ram_file is not None:
                 self.ram_fd = open_file(t.ram_file, os.O_RDONLY)
+                if track:  # an incremental meter reads what the guest wrote through a view
+                    try:
+                        self.mirror = oracle.RamMirror(t.ram_file, self.n, f"VM {t.name} RAM file")
+                    except oracle.TrackerUnavailable:
+                        self.mirror = None  # read with pread, as a full scan does
             if track:
                 try:
                     self.tracker = oracle.WriteTracker(t.pid, t.hva, self.n)
@@ -583,6 +595,9 @@ class _VMView:
         if self.tracker is not None:
             self.tracker.close()
             self.tracker = None
+        if self.mirror is not None:
+            self.mirror.close()
+            self.mirror = None
         for fd in (self.mem_fd, self.ram_fd, self.pm_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -749,6 +764,7 @@ class Meter:
         self.compact_slack = 262_144  # contents no page holds that may pile up before compacting
         self._moves = -1  # the host's page migrations and swaps, as of the last sample
         self._moved_last = True  # they moved between the last two samples
+        self._credits: dict[str, float] = {}  # as of the last sample
         try:
             for t in self.targets:
                 self.views.append(_VMView(t, incremental))
@@ -1006,7 +1022,10 @@ class Meter:
             if not len(idx):
                 continue
             order = idx[np.argsort(pages[idx], kind="stable")]
-            h = oracle.hash_fd_pages(fd, base, pages[order], what=f"VM {v.t.name} {what}")
+            if fd == v.ram_fd and v.mirror is not None:
+                h = v.mirror.hash_pages(pages[order])
+            else:
+                h = oracle.hash_fd_pages(fd, base, pages[order], what=f"VM {v.t.name} {what}")
             out[order] = self.index.intern(h)
         return out
 
@@ -1041,11 +1060,15 @@ class Meter:
         G, C = self.g, self.contents.live
         figs = [Figures(int(G[k]), int(F[k]), int(C[k])) for k in range(3)]
         a, nz, dk = figs[0], figs[1], figs[2] if self.has_disk else None
-        per_vm, credits = [], {}
+        per_vm = []
+        # the credits change only when a frame or store page held more than once before or
+        # after this sample's changes was touched: else last sample's stand
+        again = self.want_credits and (self.frames.shared_changed or self.slots.shared_changed)
+        credits = {} if again else dict(self._credits)
         for v in self.views:
             inn = v.key != -1
             pf = v.key >= 0
-            if self.want_credits:
+            if again:
                 # every key of G is in the ledger (its arrays cover it): index directly
                 n = np.concatenate([self.frames.refs[v.key[pf]], self.slots.refs[-2 - v.key[inn & ~pf]]])
                 shared = n[n > 1].astype(np.float64)
@@ -1053,6 +1076,8 @@ class Meter:
             G_v = int(np.count_nonzero(inn))
             backed = int(np.count_nonzero(inn & ~pf & ~v.present))
             per_vm.append(VMPages(v.t.name, G_v, G_v - backed, backed))
+        self._credits = credits
+        self.frames.shared_changed = self.slots.shared_changed = False
         zero = int(G[0] - G[1])
         cpu = time.thread_time() - c0
         self.cpu_s += cpu

@@ -121,7 +121,7 @@ import numpy as np
 import xxhash
 
 from harness import memfd
-from harness.errors import HarnessError
+from harness.errors import AgentError, HarnessError, ToolMissing
 from harness.paths import cache_dir
 
 PAGE = 4096
@@ -189,31 +189,50 @@ def _reader() -> ctypes.CDLL:
     from harness.sharing.agent import build_library, library_path
 
     src = Path(__file__).with_name("pageread.c")
-    lib = ctypes.CDLL(str(build_library(src, library_path(src, "pageread", "satori_pageread.so"),
-                                        "the oracle's page reader")), use_errno=True)
+    try:
+        built = build_library(src, library_path(src, "pageread", "satori_pageread.so"), "the oracle's page reader")
+    except AgentError as e:
+        if "xxhash.h" in str(e.context):
+            raise ToolMissing("the oracle's page reader needs xxhash.h to build: install the package "
+                              "libxxhash-dev (bash ci/install.sh does)", e.context) from None
+        raise
+    lib = ctypes.CDLL(str(built), use_errno=True)
     lib.satori_read_pages.argtypes = [ctypes.c_int, np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS"),
                                       ctypes.c_size_t, ctypes.c_void_p]
     lib.satori_read_pages.restype = ctypes.c_long
     u64p = np.ctypeslib.ndpointer(np.uint64, flags="C_CONTIGUOUS")
     lib.satori_read_spans.argtypes = [ctypes.c_int, u64p, u64p, ctypes.c_size_t, ctypes.c_void_p]
     lib.satori_read_spans.restype = ctypes.c_long
+    lib.satori_hash_mapped.argtypes = [ctypes.c_void_p, u64p, ctypes.c_size_t, u64p,
+                                       np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")]
+    lib.satori_hash_mapped.restype = ctypes.c_long
     return lib
+
+
+ENTRY_GAP = 64  # pagemap entries (512 bytes) between two runs read by one pread rather than two
 
 
 def read_entries(fd: int, base: int, idx: np.ndarray, what: str = "pagemap") -> np.ndarray:
     """64-bit entries ``idx`` (sorted page indices) of a pagemap file opened at ``fd``, for the
-    range starting at virtual address ``base``: one ``pread`` per run of consecutive pages."""
+    range starting at virtual address ``base``: one ``pread`` per run of consecutive pages, runs
+    fewer than :data:`ENTRY_GAP` entries apart read as one (a system call costs more here than
+    reading a few hundred bytes of entries nobody asked for)."""
     idx = np.asarray(idx, np.int64)
-    out = np.empty(len(idx), np.uint64)
     if not len(idx):
-        return out
+        return np.empty(0, np.uint64)
     starts, lengths = runs(idx)
-    offs = np.ascontiguousarray(((base // PAGE + starts) * 8).astype(np.uint64))
-    lens = np.ascontiguousarray((lengths * 8).astype(np.uint64))
-    got = _reader().satori_read_spans(fd, offs, lens, len(offs), out.ctypes.data)
+    ends = starts + lengths
+    brk = np.flatnonzero(starts[1:] - ends[:-1] > ENTRY_GAP) + 1
+    s0 = starts[np.concatenate(([0], brk))]
+    lens = ends[np.concatenate((brk - 1, [len(ends) - 1]))] - s0
+    buf = np.empty(int(lens.sum()), np.uint64)
+    offs = np.ascontiguousarray(((base // PAGE + s0) * 8).astype(np.uint64))
+    nbytes = np.ascontiguousarray((lens * 8).astype(np.uint64))
+    got = _reader().satori_read_spans(fd, offs, nbytes, len(offs), buf.ctypes.data)
     if got != len(offs):
         raise HarnessError(f"reading {what} at page {int(offs[got]) // 8}: {os.strerror(ctypes.get_errno())}")
-    return out
+    span = np.searchsorted(s0, idx, side="right") - 1
+    return buf[(np.cumsum(lens) - lens)[span] + (idx - s0[span])]
 
 
 def hash_fd_pages(fd: int, base: int, idx: np.ndarray, what: str = "memory") -> np.ndarray:
@@ -757,6 +776,43 @@ class WriteTracker:
         self.close()
 
 
+def _sigbus_uffd(what: str) -> int:
+    """A userfaultfd for our own address space in SIGBUS mode: a missing fault in a range
+    registered with it fails (SIGBUS in user space, EFAULT in a system call); none is queued."""
+    nr = _SYS_USERFAULTFD.get(os.uname().machine)
+    if nr is None:
+        raise TrackerUnavailable(f"no userfaultfd system call number for {os.uname().machine}")
+    # userfaultfd(2): a context for our own address space (only for its SIGBUS mode)
+    uffd = _libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK)
+    if uffd < 0:
+        raise TrackerUnavailable(f"userfaultfd for {what}: {os.strerror(ctypes.get_errno())}")
+    api = (ctypes.c_uint64 * 3)(_UFFD_API, _UFFD_FEATURE_SIGBUS | _UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0)
+    # UFFDIO_API: missing faults in registered ranges fail (SIGBUS/EFAULT), none is queued
+    if _libc.ioctl(int(uffd), _UFFDIO_API, ctypes.addressof(api)) != 0:
+        err = ctypes.get_errno()
+        os.close(int(uffd))
+        raise TrackerUnavailable(f"userfaultfd SIGBUS mode for {what}: {os.strerror(err)}")
+    return int(uffd)
+
+
+def _map_sigbus(fd: int, uffd: int, npages: int, modes: int, what: str) -> int:
+    """A read-only shared mapping of ``npages`` of file ``fd`` (beyond its end is allowed),
+    registered with ``uffd`` (:func:`_sigbus_uffd`) in ``modes``: touching a hole of it fails
+    instead of allocating a page in the file. Returns its address."""
+    length = npages * PAGE
+    # mmap(2): read-only, shared (punches unmap it), no swap reserved
+    addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED | _MAP_NORESERVE, fd, 0)
+    if addr in (None, _MAP_FAILED):
+        raise TrackerUnavailable(f"cannot map {what}: {os.strerror(ctypes.get_errno())}")
+    reg = (ctypes.c_uint64 * 4)(addr, length, modes, 0)
+    # UFFDIO_REGISTER: a fault on a hole of this mapping fails rather than allocate a page
+    if _libc.ioctl(uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
+        err = ctypes.get_errno()
+        _libc.munmap(addr, length)  # munmap(2): the mapping just made
+        raise TrackerUnavailable(f"userfaultfd on {what}: {os.strerror(err)}")
+    return int(addr)
+
+
 class StoreWatch:
     """Which pages of a shared-memory file (the content store) left it since the oracle read
     them: the kernel's word, not its writer's.
@@ -789,18 +845,7 @@ class StoreWatch:
                 self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
             except OSError as e:
                 raise TrackerUnavailable(f"cannot open {what}: {e.strerror}") from None
-            nr = _SYS_USERFAULTFD.get(os.uname().machine)
-            if nr is None:
-                raise TrackerUnavailable(f"no userfaultfd system call number for {os.uname().machine}")
-            # userfaultfd(2): a context for our own address space (only for its SIGBUS mode)
-            uffd = _libc.syscall(nr, os.O_CLOEXEC | os.O_NONBLOCK)
-            if uffd < 0:
-                raise TrackerUnavailable(f"userfaultfd: {os.strerror(ctypes.get_errno())}")
-            self.uffd = int(uffd)
-            api = (ctypes.c_uint64 * 3)(_UFFD_API, _UFFD_FEATURE_SIGBUS | _UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0)
-            # UFFDIO_API: missing faults in registered ranges fail (SIGBUS/EFAULT), none is queued
-            if _libc.ioctl(self.uffd, _UFFDIO_API, ctypes.addressof(api)) != 0:
-                raise TrackerUnavailable(f"userfaultfd SIGBUS mode: {os.strerror(ctypes.get_errno())}")
+            self.uffd = _sigbus_uffd(what)
             self.pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
             self._map(max(reserve_pages, 1))
         except BaseException:
@@ -810,21 +855,12 @@ class StoreWatch:
     def _map(self, npages: int) -> None:
         """(Re)make the mapping, ``npages`` long (beyond the file's end is allowed; nothing there
         is touched). A new mapping holds no page: every page is read again once."""
-        length = npages * PAGE
-        # mmap(2): read-only, shared (punches unmap it), no swap reserved; never read through
-        addr = _libc.mmap(None, length, _PROT_READ, _MAP_SHARED | _MAP_NORESERVE, self.fd, 0)
-        if addr in (None, _MAP_FAILED):
-            raise TrackerUnavailable(f"cannot map {self.what}: {os.strerror(ctypes.get_errno())}")
-        reg = (ctypes.c_uint64 * 4)(addr, length, _UFFDIO_REGISTER_MODE_MISSING | _UFFDIO_REGISTER_MODE_WP, 0)
-        # UFFDIO_REGISTER: a fault on a hole of this mapping fails rather than allocate a page;
         # write-protect mode (never used: the mapping is read-only) turns off fault-around, so
         # that an entry is made only for a page held on purpose, just before it is read
-        if _libc.ioctl(self.uffd, _UFFDIO_REGISTER, ctypes.addressof(reg)) != 0:
-            err = ctypes.get_errno()
-            _libc.munmap(addr, length)  # munmap(2): the mapping just made
-            raise TrackerUnavailable(f"userfaultfd on {self.what}: {os.strerror(err)}")
+        addr = _map_sigbus(self.fd, self.uffd, npages, _UFFDIO_REGISTER_MODE_MISSING | _UFFDIO_REGISTER_MODE_WP,
+                           self.what)
         self._unmap()
-        self.addr, self.npages = int(addr), npages
+        self.addr, self.npages = addr, npages
 
     def _unmap(self) -> None:
         if self.addr:
@@ -875,3 +911,72 @@ class StoreWatch:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.fd = self.uffd = self.pagemap = -1
+
+
+class RamMirror:
+    """The oracle's own read-only view of a guest's RAM file, to read the pages the guest wrote
+    without a system call per run of pages: a ``pread`` costs 1-3 us per call on a host like
+    this one (nested virtualization, caches cold after the guest's write); here each page is
+    hashed in place, in C (``pageread.c``, XXH3-128 from ``libxxhash-dev``), no copy.
+
+    Safe by the same means as :class:`StoreWatch`: the mapping is registered with a userfaultfd
+    in missing mode with ``UFFD_FEATURE_SIGBUS``, so touching a page that is a hole (punched out
+    of the file by a merge agent or a balloon after the pagemap said present) raises SIGBUS
+    instead of allocating a page in the guest's file. ``pageread.c`` catches that SIGBUS (its
+    handler passes every other SIGBUS to the one the process had) and hashes the page as zeros,
+    which is what ``pread`` of a hole reads.
+    Pages stay mapped between samples (a guest's write lands in the same page of the file), so
+    a page costs one fault the first time it is read; a punch unmaps it from us as from QEMU.
+    Nothing is ever written through it.
+    """
+
+    def __init__(self, path: memfd.ProcFile | str | os.PathLike, npages: int, what: str = "guest RAM") -> None:
+        """``path``: the RAM file (opened read-write though never written through: the kernel
+        lets a userfaultfd watch only a mapping that may become writable); ``npages``: its size."""
+        self.what = what
+        self.fd = self.uffd = -1
+        self.addr, self.npages = 0, npages
+        self.holes = 0  # cumulative: pages found punched between the caller's look and the read
+        try:
+            try:
+                self.fd = memfd.open_file(path, os.O_RDWR)
+            except HarnessError as e:
+                raise TrackerUnavailable(f"cannot open {what}: {e}") from None
+            self.uffd = _sigbus_uffd(what)
+            self.addr = _map_sigbus(self.fd, self.uffd, npages, _UFFDIO_REGISTER_MODE_MISSING, what)
+        except BaseException:
+            self.close()
+            raise
+
+    def hash_pages(self, idx: np.ndarray) -> np.ndarray:
+        """Hash pages ``idx`` (sorted, unique, below ``npages``) -> ``(len(idx), 2)``; a hole
+        hashes as zeros."""
+        idx = np.asarray(idx, dtype=np.int64)
+        if len(idx) and (idx[0] < 0 or idx[-1] >= self.npages):
+            raise HarnessError(f"page {int(idx[-1])} is outside {self.what} ({self.npages} pages)")
+        out = np.empty((len(idx), 2), dtype=np.uint64)
+        hole = np.empty(len(idx), np.uint8)
+        pages = np.ascontiguousarray(idx.astype(np.uint64))
+        # in C, the GIL released (ctypes): hashed where the page is, no copy
+        got = _reader().satori_hash_mapped(self.addr, pages, len(pages), out.reshape(-1), hole)
+        if got < 0:
+            raise HarnessError(f"reading {self.what}: cannot catch SIGBUS: {os.strerror(ctypes.get_errno())}")
+        self.holes += got
+        return out
+
+    def close(self) -> None:
+        if self.addr:
+            # munmap(2): our view of the file (its registration goes with it)
+            _libc.munmap(self.addr, self.npages * PAGE)
+            self.addr = 0
+        for fd in (self.fd, self.uffd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self.uffd = -1
+
+    def __enter__(self) -> RamMirror:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

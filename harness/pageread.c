@@ -4,15 +4,25 @@
  * The incremental oracle re-reads only pages written since its last sample; they are scattered,
  * so each is one pread(2). In Python each cost ~2 us of interpreter around the system call and
  * held the GIL, which the sharing engine's thread needs; here a whole batch is one call (ctypes
- * releases the GIL for it).
+ * releases the GIL for it). Pages of a guest's RAM file are not even read: they are hashed in
+ * place through the oracle's own mapping of the file (satori_hash_mapped), no system call at all.
  *
- * Loaded into the harness process with ctypes (never into QEMU). No state, no allocation, no
- * threads. Built on first use like the merge agent (harness/sharing/agent.py: build_library).
+ * Loaded into the harness process with ctypes (never into QEMU). No allocation, no threads; the
+ * only state is the SIGBUS handler satori_hash_mapped installs (see bus_install). Built on first
+ * use like the merge agent (harness/sharing/agent.py: build_library); needs libxxhash-dev.
  */
 #include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 #include <unistd.h>
+
+/* libxxhash-dev: XXH3-128, the oracle's content hash, compiled in (header only) */
+#define XXH_INLINE_ALL
+#include <xxhash.h>
 
 #define PAGE 4096
 
@@ -76,4 +86,94 @@ long satori_read_spans(int fd, const uint64_t *offs, const uint64_t *lens, size_
         at += lens[i];
     }
     return (long)n;
+}
+
+/* ------------------------------------------------------------------ reading through a mapping */
+
+/* set while this thread copies from a guest mapping; volatile: the compiler must not drop the
+ * store as dead (nothing it can see reads it before it is cleared) */
+static __thread sigjmp_buf *volatile bus_jump;
+static struct sigaction bus_old;       /* the handler before ours: it gets every other SIGBUS */
+static pthread_mutex_t bus_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_sigbus(int sig, siginfo_t *si, void *ctx)
+{
+    if (bus_jump)
+        siglongjmp(*bus_jump, 1);
+    /* not a copy of ours (another thread's fault): what the process had before */
+    if ((bus_old.sa_flags & SA_SIGINFO) && bus_old.sa_sigaction) {
+        bus_old.sa_sigaction(sig, si, ctx);
+        return;
+    }
+    if (bus_old.sa_handler != SIG_DFL && bus_old.sa_handler != SIG_IGN) {
+        bus_old.sa_handler(sig);
+        return;
+    }
+    /* sigaction(2) + raise(3): the default action, as if we were not here */
+    signal(SIGBUS, SIG_DFL);
+    raise(SIGBUS);
+}
+
+/* Our SIGBUS handler in place, if it is not (first use, or someone installed theirs since: then
+ * theirs becomes the one every SIGBUS not ours goes to). Never removed: restoring the old one
+ * after each call would race with another thread's call. Returns 0, or -1 with errno set. */
+static int bus_install(void)
+{
+    struct sigaction cur, sa;
+    int rc;
+    pthread_mutex_lock(&bus_lock);
+    /* sigaction(2): who handles SIGBUS now */
+    rc = sigaction(SIGBUS, NULL, &cur);
+    if (rc == 0 && !((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_sigbus)) {
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_sigaction = on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        /* sigaction(2): ours, the old one kept for every SIGBUS that is not ours */
+        rc = sigaction(SIGBUS, &sa, &bus_old);
+    }
+    pthread_mutex_unlock(&bus_lock);
+    return rc;
+}
+
+/*
+ * Hash pages pages[i] (page indices) of a read-only shared mapping at `base` in place, for i < n:
+ * out[2i], out[2i+1] = XXH3-128 of the page (high, low 64 bits: the order of the canonical digest
+ * the Python xxhash package gives). No system call per page, no copy. The mapping is the oracle's
+ * own of a guest's RAM file, registered with a userfaultfd in missing mode with
+ * UFFD_FEATURE_SIGBUS: a page punched out of the file since the caller looked (a hole now) raises
+ * SIGBUS instead of being allocated. Such a page hashes as zeros, as pread(2) of a hole reads, and
+ * hole[i] is set to 1 (0 otherwise). Returns the number of holes, or -1 with errno set if the
+ * SIGBUS handler could not be installed (nothing was read).
+ */
+long satori_hash_mapped(const uint8_t *base, const uint64_t *pages, size_t n, uint64_t *out, uint8_t *hole)
+{
+    static const uint8_t zero[PAGE];
+    if (bus_install() != 0)
+        return -1;
+    sigjmp_buf jb;
+    volatile size_t i = 0;
+    volatile long holes = 0;
+    while (i < n) {
+        if (sigsetjmp(jb, 1)) {
+            /* page i faulted: a hole by now */
+            bus_jump = NULL;
+            XXH128_hash_t h = XXH3_128bits(zero, PAGE);
+            out[2 * i] = h.high64;
+            out[2 * i + 1] = h.low64;
+            hole[i] = 1;
+            holes++;
+            i++;
+            continue;
+        }
+        bus_jump = &jb;
+        for (; i < n; i++) {
+            XXH128_hash_t h = XXH3_128bits(base + pages[i] * (uint64_t)PAGE, PAGE);
+            out[2 * i] = h.high64;
+            out[2 * i + 1] = h.low64;
+            hole[i] = 0;
+        }
+        bus_jump = NULL;
+    }
+    return holes;
 }

@@ -283,6 +283,43 @@ def test_store_watch_sees_punches_and_never_fills_holes(store):
         os.close(fd)
 
 
+def test_ram_mirror_reads_written_pages_and_never_fills_holes(tmp_path):
+    """The incremental meter's view of a RAM file: pages read as ``pread`` reads them, a hole
+    (never written, or punched after an earlier read mapped it) reads as zeros and stays a hole,
+    from any thread, with Python's own SIGBUS handler (faulthandler, on under pytest) in place."""
+    import faulthandler
+    import threading
+
+    from harness import memfd
+
+    assert faulthandler.is_enabled()
+    mfd = memfd.create("satori-test-ram", 64 * 4096)
+    path = f"/proc/{os.getpid()}/fd/{mfd}"
+    try:
+        for p in (0, 1, 2, 9, 40, 63):
+            os.pwrite(mfd, os.urandom(4096), p * 4096)
+        before = os.fstat(mfd).st_blocks
+        every = np.arange(64)
+        want = oracle.hash_fd_pages(mfd, 0, every)
+        with oracle.RamMirror(path, 64, "test RAM") as m:
+            assert (m.hash_pages(every) == want).all()
+            assert m.holes == 58 and os.fstat(mfd).st_blocks == before
+            _punch(path, 9)  # mapped in the view by the read above: the punch unmaps it
+            want[9] = oracle.ZERO_HASH
+            got: list[np.ndarray] = []
+            readers = [threading.Thread(target=lambda: got.append(m.hash_pages(every))) for _ in range(3)]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join()
+            assert len(got) == 3 and all((g == want).all() for g in got)
+            assert m.holes == 58 + 3 * 59 and os.fstat(mfd).st_blocks < before
+            assert (m.hash_pages(np.array([0, 40])) == want[[0, 40]]).all()
+        assert faulthandler.is_enabled()
+    finally:
+        os.close(mfd)
+
+
 def test_reused_store_slot_is_read_again_and_in_place_rewrite_is_stale(shm, store):
     """A store slot punched and written with another content between two samples (the engine
     freeing and reusing it) is read again: the figures equal the full scan's and nothing is
