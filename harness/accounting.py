@@ -822,6 +822,7 @@ class Meter:
         looks = []
         for v in self.views:
             jumped = np.zeros(0, np.int64)  # pages found on another frame, unwritten
+            seen: np.ndarray | None = None  # pages whose pagemap entry was read now (None: all)
             written: np.ndarray | None = None  # None: every page may have changed
             if v.tracker is not None:
                 r = v.tracker.scan()
@@ -848,7 +849,7 @@ class Meter:
             else:
                 present = oracle.range_mask(v.n, r.present)
                 check = present & (written | ~v.present | self._scrub_window(v))
-                idx = np.flatnonzero(check)
+                idx = seen = np.flatnonzero(check)
                 e = oracle.read_entries(v.pm_fd, v.t.hva, idx, what)
                 pfn, is_file = v.pfn.copy(), v.file.copy()
                 now = (e & PM_PRESENT) != 0  # later than the scan: it wins
@@ -871,7 +872,7 @@ class Meter:
                     # a remap onto the store since the maps were read: read them again
                     v.slot = store_slots(v.t.pid, v.t.hva, v.n, self.store.fid)
             v.present, v.pfn, v.file = present, pfn, is_file
-            looks.append((written, present, pfn, is_file, jumped))
+            looks.append((written, present, pfn, is_file, jumped, seen))
 
         # 2. the store: which pages exist, their contents
         if self.store is not None:
@@ -885,7 +886,7 @@ class Meter:
 
         # 3. per page: frame key and, where it cannot have changed, the content id it had
         plan = []
-        for v, (written, present, pfn, is_file, jumped) in zip(self.views, looks, strict=True):
+        for v, (written, present, pfn, is_file, jumped, _seen) in zip(self.views, looks, strict=True):
             key = np.full(v.n, -1, np.int64)
             cid = np.full(v.n, -1, np.int64)
             sl = v.slot
@@ -911,11 +912,15 @@ class Meter:
             plan.append((key, cid, own, keep, file_pg))
 
         # 4. frames of pages to (re)read whose content is known from another page still on it
-        #    (a KSM merge moves a page onto a frame some other page holds): reuse, not reread
+        #    (a KSM merge moves a page onto a frame some other page holds): reuse, not reread.
+        #    Only from a page seen on that frame now (its pagemap entry read in this sample) and
+        #    not written since its content was read: a holder whose entry was not read may have
+        #    left the frame unseen since (a KSM merge after this sample's write scan frees its
+        #    frame, which another page may get and fill before the pagemap read)
         leaving = [v.key[(v.key >= 0) & ~p[3]] for v, p in zip(self.views, plan, strict=True)]
         lk, lcnt = np.unique(np.concatenate(leaving), return_counts=True)
-        reads = []  # per VM: page indices to read
-        for key, cid, own, keep, _ in plan:
+        reads, maybe = [], []  # per VM: page indices to read; of which on a frame others hold
+        for key, _cid, own, keep, _ in plan:
             need = np.flatnonzero(own & ~keep)
             if len(need) and not full_all:
                 f = key[need]
@@ -924,10 +929,26 @@ class Meter:
                     j = np.minimum(np.searchsorted(lk, f), len(lk) - 1)
                     hit = lk[j] == f
                     left[hit] = lcnt[j[hit]]
-                stable = self.frames.get(f) - left > 0
-                cid[need[stable]] = self.frames.val[f[stable]]
-                need = need[~stable]
+                maybe.append(self.frames.get(f) - left > 0)
+            else:
+                maybe.append(np.zeros(len(need), bool))
             reads.append(need)
+        cand = np.unique(np.concatenate([p[0][r][m] for p, r, m in zip(plan, reads, maybe, strict=True)]))
+        if len(cand):
+            sure_k, sure_c = [], []  # frames a page was seen on now, unwritten; its content
+            for (key, cid, own, keep, _f), look in zip(plan, looks, strict=True):
+                held = np.flatnonzero(own & keep) if look[5] is None else look[5][(own & keep)[look[5]]]
+                held = held[member(key[held], cand)]
+                sure_k.append(key[held])
+                sure_c.append(cid[held])
+            sure_keys, first = np.unique(np.concatenate(sure_k), return_index=True)
+            sure_cids = np.concatenate(sure_c)[first]
+            for i, ((key, cid, *_rest), need, m) in enumerate(zip(plan, reads, maybe, strict=True)):
+                f = key[need]
+                j = np.minimum(np.searchsorted(sure_keys, f), max(len(sure_keys) - 1, 0))
+                ok = m & (sure_keys[j] == f) if len(sure_keys) else np.zeros(len(f), bool)
+                cid[need[ok]] = sure_cids[j[ok]]
+                reads[i] = need[~ok]
 
         # 5. read one page per frame among those left, hash, and give every page its content
         keys = np.concatenate([plan[i][0][r] for i, r in enumerate(reads)]) if reads else np.zeros(0, np.int64)
@@ -941,9 +962,29 @@ class Meter:
                 if len(mine):
                     rep_cid[mine] = self._read(v, page[first[mine]], plan[i][4])
             n_read += len(uk)
-            for i, r in enumerate(reads):
-                sel = owner == i
-                plan[i][1][r] = rep_cid[inv[sel]]
+            got = rep_cid[inv]
+            # A page read at its address (anonymous memory, through /proc/<pid>/mem) may have
+            # left the frame its pagemap entry showed before the read (copy-on-write of a KSM
+            # page or of the zero page by a write after this sample's scan): then what was read
+            # is not that frame's content. Such a page is left out of this sample (it is looked
+            # at again at the next one), and if others share the frame it was read for, they are
+            # read one by one (and checked alike). Pages read from the RAM file are read by
+            # offset, not through the mapping, and a RAM-file frame has one page
+            rep = np.arange(len(keys)) == first[inv]
+            moved = self._left(rep, keys, owner, page, plan)
+            alone = moved[first[inv]] & ~rep  # the others on a frame whose page read for it left
+            if alone.any():
+                for i, v in enumerate(self.views):
+                    sel = np.flatnonzero(alone & (owner == i))
+                    if len(sel):
+                        got[sel] = self._read(v, page[sel], plan[i][4])
+                        n_read += len(sel)
+                moved |= self._left(alone, keys, owner, page, plan)
+            for i, (v, r) in enumerate(zip(self.views, reads, strict=True)):
+                mine = owner == i
+                plan[i][0][r] = np.where(moved[mine], -1, plan[i][0][r])
+                plan[i][1][r] = np.where(moved[mine], -1, got[mine])
+                v.present[r[moved[mine]]] = False  # its pagemap entry is read again next time
 
         # 6. the re-check: a slice of the pages kept from earlier samples is read again
         if self.scrub and not full_all:
@@ -1000,6 +1041,21 @@ class Meter:
         cls[remap[old[inside]]] = c.cls[old[inside]]
         c.refs, c.cls = refs, cls
         c.val = np.where(refs > 0, np.arange(len(refs)), -1)
+
+    def _left(self, sel: np.ndarray, keys: np.ndarray, owner: np.ndarray, page: np.ndarray, plan: list) -> np.ndarray:
+        """Per entry of a sample's reads (``keys``: frame, ``owner``: VM, ``page``: guest page):
+        among ``sel``, read at its address (not from the RAM file) and no longer on frame
+        ``keys`` now (pagemap read again)."""
+        out = np.zeros(len(keys), bool)
+        for i, v in enumerate(self.views):
+            mine = np.flatnonzero(sel & (owner == i))
+            mine = mine[~(plan[i][4][page[mine]] & (v.ram_fd >= 0))]
+            if len(mine):
+                mine = mine[np.argsort(page[mine])]
+                e = oracle.read_entries(v.pm_fd, v.t.hva, page[mine], f"/proc/{v.t.pid}/pagemap")
+                now = np.where((e & PM_PRESENT) != 0, e & PM_PFN_MASK, np.uint64(0)).astype(np.int64)
+                out[mine] = now != keys[mine]
+        return out
 
     def _scrub_window(self, v: _VMView) -> np.ndarray:
         """Per page: in this sample's re-check slice (``scrub`` pages from where the last stopped)."""
