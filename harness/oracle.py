@@ -724,6 +724,11 @@ class WriteTracker:
         """Present pages written since the last scan (write-protected again, atomically with
         reading), the pages present now, and the ranges no write-protect covers (registered
         now: tracked from the next scan)."""
+        # Two walks, not one: a single PM_SCAN_WP_MATCHING walk selecting present OR written pages
+        # (category_anyof_mask) would halve the cost (measured: 1.9 vs 3.3 ms per 512 MB VM) but
+        # write-protects non-present entries too, and on 6.18.44 it corrupted guest data while a
+        # merge agent merged (test_oracle_vms: guest binaries failed to load, twice; not
+        # understood). Only present pages are ever write-protected here
         written = self._scan(_PM_SCAN_WP_MATCHING, 0, PAGE_IS_PRESENT, PAGE_IS_WRITTEN,
                              PAGE_IS_WRITTEN | PAGE_IS_PRESENT)
         regions = self._scan(0, 0, 0, 0, PAGE_IS_PRESENT | PAGE_IS_WPALLOWED, categories=True)
