@@ -132,7 +132,7 @@ def test_ledger_counts_equal_figures():
     rng = np.random.default_rng(5)
     index = oracle.ContentIndex(S(1, 2, 3))
     ids = index.intern(H(*range(12)))
-    frames, slots, contents = acc._Refs(), acc._Refs(), acc._Refs()
+    frames, slots, contents = acc._Refs(8), acc._Refs(), acc._Refs()  # frames grow past their size
     n = 300
     key = np.full(n, -1, np.int64)
     cid = np.full(n, -1, np.int64)
@@ -151,7 +151,7 @@ def test_ledger_counts_equal_figures():
             if sign < 0:
                 frames.remove(k[pf]), slots.remove(-2 - k[~pf]), contents.remove(c)
             else:
-                frames.add(k[pf], c[pf], cls[pf]), slots.add(-2 - k[~pf], c[~pf], cls[~pf]), contents.add(c, c, cls)
+                frames.add(k[pf], cls[pf]), slots.add(-2 - k[~pf], cls[~pf]), contents.add(c, cls)
         key, cid = new_key, new_cid
         inn = key != -1
         fr = np.where(key[inn] >= 0, key[inn], 1000 - key[inn]).astype(np.uint64)
