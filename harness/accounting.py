@@ -516,7 +516,8 @@ class _Refs:
     ``size``: keys expected (the host's frame count for PFNs). The arrays are allocated zeroed
     (``calloc``: the kernel maps pages of them only where a key is counted), and grow by
     doubling past it. Growing a PFN-indexed array while sampling cost the meter 0.3 s each time
-    on this host (100+ MB copied and faulted in), 4 s of a satori scenario run's 10 s."""
+    on this host (100+ MB copied and faulted in): 4 s of the meter's 10 s of CPU in a satori
+    scenario run, mostly in its first sample (which the oracle's cost figure leaves out)."""
 
     def __init__(self, size: int = 1024) -> None:
         size = size if size > 0 else 1024
