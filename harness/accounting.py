@@ -494,16 +494,15 @@ def _moves() -> int:
 
 def _max_pfn() -> int:
     """One past the highest physical frame number of this host (``/proc/zoneinfo``), or 0."""
-    top = start = 0
+    top = span = 0
     try:
         for line in Path("/proc/zoneinfo").read_text().splitlines():
             f = line.split()
-            if len(f) == 2 and f[0] == "spanned":
+            if len(f) == 2 and f[0] == "spanned":  # comes before its zone's start_pfn
                 span = int(f[1])
             elif len(f) == 2 and f[0] == "start_pfn:":
-                start = int(f[1])
-                top = max(top, start + span)
-    except (OSError, ValueError, UnboundLocalError):
+                top = max(top, int(f[1]) + span)
+    except (OSError, ValueError):
         return 0
     return top
 
@@ -1071,8 +1070,7 @@ class Meter:
             if len(mine):
                 mine = mine[np.argsort(page[mine])]
                 e = oracle.read_entries(v.pm_fd, v.t.hva, page[mine], f"/proc/{v.t.pid}/pagemap")
-                now = np.where((e & PM_PRESENT) != 0, e & PM_PFN_MASK, np.uint64(0)).astype(np.int64)
-                out[mine] = now != keys[mine]
+                out[mine] = decode_pagemap(e)[1].astype(np.int64) != keys[mine]
         return out
 
     def _scrub_window(self, v: _VMView) -> np.ndarray:
