@@ -131,10 +131,13 @@ class Store:
 class VM:
     """One paused QEMU with the agent preloaded; the host's view of its RAM file."""
 
-    def __init__(self, name: str, rundir: Path, anon: bool = False) -> None:
+    def __init__(
+        self, name: str, rundir: Path, anon: bool = False, ram_fd_at: int | None = None
+    ) -> None:
         self.anon = anon
         self.sock = rundir / f"{name}.sock"
         fds: tuple[int, ...] = ()
+        preexec, placeholder = None, None
         if anon:  # satori+ksm mode: anonymous RAM, no file
             env = {**os.environ, **agent_env(self.sock, ram_size=RAM_MB << 20)}
             backend = f"memory-backend-ram,id=ram0,size={RAM_MB}M,merge=on"
@@ -142,6 +145,17 @@ class VM:
             self.ram_fd = memfd.create(f"satori-test-{name}-ram", RAM_MB << 20)
             fds = (self.ram_fd,)
             self.mem_path = f"/proc/self/fd/{self.ram_fd}"
+            if ram_fd_at is not None:  # QEMU gets the memfd at this descriptor number
+                fds, src = (ram_fd_at,), self.ram_fd
+                self.mem_path = f"/proc/self/fd/{ram_fd_at}"
+                try:  # pass_fds wants it open here too: a placeholder while spawning if free
+                    os.fstat(ram_fd_at)
+                except OSError:
+                    placeholder = os.dup2(src, ram_fd_at, inheritable=False)
+
+                def preexec() -> None:  # runs in the child before the descriptors are closed
+                    os.dup2(src, ram_fd_at, inheritable=True)
+
             self.label = f"/memfd:satori-test-{name}-ram (deleted)"
             env = {**os.environ, **agent_env(self.sock, self.mem_path)}
             backend = (
@@ -156,8 +170,10 @@ class VM:
         self.log = open(rundir / f"{name}.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             cmd, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True, pass_fds=fds,
+            start_new_session=True, pass_fds=fds, preexec_fn=preexec,
         )  # fmt: skip
+        if placeholder is not None:
+            os.close(placeholder)
         self.pid = self.proc.pid
         self.client = AgentClient(self.sock, timeout=60)
         deadline = time.monotonic() + 30
@@ -212,8 +228,8 @@ def world(tmp_path):
     stores: list[Store] = []
 
     class World:
-        def vm(self, anon: bool = False) -> VM:
-            v = VM(f"{run}-{len(vms)}", tmp_path, anon)
+        def vm(self, anon: bool = False, ram_fd_at: int | None = None) -> VM:
+            v = VM(f"{run}-{len(vms)}", tmp_path, anon, ram_fd_at)
             vms.append(v)
             return v
 
@@ -747,6 +763,31 @@ def test_random_merge_unmerge_write_matches_model(world):
     assert len(maps_lines(vm.pid, vm.label)) == 1
 
 
+@pytest.mark.integration
+@needs_qemu
+@pytest.mark.parametrize("fd_at", [3, 200], ids=["below-qemus-own", "above-qemus-own"])
+def test_unmerge_heals_ram_into_one_mapping_whatever_descriptor_qemu_got(world, fd_at):
+    """QEMU opens mem-path=/proc/self/fd/<n> itself, a new open file of the memfd, and maps
+    that. The agent must map unmerged ranges back from QEMU's own descriptor, not from <n>
+    (same inode, another open file: the kernel never merges the VMAs then). Which one a scan of
+    /proc/self/fd met first used to depend on descriptor numbers (3 is below anything QEMU
+    opens itself, 200 above): after merging every other page and unmerging them all, guest RAM
+    must be one mapping again in both cases."""
+    vm = world.vm(ram_fd_at=fd_at)
+    store = world.store()
+    base, n = 32 << 20, 16
+    pages = [page_of(k, salt=7) for k in range(n)]
+    vm.write_pages(base, pages)
+    soff = store.append(pages)
+    vm.client.open_store(store.path)
+    res = vm.client.merge([(base + i * PAGE, soff + i * PAGE) for i in range(0, n, 2)])
+    assert (res.merged, res.mismatched, res.failed) == (n // 2, 0, 0)
+    assert len(maps_lines(vm.pid, vm.label)) == 1 + n // 2  # RAM between the store pages
+    assert vm.client.unmerge(base, n).restored == n // 2
+    assert vm.guest_read(base, n * PAGE) == b"".join(pages)
+    assert len(maps_lines(vm.pid, vm.label)) == 1, maps_lines(vm.pid, vm.label)
+
+
 # ------------------------------------------------------------ pause-free merging (uffd-wp)
 
 WRITERS_SRC = Path(__file__).parent / "helpers" / "wp_writers.c"
@@ -811,7 +852,9 @@ def test_pause_free_merge_keeps_racing_writes(tmp_path, tracker):
             ever_merged.update(start + i for i in np.flatnonzero(res.status == 0).tolist())
             rep = c.breaks()
             for g, _s, n in rep.ranges.tolist():
-                assert all(g // PAGE + k in ever_merged for k in range(n)), "break of an unmerged page"
+                assert all(g // PAGE + k in ever_merged for k in range(n)), (
+                    "break of an unmerged page"
+                )
                 broken += n
         st = c.stats()
         c.close()

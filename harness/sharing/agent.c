@@ -385,9 +385,24 @@ static void tb_printf(struct tbuf *b, const char *fmt, ...)
 
 /* ------------------------------- guest RAM lookup ------------------------------- */
 
-/* An fd QEMU holds on the file (dev, ino), opened read-write: duplicated, or -1. */
+/* An fd QEMU holds on the file (dev, ino), opened read-write: duplicated, or -1.
+ *
+ * The kernel merges two VMAs only if they map the same open file (struct file), so it must be
+ * the descriptor QEMU mapped guest RAM from. When mem-path is /proc/self/fd/<n> (the harness
+ * hands QEMU a memfd that way), QEMU open(2)s that path, which makes a new open file of the same
+ * inode, and maps that one: descriptor <n> is the same inode but another open file, and a range
+ * mapped back from it stays a VMA of its own forever. So <n> is skipped. (Which of the two a scan
+ * met first depended on descriptor numbers: an intermittent test failure, guest RAM left in 61
+ * mappings after a full unmerge.) */
 static int dup_qemu_ram_fd(dev_t dev, unsigned long ino)
 {
+    long named = -1;
+    if (g_mem_path && strncmp(g_mem_path, "/proc/self/fd/", 14) == 0) {
+        char *e;
+        named = strtol(g_mem_path + 14, &e, 10);
+        if (*e || e == g_mem_path + 14)
+            named = -1;
+    }
     /* opendir(3) /proc/self/fd: QEMU keeps the memory-backend-file fd open */
     DIR *d = opendir("/proc/self/fd");
     if (!d)
@@ -397,7 +412,7 @@ static int dup_qemu_ram_fd(dev_t dev, unsigned long ino)
     while ((de = readdir(d)) != NULL) {
         char *end;
         long n = strtol(de->d_name, &end, 10);
-        if (*end || end == de->d_name || n == dirfd(d))
+        if (*end || end == de->d_name || n == dirfd(d) || n == named)
             continue;
         struct stat sb;
         /* fstat(2) + fcntl(2) F_GETFL: same inode, and writable (fallocate, MAP_SHARED RW) */
@@ -771,7 +786,7 @@ static int find_ram(const char **why)
     char *line = NULL;
     size_t cap = 0;
     uint64_t start = 0, ext_end = 0;
-    int in_ram = 0, got = 0, flags_done = 0;
+    int in_ram = 0, got = 0, flags_done = 0, set_up = 0;
     while (getline(&line, &cap, f) > 0) {
         unsigned long s, e, off, maj, min, inode;
         char perms[8];
@@ -793,6 +808,7 @@ static int find_ram(const char **why)
         }
         if (in_ram && !flags_done && strncmp(line, "VmFlags:", 8) == 0) {
             parse_vmflags(line);
+            set_up = g_ram_dontfork;
             flags_done = 1;
         }
     }
@@ -801,6 +817,16 @@ static int find_ram(const char **why)
     if (!got) {
         *why = "guest RAM mapping not found in /proc/self/smaps (QEMU not started yet, or "
                "mem-path differs)";
+        return ENOENT;
+    }
+    /* QEMU maps guest RAM, then madvises it (HUGEPAGE, DONTDUMP, DONTFORK last, in
+     * ram_block_add). The flags read here are the ones an unmerge gives the RAM file mapped
+     * back, so that it merges with its neighbours into one VMA again: taken before QEMU's
+     * madvise, every unmerged range would stay a VMA of its own. So the RAM counts as found
+     * only once MADV_DONTFORK is on it, as find_ram_anon requires too. */
+    if (!set_up) {
+        *why = "QEMU has mapped guest RAM but not finished setting it up (no MADV_DONTFORK "
+               "on it yet)";
         return ENOENT;
     }
     /* Prefer a dup of QEMU's own fd of the RAM file: the kernel merges adjacent VMAs only if

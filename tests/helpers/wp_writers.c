@@ -169,6 +169,12 @@ int main(int argc, char **argv)
         perror("mmap");
         return 2;
     }
+    /* madvise(2) MADV_DONTFORK: QEMU's last step in setting up guest RAM; the agent takes RAM
+     * as found only once it is there */
+    if (madvise(ram, (size_t)npages * PG, MADV_DONTFORK) < 0) {
+        perror("madvise");
+        return 2;
+    }
     for (long p = 0; p < npages; p++) {
         memset(ram + p * PG, 0x5A, PG);
         memcpy(ram + p * PG, &p, sizeof p);
