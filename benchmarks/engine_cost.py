@@ -6,7 +6,9 @@ over anonymous memory in runs of 64 pages and one page at a time, each followed 
 that installs the page-table entry).
 
 Stages of the engine, per page (the native core times them when profiling is on):
-  read    pread of the guest page (RAM file or /proc/<pid>/mem)
+  read    the guest page copied into the staging buffer: from the engine's own guarded view of
+          the RAM file (no system call), or pread of /proc/<pid>/mem for pages merged before;
+          --no-view: pread of the RAM file too, as before 2026-12-01
   hash    XXH64 of the page against the record (verification) + the secret-keyed index hash
   index   index lookup/insert, planning
   store   writes of new store pages
@@ -92,9 +94,11 @@ def stage_us(c: dict[str, int], n: int) -> list[tuple[str, float]]:
             ("index", c["ns_index"] / n / 1e3), ("store", c["ns_store"] / n / 1e3)]
 
 
-def synthetic(pages: int, batch: int, poll: int) -> int:
+def synthetic(pages: int, batch: int, poll: int, view: bool) -> int:
     """Two fake VMs with the same pages; every page hinted once in each, in ring-sized polls."""
     import xxhash
+
+    from harness.oracle import RamMirror
 
     data = np.frombuffer(os.urandom(pages * PAGE), dtype=np.uint8).reshape(pages, PAGE)
     rams = []
@@ -108,9 +112,13 @@ def synthetic(pages: int, batch: int, poll: int) -> int:
     recs["hash"] = [xxhash.xxh64_intdigest(p.tobytes()) for p in data]
     recs["flags"] = 1
     c = core_mod.NativeCore(index.new_key(), store, 256, index.max_slots([pages * PAGE] * 2))
+    views: list[RamMirror] = []
     try:
-        for fd in rams:
+        for i, fd in enumerate(rams):
             c.add_vm(fd, fd, 0, pages * PAGE, index.candidate_quota(pages * PAGE), batch)
+            if view:  # as the engine reads them
+                views.append(RamMirror(f"/proc/self/fd/{fd}", pages, f"fake VM {i}"))
+                c.set_view(i, views[-1].addr)
         c.profile(True)
         t0 = time.thread_time()
         merged = 0
@@ -128,19 +136,22 @@ def synthetic(pages: int, batch: int, poll: int) -> int:
         counters = c.counters()
     finally:
         c.close()
+        for v in views:
+            v.close()
         for fd in [*rams, store]:
             os.close(fd)
     n = 2 * pages
     rows = stage_us(counters, n)
     rows.append(("python", max(0.0, cpu * 1e6 / n - sum(us for _, us in rows))))
     print(f"synthetic: 2 VMs x {pages} identical pages, each hinted once ({n} hints, {merged} merge pairs "
-          f"planned, {counters['appended']} store pages); no agent. Per hinted page:")
+          f"planned, {counters['appended']} store pages); no agent; pages read "
+          f"{'through views of the RAM files' if view else 'with pread'}. Per hinted page:")
     print_table(rows, "page", floor_us())
     print(f"(profiling adds ~{4 * 0.02:.2f} us/page of clock reads to the stages)")
     return 0
 
 
-def with_vms(files: int, memory: int, keep: float) -> int:
+def with_vms(files: int, memory: int, keep: float, view: bool) -> int:
     from harness.image import ensure_image
     from harness.sharing.attach import sharing_attachments
     from harness.sharing.engine import Member, SharingEngine
@@ -159,6 +170,9 @@ def with_vms(files: int, memory: int, keep: float) -> int:
         with SharingEngine([Member.from_vm(v) for v in vms], domain=f"bench-{run}") as eng:
             assert eng.core is not None
             eng.core.profile(True)
+            if not view:  # pread of the RAM files, as before the engine had its views
+                for link in eng.links:
+                    eng.core.set_view(link.idx, 0)
             stop = threading.Event()
             cpu: dict[str, float] = {}
 
@@ -190,7 +204,8 @@ def with_vms(files: int, memory: int, keep: float) -> int:
         agent_merge_s = sum(x["agent_ns"] for x in v) / 1e9
         paused_s = sum(x["paused_s"] for x in v)
         print(f"accelerator: {vms[0].accel.line()}")
-        print(f"read {files * 4} MB in each of 2 guests in {read_s:.1f} s, kept {keep:.1f} s; "
+        print(f"pages read {'through views of the RAM files' if view else 'with pread'}; "
+              f"read {files * 4} MB in each of 2 guests in {read_s:.1f} s, kept {keep:.1f} s; "
               f"{hinted} hints, {merged} pages merged; merge lag {st['merge_lag_s']}")
         if not merged:
             print("nothing merged")
@@ -226,10 +241,12 @@ def main() -> int:
     ap.add_argument("--memory", type=int, default=512)
     ap.add_argument("--keep", type=float, default=1.5,
                     help="seconds the engine keeps running after the reads (idle cost counts too)")
+    ap.add_argument("--no-view", action="store_true",
+                    help="read RAM-file pages with pread, not through the engine's views of the files")
     args = ap.parse_args()
     if args.synthetic:
-        return synthetic(args.pages, args.batch, args.poll)
-    return with_vms(args.files, args.memory, args.keep)
+        return synthetic(args.pages, args.batch, args.poll, not args.no_view)
+    return with_vms(args.files, args.memory, args.keep, not args.no_view)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,43 @@ long satori_hash_mapped(const uint8_t *base, const uint64_t *pages, size_t n, ui
     }
     return holes;
 }
+
+/*
+ * For the sharing core (harness/sharing/core.c), which reads hinted guest pages through the
+ * engine's own view of each RAM file (a RamMirror, like the oracle's) instead of pread(2): the
+ * SIGBUS handling lives here once, the core calls these two through function pointers.
+ */
+
+/* Our SIGBUS handler in place (see bus_install); the core calls it once per batch. 0, or -1. */
+int satori_bus_ready(void)
+{
+    return bus_install();
+}
+
+/*
+ * Copy len bytes from src, in a guarded mapping, to dst. Returns 0; or 1 if src faulted (a hole
+ * by now: punched out of the file since the caller looked), dst then zero-filled, which is what
+ * pread(2) of a hole reads. satori_bus_ready() must have returned 0 in this process.
+ */
+int satori_copy_guarded(void *dst, const void *src, size_t len)
+{
+    sigjmp_buf jb;
+    /* no signal mask saved (a system call per page otherwise): the jump comes from inside the
+     * handler, which runs with SIGBUS blocked, so it is unblocked below */
+    if (sigsetjmp(jb, 0)) {
+        bus_jump = NULL;
+        sigset_t m;
+        sigemptyset(&m);
+        sigaddset(&m, SIGBUS);
+        /* pthread_sigmask(3): SIGBUS deliverable again (the handler's mask stayed) */
+        pthread_sigmask(SIG_UNBLOCK, &m, NULL);
+        memset(dst, 0, len);
+        return 1;
+    }
+    bus_jump = &jb;
+    __asm__ volatile("" ::: "memory"); /* the copy may not start before the jump is armed */
+    memcpy(dst, src, len);
+    __asm__ volatile("" ::: "memory");
+    bus_jump = NULL;
+    return 0;
+}

@@ -21,10 +21,12 @@ import pytest
 import xxhash
 
 from harness.hints import RECORD_DTYPE
+from harness.oracle import RamMirror
 from harness.sharing import core as core_mod
 from harness.sharing import index
 from harness.sharing.core import NativeCore
 from harness.sharing.reference import ReferenceCore
+from harness.sharing.store import punch_hole
 
 PAGE = 4096
 P1, P2 = 0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F
@@ -92,7 +94,7 @@ class World:
     """VMs (RAM memfds), a content pool, one core under test, fake agents."""
 
     def __init__(self, make_core, nvms: int = 3, npages: int = 256, batch: int = 64, quota: float = 1.0,
-                 key: bytes | None = None, stage: int = 8, max_slots: int = 1 << 20) -> None:
+                 key: bytes | None = None, stage: int = 8, max_slots: int = 1 << 20, view: bool = False) -> None:
         self.npages = npages
         self.store_fd = os.memfd_create("store")
         self.ram = [os.memfd_create(f"ram{i}") for i in range(nvms)]
@@ -105,12 +107,18 @@ class World:
         self.status_mode = False  # agents answer per pair and report breaks (BREAKS, MAPPED)
         self.pairs: list[np.ndarray] = []  # every batch taken, for comparison
         self.results: list[tuple] = []
-        for fd in self.ram:
+        self.views: list[RamMirror] = []
+        for i, fd in enumerate(self.ram):
             # fd_mem = the RAM file too (hva 0): QEMU's view and the file agree in this world
             self.core.add_vm(fd, fd, 0, npages * PAGE, index.candidate_quota(npages * PAGE, quota), batch)
+            if view:  # as the engine does: RAM-file pages copied from a guarded view, not pread
+                self.views.append(RamMirror(f"/proc/self/fd/{fd}", npages, f"ram{i}"))
+                self.core.set_view(i, self.views[-1].addr)
 
     def close(self) -> None:
         self.core.close()
+        for v in self.views:
+            v.close()
         for fd in [*self.ram, self.store_fd]:
             os.close(fd)
 
@@ -290,8 +298,11 @@ def compare(a: World, b: World) -> None:
 
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("quota", [1.0, 0.05])
-def test_core_plans_as_the_reference(seed, quota):
-    worlds = [World(native, quota=quota), World(reference, quota=quota)]
+@pytest.mark.parametrize("view", [False, True], ids=["pread", "view"])
+def test_core_plans_as_the_reference(seed, quota, view):
+    """``view``: the native core copies RAM-file pages from guarded views of the files (as the
+    engine runs it) while the reference preads them: the same plans all the same."""
+    worlds = [World(native, quota=quota, view=view), World(reference, quota=quota)]
     try:
         for w in worlds:
             scenario(w, seed)
@@ -482,5 +493,34 @@ def test_free_waits_for_every_list():
         assert w.core.free_unused([still, np.zeros((0, 3), np.uint64)]) == 0
         assert w.core.counters()["kept_listed"] == 1 and not w.core.slot(0).free
         assert w.core.free_unused([np.zeros((0, 3), np.uint64)] * 2) == 1
+    finally:
+        w.close()
+
+
+def test_view_reads_a_punched_page_as_zeros_and_leaves_it_a_hole():
+    """A page punched out of the RAM file between its hint and the engine's read (an agent's
+    merge, a balloon) faults in the engine's guarded view: it reads as zeros, as pread of a hole
+    does (the record is refused unless it hashed zeros), and the hole is not filled."""
+    w = World(native, nvms=2, view=True)
+    try:
+        rng = random.Random(5)
+        pages = [rng.randbytes(PAGE) for _ in range(8)]
+        for vm in range(2):
+            for p, pg in enumerate(pages):
+                w.write(vm, p, pg)
+        hints = [(p * PAGE, xxhash.xxh64_intdigest(pg)) for p, pg in enumerate(pages)]
+        for p in (2, 5):  # punched after the hint
+            punch_hole(w.ram[1], p * PAGE, PAGE)
+        w.ingest(0, records(hints), 1)
+        w.ingest(1, records(hints + [(2 * PAGE, xxhash.xxh64_intdigest(bytes(PAGE)))]), 2)
+        c = w.core.vm_counters(1)
+        assert c["changed"] == 2 and c["planned"] == 6
+        for p in (2, 5):
+            assert os.lseek(w.ram[1], p * PAGE, os.SEEK_DATA) != p * PAGE, f"page {p} filled"
+        with open("/proc/self/pagemap", "rb") as f:  # read through the view (mapped), not pread
+            f.seek(w.views[1].addr // PAGE * 8)
+            assert int.from_bytes(f.read(8), "little") >> 63, "page 0 not mapped in the view"
+        w.flush_all()
+        assert sorted(g // PAGE for g, _, _ in w.list(1).tolist()) == [0, 1, 3, 4, 6, 7]
     finally:
         w.close()

@@ -6,8 +6,9 @@
  * that runs once per hint record is here, one call per batch of records:
  *
  *   record (gpa, xxh64)
- *     -> read the guest page once (pread from the RAM file, or /proc/<pid>/mem for pages QEMU
- *        maps privately since a merge) straight into the store's staging buffer
+ *     -> read the guest page once (copied from the engine's own guarded view of the RAM file,
+ *        see satori_core_set_view, or pread of it; /proc/<pid>/mem for pages QEMU maps
+ *        privately since a merge) straight into the store's staging buffer
  *     -> verify: XXH64(page) must equal the record's hash (a guest's word is never trusted)
  *     -> key: a secret-keyed hash of the same bytes (the guest cannot predict it, so it cannot
  *        plant pages that collide with honest content; see "Keyed hash" below)
@@ -340,6 +341,7 @@ struct vm_counters {
 struct vmstate {
     int used;
     int fd_ram, fd_mem;
+    const uint8_t *view; /* the engine's own read-only view of the RAM file (guarded), or NULL */
     uint64_t hva, npages, quota, clock;
     uint32_t *slot; /* per page: slot + 1 if merged or planned, 0 if not */
     uint64_t *cand; /* per page: key of its candidate entry, 0 if none */
@@ -396,6 +398,9 @@ struct core {
     uint32_t nvms;
     int full;                /* some VM's pending batch is full */
     int prof;
+    /* pageread.c's SIGBUS guard, for reads through a view (see satori_core_set_view) */
+    int (*bus_ready)(void);
+    int (*copy_guarded)(void *dst, const void *src, size_t len);
     struct core_counters c;
 };
 
@@ -703,6 +708,28 @@ int satori_core_add_vm(struct core *c, int fd_ram, int fd_mem, uint64_t hva, uin
     return (int)c->nvms++;
 }
 
+/*
+ * Read VM v's RAM-file pages through `view` (the engine's own read-only shared mapping of the
+ * file, registered with a userfaultfd in missing mode with UFFD_FEATURE_SIGBUS: harness/oracle.py
+ * RamMirror) instead of one pread(2) per page: a system call costs 1-3 us on a host like this one.
+ * The page is still copied once into the staging buffer and verified there (what is verified is
+ * what the store gets). A page punched out of the file since (an agent's merge, a balloon) raises
+ * SIGBUS in the view instead of being allocated; `copy_guarded` (pageread.c) catches it and gives
+ * zeros, as pread of a hole reads; `bus_ready` installs that handler (once per ingest call).
+ * view 0: back to pread. 0, or -EINVAL.
+ */
+int satori_core_set_view(struct core *c, uint32_t v, uint64_t view, void *bus_ready, void *copy_guarded)
+{
+    if (v >= c->nvms || !c->vms[v].used || c->vms[v].fd_ram < 0 || (view && (!bus_ready || !copy_guarded)))
+        return -EINVAL;
+    c->vms[v].view = (const uint8_t *)(uintptr_t)view;
+    if (view) {
+        c->bus_ready = (int (*)(void))bus_ready;
+        c->copy_guarded = (int (*)(void *, const void *, size_t))copy_guarded;
+    }
+    return 0;
+}
+
 /* ----------------------------------------------------------------- bookkeeping */
 
 static void cand_remove(struct core *c, uint32_t v, uint64_t p)
@@ -809,6 +836,8 @@ int64_t satori_core_ingest(struct core *c, uint32_t v, const uint8_t *recs, size
     int prof = c->prof;
     uint64_t t0 = 0, t1 = 0;
     size_t i;
+    /* the SIGBUS guard in place before the first read through the view (else: pread) */
+    const uint8_t *view = s->view && c->bus_ready() == 0 ? s->view : NULL;
     for (i = 0; i < n; i++) {
         if (c->full)
             break;
@@ -837,7 +866,12 @@ int64_t satori_core_ingest(struct core *c, uint32_t v, const uint8_t *recs, size
             /* pread(2) of /proc/<pid>/mem: the page as QEMU maps it (store page or private
              * copy); a read fault there never allocates */
             r = pread(s->fd_mem, page, PAGE, (off_t)(s->hva + gpa));
-        else
+        else if (view) {
+            /* a page never merged, copied from the engine's view of the RAM file: no system
+             * call; a hole (punched since) reads as zeros and stays a hole */
+            c->copy_guarded(page, view + gpa, PAGE);
+            r = (ssize_t)PAGE;
+        } else
             /* pread(2) of the RAM file: a page never merged; a hole reads as zeros */
             r = pread(s->fd_ram, page, PAGE, (off_t)gpa);
         if (prof) {

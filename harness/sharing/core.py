@@ -73,6 +73,7 @@ def _lib() -> ctypes.CDLL:
         "satori_core_new": ([_u8p, sz, i, u32, u64], vp),
         "satori_core_free": ([vp], None),
         "satori_core_add_vm": ([vp, i, i, u64, u64, u64, u32], i),
+        "satori_core_set_view": ([vp, u32, u64, vp, vp], i),
         "satori_core_ingest": ([vp, u32, vp, sz, sz, u64], i64),
         "satori_core_take": ([vp, u32, _u64p, _u64p, sz], i64),
         "satori_core_confirm": ([vp, u32, _u64p, sz], None),
@@ -171,6 +172,17 @@ class NativeCore:
         _check(r, "adding a VM")
         self._batch.append(batch_pages)
         return r
+
+    def set_view(self, vm: int, addr: int) -> None:
+        """Read VM ``vm``'s RAM-file pages through ``addr``, the engine's own guarded view of the
+        file (:class:`harness.oracle.RamMirror`), instead of ``pread``; 0: back to ``pread``.
+        The view must outlive every later :meth:`ingest` of that VM (or be set back to 0)."""
+        from harness.oracle import _reader  # pageread.c: the SIGBUS guard the copy runs under
+
+        guard = _reader()
+        ready = ctypes.cast(guard.satori_bus_ready, ctypes.c_void_p).value
+        copy = ctypes.cast(guard.satori_copy_guarded, ctypes.c_void_p).value
+        _check(self._lib.satori_core_set_view(self._h, vm, addr, ready, copy), "setting a RAM view")
 
     # ------------------------------------------------------------------ hot path
     def ingest(self, vm: int, records: np.ndarray, t_ns: int) -> int:

@@ -157,6 +157,10 @@ class SharingEngine:
             self.links.append(link)
             vm = self.core.add_vm(link.ram_fd, link.mem_fd, link.hva, m.ram_size, self.quota(m), self.batch_pages)
             assert vm == link.idx
+            if link.view is not None:
+                self.core.set_view(vm, link.view.addr)
+            elif link.view_error:
+                self.log(f"VM {m.name}: hinted pages read with pread ({link.view_error})")
             assert link.agent is not None
             try:
                 link.agent.open_store(self.store.ref.path)

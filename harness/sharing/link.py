@@ -21,6 +21,7 @@ from harness.accounting import ram_hva
 from harness.errors import HarnessError, QMPError
 from harness.hints import HintRing
 from harness.memfd import ProcFile
+from harness.oracle import RamMirror, TrackerUnavailable
 from harness.paths import write_private
 from harness.qmp import cont
 from harness.sharing.agent import AgentClient
@@ -139,6 +140,10 @@ class VMLink:
         self.agent: AgentClient | None = None
         self.ram_fd = -1
         self.mem_fd = -1
+        # the engine's own guarded view of the RAM file: hinted pages are copied from it, no
+        # system call per page (None: read with pread; view_error says why)
+        self.view: RamMirror | None = None
+        self.view_error = ""
         self.c = VMCounters()
         self.needs_list = False  # the agent's word on some pages was lost: LIST before any free
         self.listed: tuple[int, bytes] | None = None  # (books version, LIST digest) last reconciled
@@ -151,6 +156,11 @@ class VMLink:
             self.ring = HintRing(m.ring, m.ram_size)
             self.agent = AgentClient(m.agent_socket)
             self.ram_fd = m.ram.open(os.O_RDONLY) if m.ram is not None else -1
+            if m.ram is not None:
+                try:
+                    self.view = RamMirror(m.ram, m.ram_size // 4096, f"VM {m.name}'s RAM")
+                except TrackerUnavailable as e:
+                    self.view_error = str(e)
             self.mem_fd = os.open(f"/proc/{m.pid}/mem", os.O_RDONLY)
             self.hva = ram_hva(m)  # HMP gpa2hva: where QEMU maps guest offset 0
         except BaseException:
@@ -167,6 +177,9 @@ class VMLink:
             self.ring = None
         if self.agent is not None:
             self.agent.close()
+        if self.view is not None:
+            self.view.close()
+            self.view = None
         for fd in (self.ram_fd, self.mem_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
