@@ -119,6 +119,10 @@ def test_misses_are_relisted_and_lag_counts_merged_pages_only(engine_parts):
     assert w.core.vm_counters(1)["merged"] == 7 and w.core.vm_counters(1)["unconfirmed"] == 1
     lag = sched.lag.summary()
     assert lag["n"] == 15 and lag["max"] > 0 and lag["p50"] <= lag["p99"] <= lag["max"]
+    # the slowest batches, worst first: (lag, VM, pages sent, wait before the send, agent)
+    assert [(b[1], b[2]) for b in sorted(sched.slow, key=lambda b: b[1])] == [("vm0", 8), ("vm1", 8)]
+    assert abs(sched.slow[0][0] - lag["max"]) < 1e-3 and sched.slow[0][0] >= sched.slow[1][0]
+    assert all(b[0] >= b[3] >= 0 and b[4] >= 0 for b in sched.slow)
 
 
 def test_lag_histogram_quantiles():

@@ -363,6 +363,8 @@ class SharingEngine:
             "engine_cpu_s": round(time.process_time() - self.cpu_start, 3),
             "merged_total": sum(v["merged_total"] for v in vms.values()),
             "merge_lag_s": sched.lag.summary(),
+            # the 5 batches with the longest lag: [lag s, VM, pages, wait before the send s, agent s]
+            "slowest_batches": [list(b) for b in sched.slow],
             "index": {
                 "entries": c["entries"], "slots_live": c["slots_live"], "slots_freed": c["slots_freed"],
                 "slots_reused": c["slots_reused"], "unreferenced": c["unreferenced"],

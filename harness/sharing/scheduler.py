@@ -110,6 +110,9 @@ class MergeScheduler:
         self.flush_ns = int(flush_interval_s * 1e9)
         self.log = log
         self.lag = LagHistogram()
+        # the batches with the longest lag (a page p99 over a run is set by its worst batch or
+        # two): (lag s, VM, pages, s from the oldest pair's hint to the send, s at the agent)
+        self.slow: list[tuple[float, str, int, float, float]] = []
 
     def due(self, link: VMLink, now_ns: int) -> bool:
         pending, t0 = self.core.pending(link.idx)
@@ -134,6 +137,7 @@ class MergeScheduler:
             self.breaks.relist(link)
             return
         res: MergeResult | None
+        t_send = time.monotonic_ns()
         try:
             res = send_batch(link, pairs)
         except HarnessError as e:
@@ -162,4 +166,10 @@ class MergeScheduler:
                 link.c.merged_total += int(np.count_nonzero(merged))
         else:
             return  # no LIST either: the pages stay referenced until one comes
-        self.lag.add((now - times[merged].astype(np.int64)) / 1e9)
+        lags = (now - times[merged].astype(np.int64)) / 1e9
+        self.lag.add(lags)
+        if len(lags):
+            oldest = int(times[merged].min())
+            self.slow.append((round(float(lags.max()), 3), link.name, int(len(pairs)),
+                              round((t_send - oldest) / 1e9, 3), round((now - t_send) / 1e9, 3)))
+            self.slow = sorted(self.slow, reverse=True)[:5]
