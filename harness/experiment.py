@@ -130,6 +130,8 @@ class _Loop:
         self.stop_evt = threading.Event()
         self.errors: list[BaseException] = []
         self.engine_cpu = 0.0  # engine thread: stepping (hints, merges, break checks)
+        # engine thread: longest step, stats reading, sleep overrun (s)
+        self.loop_max = {"step_s": 0.0, "stats_s": 0.0, "oversleep_s": 0.0}
         self.stats_cpu = 0.0  # engine thread: reading the engines' and agents' stats
         self.sample_cpu = 0.0  # sampler thread: everything it does but measuring
         self.oracle_cpu = 0.0  # the meter process (accounting + oracle): all its CPU so far
@@ -214,6 +216,7 @@ class _Loop:
             while not self.stop_evt.is_set():
                 self.check_vms()
                 c0 = time.thread_time()
+                w0 = time.monotonic()
                 taken = 0
                 pending = False
                 for dom, e in list(self.engines.items()):
@@ -225,16 +228,24 @@ class _Loop:
                             continue  # its VM died under it: recorded, the others go on
                         raise
                 self.engine_cpu += time.thread_time() - c0
+                self.loop_max["step_s"] = max(self.loop_max["step_s"], round(time.monotonic() - w0, 3))
                 if taken == 0:
                     self.idle.set()
                 else:
                     self.idle.clear()
                 if self.engines and time.monotonic() >= next_stats:
                     next_stats = time.monotonic() + self.interval
+                    p0 = time.monotonic()
                     self._publish_stats()
+                    self.loop_max["stats_s"] = max(self.loop_max["stats_s"], round(time.monotonic() - p0, 3))
                 self.stepped.set()  # after the first stats: the first sample row has its counters
+                w1 = time.monotonic()
                 # 20 ms while hints flow or pairs wait for their flush, backing off to 250 ms when quiet
-                idle.wait(taken, pending)
+                asked = idle.wait(taken, pending)
+                w2 = time.monotonic()
+                # the engine loop's longest step, stats reading and sleep overrun (over the 20 ms
+                # or so it asked for): where merge lag beyond the flush interval comes from
+                self.loop_max["oversleep_s"] = max(self.loop_max["oversleep_s"], round(w2 - w1 - asked, 3))
             c0 = time.thread_time()
             for e in list(self.engines.values()):
                 e.flush_all()
@@ -644,6 +655,8 @@ class Runner:
                     "agent_merge_s": round(agent_merge_s, 3),
                     "ksmd_s": round(ksm_delta["ksmd_cpu_s"], 3) if ksm_delta else 0.0,
                     "wall_s": round(time.monotonic() - t_start, 3),
+                    # the engine loop's longest step and longest overrun of a sleep (seconds)
+                    "engine_loop_max": dict(loop.loop_max),
                 }
                 if agent_errors:
                     cpu["error"] = "; ".join(agent_errors)

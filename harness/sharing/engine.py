@@ -64,16 +64,19 @@ class IdlePoll:
         self.max_s = max(poll_s, max_s)
         self.cur = poll_s
 
-    def wait(self, taken: int, pending: bool = False) -> None:
+    def wait(self, taken: int, pending: bool = False) -> float:
+        """Sleep as said above; returns the seconds asked for (0 when hints were taken)."""
         if taken:
             self.cur = self.poll_s
-            return
+            return 0.0
         if pending:
             self.cur = self.poll_s
             time.sleep(self.poll_s)
-            return
-        time.sleep(self.cur)
+            return self.poll_s
+        asked = self.cur
+        time.sleep(asked)
         self.cur = min(self.max_s, self.cur * 1.5)
+        return asked
 
 
 class SharingEngine:
@@ -122,6 +125,7 @@ class SharingEngine:
         self.breaks: BreakChecker | None = None
         self._saved_max_map: int | None = None
         self._rr = 0
+        self.step_max = {"ingest_s": 0.0, "flush_s": 0.0, "breaks_s": 0.0}
         self.t_first_hint: float | None = None
         self.t_start = time.monotonic()
         self.cpu_start = time.process_time()
@@ -233,6 +237,7 @@ class SharingEngine:
         """Serve every VM once (round robin, at most ``records_per_poll`` records each), flush
         due batches, look for breaks when due. Returns the records taken."""
         core, sched, breaks = self._parts()
+        t0 = time.monotonic()
         taken = 0
         n = len(self.links)
         for k in range(n):
@@ -245,7 +250,7 @@ class SharingEngine:
                 taken += len(batch)
                 self._ingest(link, batch)
         self._rr = (self._rr + 1) % n
-        now = time.monotonic()
+        t1 = now = time.monotonic()
         for link in self.links:
             if link.resume_due and now >= link.resume_at:  # a stop/cont failed: resume it
                 resume(link, self.log)
@@ -253,9 +258,14 @@ class SharingEngine:
         for link in self.links:
             if sched.due(link, now_ns):
                 sched.flush(link)
-        if breaks.due(time.monotonic(), taken):
+        t2 = time.monotonic()
+        if breaks.due(t2, taken):
             breaks.check()
             breaks.checked()
+        t3 = time.monotonic()
+        m = self.step_max  # the longest of each part of a step so far (s): where lag comes from
+        m["ingest_s"], m["flush_s"], m["breaks_s"] = (max(m["ingest_s"], t1 - t0), max(m["flush_s"], t2 - t1),
+                                                       max(m["breaks_s"], t3 - t2))
         return taken
 
     def pending(self) -> bool:
@@ -363,6 +373,7 @@ class SharingEngine:
             "engine_cpu_s": round(time.process_time() - self.cpu_start, 3),
             "merged_total": sum(v["merged_total"] for v in vms.values()),
             "merge_lag_s": sched.lag.summary(),
+            "step_max_s": {k: round(v, 3) for k, v in self.step_max.items()},
             # the 5 batches with the longest lag: [lag s, VM, pages, wait before the send s, agent s]
             "slowest_batches": [list(b) for b in sched.slow],
             "index": {
