@@ -524,6 +524,10 @@ class Runner:
         t_start = time.monotonic()
         cpu0 = time.process_time()
         with contextlib.ExitStack() as stack:
+            # after the VMs are gone (their shutdown callbacks come after this one, so run
+            # before it): a KSM control that started ksmd lets it free the exited VMs' items
+            ksm_after: list[ksm.KSMControl] = []
+            stack.callback(lambda: [c.flush_exited() for c in ksm_after])
             vms, setup = [], {}
             for s, v in zip(self._specs(m), cfg.vm_list(), strict=True):
                 img = self.images.get(s.name, self.image)
@@ -558,6 +562,7 @@ class Runner:
             ksm_ctl = None
             if m.scans:
                 ksm_ctl = stack.enter_context(ksm.KSMControl(mode))
+                ksm_after.append(ksm_ctl)
             ksm0 = ksm_ctl.sample() if ksm_ctl else None
             engines: dict[str, SharingEngine] = {}
             if m.engine:

@@ -181,3 +181,48 @@ def test_real_sysfs_roundtrip(mode):
         assert int((root / "run").read_text()) == 1
         assert ksm.ksmd_pid() is not None
     assert {n: (root / n).read_text() for n in names} == before
+
+
+def test_ksmd_frees_what_exited_vms_left_before_it_is_stopped_again(sysfs, tmp_path):
+    """After the run (settings restored, VMs gone), a control that started ksmd lets it make two
+    passes so the exited processes' KSM items are freed (not stale counters for the next run),
+    then stops it: run is 0 again, the saved file gone, the lock free. Nothing is done when KSM
+    counts nothing, or when ksmd was running before the run (its owner's business)."""
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def ksmd():  # the kernel's part: while run is 1, passes go by and the dead items are freed
+        while not stop.is_set():
+            if (sysfs / "run").read_text().strip() == "1":
+                n = int((sysfs / "full_scans").read_text())
+                (sysfs / "full_scans").write_text(f"{n + 1}\n")
+                for k in ("pages_sharing", "pages_shared"):
+                    (sysfs / k).write_text("0\n")
+            time.sleep(0.01)
+
+    t = threading.Thread(target=ksmd)
+    t.start()
+    try:
+        ctl = ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path)
+        with ctl:
+            pass
+        scans = values(sysfs)["full_scans"]
+        assert ctl.flush_exited() is True
+        v = values(sysfs)
+        assert v["run"] == 0 and v["pages_sharing"] == 0 and v["pages_shared"] == 0
+        assert v["full_scans"] >= scans + 2
+        assert not (tmp_path / "ksm-saved.json").exists()
+        assert ctl.flush_exited() is False  # nothing counted any more: nothing to do
+        with ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path):  # the lock was released
+            pass
+        (sysfs / "run").write_text("1\n")  # ksmd was running before: left as it was
+        (sysfs / "pages_sharing").write_text("5\n")
+        ctl = ksm.KSMControl("ksm", root=sysfs, state_dir=tmp_path)
+        with ctl:
+            pass
+        assert ctl.flush_exited() is False and values(sysfs)["run"] == 1
+    finally:
+        stop.set()
+        t.join()
