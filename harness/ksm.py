@@ -239,7 +239,7 @@ class KSMControl:
         self.lock_timeout = lock_timeout
         self.saved: dict[str, Value] | None = None
         self._lock_fd: int | None = None
-        self._stopped_ksm: bool | None = None  # ksmd was stopped before this control started it
+        self._stopped_ksm = False  # ksmd was stopped before this control started it
 
     # -- files
     def _dir(self) -> Path:
@@ -249,12 +249,13 @@ class KSMControl:
     def saved_file(self) -> Path:
         return self._dir() / "ksm-saved.json"
 
-    def _lock(self) -> None:
+    def _lock(self, timeout: float | None = None) -> None:
         path = self._dir() / "ksm.lock"
+        wait = self.lock_timeout if timeout is None else timeout
         self._lock_fd = sysstate.acquire_lock(
-            path, self.lock_timeout,
+            path, wait,
             lambda: (f"KSM is controlled by another harness process (pid {self._stale_owner()}) "
-                     f"for more than {self.lock_timeout:.0f} s (lock {path})"))
+                     f"for more than {wait:.0f} s (lock {path})"))
 
     def _unlock(self) -> None:
         if self._lock_fd is not None:
@@ -352,17 +353,14 @@ class KSMControl:
         Under the KSM lock, with a saved file (``run`` 0) so that a kill meanwhile is repaired
         by the next start or ``satori cleanup``; at most ``timeout_s``, then ``run`` is 0 again
         whatever ksmd did. Returns True if it ran ksmd."""
-        if self._stopped_ksm is not True:
+        if not self._stopped_ksm:
             return False
         if not any(_read_int(self.root, k) for k in STALE_COUNTERS if (self.root / k).exists()):
             return False
-        wait, self.lock_timeout = self.lock_timeout, 0.0
         try:
-            self._lock()
+            self._lock(timeout=0.0)
         except HarnessError:
             return False  # another run controls KSM now: its ksmd runs, or it will do this
-        finally:
-            self.lock_timeout = wait
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             if _read_int(self.root, "run") != 0:

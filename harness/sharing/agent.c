@@ -786,7 +786,7 @@ static int find_ram(const char **why)
     char *line = NULL;
     size_t cap = 0;
     uint64_t start = 0, ext_end = 0;
-    int in_ram = 0, got = 0, flags_done = 0, set_up = 0;
+    int in_ram = 0, got = 0, flags_done = 0;
     while (getline(&line, &cap, f) > 0) {
         unsigned long s, e, off, maj, min, inode;
         char perms[8];
@@ -808,7 +808,6 @@ static int find_ram(const char **why)
         }
         if (in_ram && !flags_done && strncmp(line, "VmFlags:", 8) == 0) {
             parse_vmflags(line);
-            set_up = g_ram_dontfork;
             flags_done = 1;
         }
     }
@@ -824,7 +823,7 @@ static int find_ram(const char **why)
      * back, so that it merges with its neighbours into one VMA again: taken before QEMU's
      * madvise, every unmerged range would stay a VMA of its own. So the RAM counts as found
      * only once MADV_DONTFORK is on it, as find_ram_anon requires too. */
-    if (!set_up) {
+    if (!flags_done || !g_ram_dontfork) {
         *why = "QEMU has mapped guest RAM but not finished setting it up (no MADV_DONTFORK "
                "on it yet)";
         return ENOENT;
