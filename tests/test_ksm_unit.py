@@ -193,13 +193,17 @@ def test_ksmd_frees_what_exited_vms_left_before_it_is_stopped_again(sysfs, tmp_p
 
     stop = threading.Event()
 
+    def put(name, value):  # as sysfs is read: never half written (the readers run meanwhile)
+        tmp = sysfs.parent / f".{name}.tmp"
+        tmp.write_text(f"{value}\n")
+        os.replace(tmp, sysfs / name)
+
     def ksmd():  # the kernel's part: while run is 1, passes go by and the dead items are freed
         while not stop.is_set():
             if (sysfs / "run").read_text().strip() == "1":
-                n = int((sysfs / "full_scans").read_text())
-                (sysfs / "full_scans").write_text(f"{n + 1}\n")
+                put("full_scans", int((sysfs / "full_scans").read_text()) + 1)
                 for k in ("pages_sharing", "pages_shared"):
-                    (sysfs / k).write_text("0\n")
+                    put(k, 0)
             time.sleep(0.01)
 
     t = threading.Thread(target=ksmd)
