@@ -44,6 +44,7 @@ from harness.workloads import RunContext, make
 
 SETTLE_TAIL_S = 3.0  # sampling after the last workload
 GUARD_INTERVAL_S = 0.25  # host memory read between samples (the surplus guard acts on it)
+SLOW_STEP_S = 0.1  # an engine step this long is split into CPU, run-queue wait and the rest
 
 
 @dataclasses.dataclass
@@ -86,6 +87,30 @@ def vm_death(vm: VM, t: float, domain: str | None) -> dict[str, Any]:
 def describe_death(f: dict[str, Any]) -> str:
     how = f"killed by {f['signal']}" if f.get("signal") else f"exited with status {f.get('exit_status')}"
     return f"VM {f['vm']} (QEMU pid {f.get('pid')}) {how} at t={f.get('t')} s"
+
+
+class _SchedStat:
+    """The calling thread's time waiting for a CPU (s), from /proc/thread-self/schedstat (its
+    second field, ns; opened by the thread that reads it). 0.0 on a kernel without schedstats."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = None
+
+    def runq_s(self) -> float:
+        if self.fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self.fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Loop:
@@ -132,6 +157,12 @@ class _Loop:
         self.engine_cpu = 0.0  # engine thread: stepping (hints, merges, break checks)
         # engine thread: longest step, stats reading, sleep overrun (s)
         self.loop_max = {"step_s": 0.0, "stats_s": 0.0, "oversleep_s": 0.0}
+        # steps over SLOW_STEP_S, summed: wall, the thread's CPU, its wait for a CPU (run queue,
+        # /proc/thread-self/schedstat) and the rest (blocked: agents' answers, the GIL, I/O);
+        # and the same split of the one longest step. Whether a slow step is work, a host with
+        # no core free for the engine, or waiting on something else.
+        self.slow_steps = {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "runq_s": 0.0, "blocked_s": 0.0}
+        self.longest_step = {"wall_s": 0.0, "cpu_s": 0.0, "runq_s": 0.0, "blocked_s": 0.0}
         self.stats_cpu = 0.0  # engine thread: reading the engines' and agents' stats
         self.sample_cpu = 0.0  # sampler thread: everything it does but measuring
         self.oracle_cpu = 0.0  # the meter process (accounting + oracle): all its CPU so far
@@ -209,7 +240,20 @@ class _Loop:
             self._stats = stats
         self.stats_cpu += time.thread_time() - c0
 
+    def _account_step(self, wall: float, cpu: float, runq: float) -> None:
+        """Book one engine step's wall time, CPU and run-queue wait (s) into loop_max,
+        slow_steps and longest_step."""
+        split = {"wall_s": wall, "cpu_s": cpu, "runq_s": runq, "blocked_s": max(0.0, wall - cpu - runq)}
+        self.loop_max["step_s"] = max(self.loop_max["step_s"], round(wall, 3))
+        if wall > SLOW_STEP_S:
+            self.slow_steps["n"] += 1
+            for k, v in split.items():
+                self.slow_steps[k] += v
+        if wall > self.longest_step["wall_s"]:
+            self.longest_step = split
+
     def _engine_main(self) -> None:
+        sched = _SchedStat()  # this thread's run-queue wait
         try:
             next_stats = time.monotonic()
             idle = IdlePoll(0.02, 0.25)
@@ -217,6 +261,7 @@ class _Loop:
                 self.check_vms()
                 c0 = time.thread_time()
                 w0 = time.monotonic()
+                q0 = sched.runq_s()
                 taken = 0
                 pending = False
                 for dom, e in list(self.engines.items()):
@@ -227,8 +272,9 @@ class _Loop:
                         if self._died_under(dom):
                             continue  # its VM died under it: recorded, the others go on
                         raise
-                self.engine_cpu += time.thread_time() - c0
-                self.loop_max["step_s"] = max(self.loop_max["step_s"], round(time.monotonic() - w0, 3))
+                c1, ws, q1 = time.thread_time(), time.monotonic(), sched.runq_s()
+                self.engine_cpu += c1 - c0
+                self._account_step(ws - w0, c1 - c0, q1 - q0)
                 if taken == 0:
                     self.idle.set()
                 else:
@@ -257,6 +303,8 @@ class _Loop:
             self.idle.set()
             self.stepped.set()
             self.stop_evt.set()
+        finally:
+            sched.close()
 
     def engine_stats(self) -> dict[str, dict[str, Any]]:
         """The latest stats of every engine (as the engine thread last read them)."""
@@ -662,6 +710,9 @@ class Runner:
                     "wall_s": round(time.monotonic() - t_start, 3),
                     # the engine loop's longest step and longest overrun of a sleep (seconds)
                     "engine_loop_max": dict(loop.loop_max),
+                    # steps over 0.1 s and the longest one: wall = CPU + run queue + blocked
+                    "engine_slow_steps": {k: round(v, 3) for k, v in loop.slow_steps.items()},
+                    "engine_longest_step": {k: round(v, 3) for k, v in loop.longest_step.items()},
                 }
                 if agent_errors:
                     cpu["error"] = "; ".join(agent_errors)

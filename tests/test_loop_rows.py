@@ -4,6 +4,7 @@ no QEMU): the CPU counters, and no silent substitute when an agent cannot say it
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -111,3 +112,32 @@ def test_the_registry_reads_the_rows_the_loop_writes():
     loop.samples[-1]["t"] = 30.0
     vals, why = metrics.evaluate(metrics.RunView(mode="satori", rep=0, samples=loop.samples))
     assert vals["cpu_per_page_saved_s"] is None and "connection reset" in why["cpu_per_page_saved_s"]
+
+
+def test_slow_engine_steps_are_split_into_cpu_run_queue_and_blocked():
+    loop = _loop({})
+    loop._account_step(0.02, 0.01, 0.005)  # a fast step: only the maximum sees it
+    loop._account_step(0.5, 0.1, 0.3)
+    loop._account_step(0.2, 0.05, 0.2)  # counters read a little apart: blocked never negative
+    assert loop.slow_steps["n"] == 2
+    assert loop.slow_steps["wall_s"] == pytest.approx(0.7)
+    assert loop.slow_steps["runq_s"] == pytest.approx(0.5)
+    assert loop.slow_steps["blocked_s"] == pytest.approx(0.1)
+    assert loop.longest_step == pytest.approx({"wall_s": 0.5, "cpu_s": 0.1, "runq_s": 0.3, "blocked_s": 0.1})
+    assert loop.loop_max["step_s"] == 0.5
+
+
+def test_run_queue_wait_is_read_for_the_calling_thread():
+    from harness.experiment import _SchedStat
+
+    s = _SchedStat()
+    try:
+        assert s.fd is not None, "this kernel has /proc/thread-self/schedstat"
+        a = s.runq_s()
+        end = time.monotonic() + 0.05
+        while time.monotonic() < end:  # stay runnable: the wait can only grow
+            pass
+        assert s.runq_s() >= a >= 0.0
+    finally:
+        s.close()
+    assert s.runq_s() == 0.0
