@@ -12,7 +12,7 @@ for each scanner in the run, where satori stands against it on CPU per page save
 repetition: a ratio whose spread crosses 1.0 is "within noise"), idle CPU, E and E_disk.
 With a collapse workload (configs/collapse.yaml) the host-budget figures (group "isolation" of
 the registry) get their own table. Overrides (--reps, --modes, --keep, --vms, --surplus,
---policy) change the config before validation, so the config recorded in results.json is the
+--policy, --priority) change the config before validation, so the config recorded in results.json is the
 one that ran.
 """
 
@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--surplus", choices=["on", "off"], help="override surplus")
     ap.add_argument("--policy", nargs="+", metavar="KEY=VALUE",
                     help="override surplus_policy entries, e.g. guard=false reserve=0.2")
+    ap.add_argument("--priority", choices=["normal", "realtime"],
+                    help="override engine_priority (realtime: engine and agent threads at SCHED_RR)")
     ap.add_argument("--out")
     ap.add_argument("--report", metavar="RESULTS", help="print the tables of an existing result folder")
     a = ap.parse_args(argv)
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
                 pol[k] = yaml.safe_load(v)
             data["surplus_policy"] = pol
             data["name"] = re.sub(r"[^A-Za-z0-9_-]", "", f"{data['name']}-" + "-".join(a.policy).replace(".", "p"))
+        if a.priority:
+            data["engine_priority"] = a.priority
+            data["name"] = f"{data['name']}-{a.priority}"
         if a.keep is not None:
             for w in data.get("workloads") or []:
                 if "keep_s" in (w.get("params") or {}):

@@ -244,6 +244,10 @@ class ExperimentConfig(_Model):
     workloads: list[Workload] = Field(min_length=1)  # type: ignore[valid-type]
     surplus: bool = Field(False, description="give the memory sharing frees back to the VMs via balloons")
     surplus_policy: SurplusPolicy = Field(default_factory=SurplusPolicy)
+    engine_priority: Literal["normal", "realtime"] = Field(
+        "normal", description="realtime: the engine and merge-agent threads at SCHED_RR 1, ahead of "
+                              "the guests (lower merge lag on a busy host, more CPU per page saved; "
+                              "harness/sharing/priority.py)")
     sample_interval_s: float = Field(1.0, ge=0.5, le=10.0)
     repetitions: int = Field(1, ge=1)
     output: str | None = Field(None, description="result folder; default results/<name>-<timestamp>")

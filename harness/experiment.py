@@ -36,6 +36,7 @@ from harness import accounting, budget, ksm, metrics, modes, report
 from harness.config import ExperimentConfig, config_as_run, recipe_path
 from harness.errors import BootError, HarnessError
 from harness.image import DEFAULT_RECIPE, Image, ensure_image
+from harness.sharing import priority
 from harness.sharing.attach import mode_attachments, ring_of
 from harness.sharing.engine import IdlePoll, Member, SharingEngine
 from harness.surplus import Budget, Policy, SurplusManager
@@ -138,8 +139,10 @@ class _Loop:
     def __init__(self, vms: list[VM], engines: dict[str, SharingEngine], domains: dict[str, list[str]],
                  interval: float, surplus: SurplusManager | None, t_start: float,
                  ksm_ctl: ksm.KSMControl | None, log: Callable[[str], None], budget_pages: int = 0, *,
-                 scrub: int = 256) -> None:
+                 scrub: int = 256, priority: str = "normal") -> None:
         self.vms = {v.name: v for v in vms}
+        self.priority = priority  # engine_priority: "realtime" puts engine + agent threads at SCHED_RR
+        self.realtime: dict[str, Any] | None = None  # what realtime set: {"engine": True, "agent_threads": {vm: n}}
         self.engines = dict(engines)
         self.domains = dict(domains)
         self.domain_of = {n: d for d, names in domains.items() for n in names}
@@ -240,6 +243,18 @@ class _Loop:
             self._stats = stats
         self.stats_cpu += time.thread_time() - c0
 
+    def _go_realtime(self) -> None:
+        """engine_priority realtime: this (the engine) thread and the merge agents' threads of
+        every VM at SCHED_RR (harness/sharing/priority.py). The agents are attached by now (the
+        engines are open); a thread an agent starts later inherits its policy."""
+        priority.check_throttled()
+        priority.make_realtime()
+        vms = [vm for vm in self.vms.values() if vm.pid is not None]
+        done = priority.make_agents_realtime([vm.pid for vm in vms])  # type: ignore[misc]
+        self.realtime = {"engine": True, "agent_threads": {vm.name: done.get(vm.pid, 0) for vm in vms}}
+        self.log(f"engine_priority realtime: engine thread and {sum(done.values())} merge-agent "
+                 f"threads at SCHED_RR {priority.RT_PRIORITY}")
+
     def _account_step(self, wall: float, cpu: float, runq: float) -> None:
         """Book one engine step's wall time, CPU and run-queue wait (s) into loop_max,
         slow_steps and longest_step."""
@@ -255,6 +270,8 @@ class _Loop:
     def _engine_main(self) -> None:
         sched = _SchedStat()  # this thread's run-queue wait
         try:
+            if self.priority == "realtime" and self.engines:
+                self._go_realtime()
             next_stats = time.monotonic()
             idle = IdlePoll(0.02, 0.25)
             while not self.stop_evt.is_set():
@@ -625,7 +642,7 @@ class Runner:
                             members, domain=f"{dom}-{run_id}", log=self.log))
             t_mode = time.monotonic()
             loop = _Loop(vms, engines, cfg.groups(), cfg.sample_interval_s, surplus, t_mode, ksm_ctl, self.log,
-                         budget_pages=sum(b.entitlement for b in budgets))
+                         budget_pages=sum(b.entitlement for b in budgets), priority=cfg.engine_priority)
             ctx = RunContext(log=self.log, t0=t_mode, settle=loop.settle)
             results = []
             status, error = "ok", None
@@ -713,6 +730,8 @@ class Runner:
                     # steps over 0.1 s and the longest one: wall = CPU + run queue + blocked
                     "engine_slow_steps": {k: round(v, 3) for k, v in loop.slow_steps.items()},
                     "engine_longest_step": {k: round(v, 3) for k, v in loop.longest_step.items()},
+                    "engine_priority": cfg.engine_priority,
+                    "realtime": loop.realtime,
                 }
                 if agent_errors:
                     cpu["error"] = "; ".join(agent_errors)

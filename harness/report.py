@@ -484,6 +484,10 @@ def summary_markdown(results: Mapping[str, Any], plots: Iterable[Path] = ()) -> 
         if results["modes"][m].get("skipped"):
             lines.append(f"- mode {m} was skipped: {results['modes'][m]['skipped']}")
     lines += _meta_lines(results.get("meta") or {})
+    if any((r.get("cpu") or {}).get("engine_priority") == "realtime"
+           for m in results["modes"] for r in mode_runs(results["modes"][m])):
+        lines.append("- engine priority: realtime (the engine and merge-agent threads at SCHED_RR, "
+                     "ahead of the guests: lower merge lag, more CPU per page saved; README)")
     lines += ["", (f"Figures per mode (definitions: docs/metrics.md); {reps} repetitions: median "
                    "[min–max]; a ratio to mode none whose spread crosses 1.0 is \"within noise\"; "
                    "— where a figure is not one of that mode.") if reps > 1 else

@@ -32,6 +32,7 @@ workloads:
   - name: identical-readers
     params: {files: 12, keep_s: 6}
 surplus: true
+engine_priority: realtime   # the option end to end; every other run test keeps the default
 sample_interval_s: 1
 repetitions: 1
 seed: 3
@@ -92,6 +93,10 @@ def test_quick_run_results_plots_summary_and_surplus(image, tmp_path: Path):
     assert max(lent) > 0, sat_run["surplus"][-3:]
     for d in sat_run["surplus"]:
         assert sum(d["surplus"].values()) <= max(d["saving"], 0) or d["reason"].startswith("end")
+    # engine_priority realtime: the engine thread and both agent threads of each VM were set
+    assert sat_run["cpu"]["realtime"] == {"engine": True, "agent_threads": {"vm1": 2, "vm2": 2}}
+    assert none_run["cpu"]["realtime"] is None  # no engine in mode none: nothing to raise
+    assert "engine priority: realtime" in summary
     assert not new_leftovers(before)
 
 
