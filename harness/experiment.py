@@ -165,6 +165,7 @@ class _Loop:
         # and the same split of the one longest step. Whether a slow step is work, a host with
         # no core free for the engine, or waiting on something else.
         self.slow_steps = {"n": 0, "wall_s": 0.0, "cpu_s": 0.0, "runq_s": 0.0, "blocked_s": 0.0}
+        self.steps = {"n": 0, "with_hints": 0}  # engine steps taken, and those that took records
         self.longest_step = {"wall_s": 0.0, "cpu_s": 0.0, "runq_s": 0.0, "blocked_s": 0.0}
         self.stats_cpu = 0.0  # engine thread: reading the engines' and agents' stats
         self.sample_cpu = 0.0  # sampler thread: everything it does but measuring
@@ -292,6 +293,8 @@ class _Loop:
                 c1, ws, q1 = time.thread_time(), time.monotonic(), sched.runq_s()
                 self.engine_cpu += c1 - c0
                 self._account_step(ws - w0, c1 - c0, q1 - q0)
+                self.steps["n"] += 1
+                self.steps["with_hints"] += taken > 0
                 if taken == 0:
                     self.idle.set()
                 else:
@@ -730,6 +733,7 @@ class Runner:
                     # steps over 0.1 s and the longest one: wall = CPU + run queue + blocked
                     "engine_slow_steps": {k: round(v, 3) for k, v in loop.slow_steps.items()},
                     "engine_longest_step": {k: round(v, 3) for k, v in loop.longest_step.items()},
+                    "engine_steps": dict(loop.steps),
                     "engine_priority": cfg.engine_priority,
                     "realtime": loop.realtime,
                 }
