@@ -44,7 +44,8 @@ def make_realtime(tid: int = 0) -> None:
     try:
         os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(RT_PRIORITY))
     except OSError as e:
-        raise HarnessError(f"engine_priority realtime: sched_setscheduler of thread {tid or 'engine'}: "
+        who = f"thread {tid}" if tid else "the engine thread"
+        raise HarnessError(f"engine_priority realtime: sched_setscheduler of {who}: "
                            f"{e.strerror} (root, and a cgroup with RT runtime, are needed)") from e
 
 
