@@ -141,3 +141,46 @@ def test_run_queue_wait_is_read_for_the_calling_thread():
     finally:
         s.close()
     assert s.runq_s() == 0.0
+
+
+def test_the_guard_reads_once_a_sample_when_nothing_is_lent():
+    from harness.experiment import _Guard
+
+    g = _Guard([], None, [])  # no surplus manager: nothing to take back between samples
+    assert not g.watching
+    g.start()
+    g.join(5)
+    assert not g.is_alive()  # no 4 Hz thread
+    g.reading()
+    t1 = g.meter._t
+    time.sleep(0.01)
+    g.reading()
+    assert g.meter._t > t1  # each sample's reading is taken then
+    assert g.cpu_s > 0 and g.inline_cpu_s == g.cpu_s  # all of it in the caller's thread
+
+
+def test_the_guard_watches_between_samples_when_surplus_is_lent():
+    from harness.experiment import GUARD_INTERVAL_S, _Guard
+
+    class Surplus:
+        def __init__(self):
+            self.seen = 0
+
+        def observe(self, used, broken, dt):
+            self.seen += 1
+
+    s = Surplus()
+    g = _Guard([], s, [])
+    assert g.watching
+    g.start()
+    try:
+        end = time.monotonic() + 20 * GUARD_INTERVAL_S
+        while s.seen < 2 and time.monotonic() < end:
+            time.sleep(GUARD_INTERVAL_S)
+        assert g.is_alive() and s.seen >= 2  # the thread read and let the manager act
+        g.reading()  # the thread's latest reading: none taken in this (the caller's) thread
+        assert g.inline_cpu_s == 0.0
+    finally:
+        g.stop_evt.set()
+        g.join(5)
+    assert g.error is None
