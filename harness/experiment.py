@@ -519,7 +519,6 @@ class _Guard(threading.Thread):
         self.error: BaseException | None = None
         self.cpu_s = 0.0
         self.inline_cpu_s = 0.0  # the part of cpu_s spent in reading()'s caller
-        self.watching = surplus is not None  # a thread reading every GUARD_INTERVAL_S
         self._lock = threading.Lock()
         self._latest: budget.HostUse | None = None
         self._new: dict[str, int] = {}  # per VM, since the last reading() by a sample
@@ -542,6 +541,11 @@ class _Guard(threading.Thread):
             self.surplus.observe(hu.used, hu.broken, dt)
         self.cpu_s += time.thread_time() - c0
         return hu
+
+    @property
+    def watching(self) -> bool:
+        """Whether the thread reads every GUARD_INTERVAL_S (a surplus manager to act for)."""
+        return self.surplus is not None
 
     def reading(self) -> budget.HostUse:
         """The latest reading (at most ``GUARD_INTERVAL_S`` old), with the new and broken pages

@@ -39,12 +39,15 @@ def check_throttled(runtime_file: Path = RT_RUNTIME) -> None:
                            "engine_priority normal")
 
 
-def make_realtime(tid: int = 0) -> None:
-    """SCHED_RR at RT_PRIORITY for thread ``tid`` (0: the calling thread)."""
+def make_realtime(tid: int = 0, who: str = "the engine thread") -> None:
+    """SCHED_RR at RT_PRIORITY for thread ``tid`` (0: the calling thread), named ``who`` in the
+    error. ProcessLookupError (the thread ended) is the caller's; any other failure is a
+    HarnessError."""
     try:
         os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(RT_PRIORITY))
+    except ProcessLookupError:
+        raise
     except OSError as e:
-        who = f"thread {tid}" if tid else "the engine thread"
         raise HarnessError(f"engine_priority realtime: sched_setscheduler of {who}: "
                            f"{e.strerror} (root, and a cgroup with RT runtime, are needed)") from e
 
@@ -73,12 +76,9 @@ def make_agents_realtime(pids: list[int]) -> dict[int, int]:
         n = 0
         for tid in agent_threads(pid):
             try:
-                os.sched_setscheduler(tid, os.SCHED_RR, os.sched_param(RT_PRIORITY))
+                make_realtime(tid, f"agent thread {tid} of process {pid}")
             except ProcessLookupError:
                 continue
-            except OSError as e:
-                raise HarnessError(f"engine_priority realtime: sched_setscheduler of agent thread {tid} "
-                                   f"of process {pid}: {e.strerror}") from e
             n += 1
         done[pid] = n
     return done
